@@ -1,0 +1,68 @@
+"""The two custom operators of MP-ISMoE, as torch.library ops.
+
+They are the seam between PyTorch and ONNX: the model calls them in eager mode (reference
+implementations below), and the exporter maps each one to an ONNX function in the
+``ai.mpismoe`` domain (or to an ONNX Runtime contrib op).
+
+* ``mpismoe::qmatmul(x, qweight, scales, zeros, bits, group_size)``: ``x @ dequant(W).T``.
+* ``mpismoe::topk_route(logits, k)``: dense routing weights ``[..., E]``: softmax over each
+  token's top-k logits, zero for the experts it does not pick. Differentiable.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant.pack import dequantize
+
+
+@torch.library.custom_op("mpismoe::qmatmul", mutates_args=())
+def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    w = dequantize(qweight, scales, zeros, bits, group_size).to(x.dtype)
+    return x @ w.t()
+
+
+@qmatmul.register_fake
+def _(x, qweight, scales, zeros, bits, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _qmatmul_backward(ctx, grad):
+    w = dequantize(*ctx.saved_tensors, ctx.bits, ctx.group_size).to(grad.dtype)
+    return grad @ w, None, None, None, None, None
+
+
+def _qmatmul_setup(ctx, inputs, output):
+    _, qweight, scales, zeros, bits, group_size = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.bits, ctx.group_size = bits, group_size
+
+
+qmatmul.register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup)
+
+
+def topk_route_reference(logits: torch.Tensor, k: int) -> torch.Tensor:
+    vals, idx = logits.topk(k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, vals.softmax(-1))
+
+
+@torch.library.custom_op("mpismoe::topk_route", mutates_args=())
+def topk_route(logits: torch.Tensor, k: int) -> torch.Tensor:
+    return topk_route_reference(logits, k)
+
+
+@topk_route.register_fake
+def _(logits, k):
+    return torch.empty_like(logits)
+
+
+def _route_backward(ctx, grad):
+    (w,) = ctx.saved_tensors
+    # softmax Jacobian restricted to the picked experts; unpicked ones have w == 0.
+    return w * (grad - (grad * w).sum(-1, keepdim=True)), None
+
+
+def _route_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+topk_route.register_autograd(_route_backward, setup_context=_route_setup)

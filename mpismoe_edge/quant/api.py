@@ -1,0 +1,68 @@
+"""``quantize_model(model, config)``: swap matching ``nn.Linear`` layers for ``QuantLinear``."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from .gnpiq import gnpiq_quantize
+from .linear import QuantLinear
+from .rtn import GroupQuant, check_weight, rtn_quantize
+
+METHODS = ("gnpiq", "rtn")
+
+
+def bits_for(name: str, config: QuantConfig) -> int:
+    """The width ``config`` gives the layer ``name`` (exact name, then first matching pattern)."""
+    if name in config.bits_map:
+        return config.bits_map[name]
+    for pattern, bits in config.bits_map.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return bits
+    return config.bits
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, config: QuantConfig, name: str = "weight") -> GroupQuant:
+    """One weight ``[N, K]`` with the config's method."""
+    if config.method == "rtn":
+        return rtn_quantize(weight, bits, config.group_size, name=name)
+    if config.method == "gnpiq":
+        return gnpiq_quantize(weight, bits, config.group_size, iters=config.iters, restarts=config.restarts,
+                              noise=config.noise, seed=config.seed, name=name)
+    raise ValueError(f"unknown quantization method {config.method!r}; expected one of {METHODS}")
+
+
+def selected_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` that ``config`` includes and does not exclude."""
+    def chosen(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in config.exclude)
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and chosen(n)}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True) -> dict[str, int]:
+    """Quantize ``model`` in place; returns the bit map applied (layer name -> bits).
+
+    Every layer is checked and quantized before any is swapped, so a bad layer raises a
+    ValueError naming it and leaves the model untouched.
+    """
+    if config.method not in METHODS:
+        raise ValueError(f"unknown quantization method {config.method!r}; expected one of {METHODS}")
+    layers = selected_linears(model, config)
+    unknown = [k for k in config.bits_map if k not in layers and not any(fnmatch.fnmatchcase(n, k) for n in layers)]
+    if unknown:
+        raise ValueError(f"bits_map names layers that are not quantized Linear layers: {unknown}")
+    for name, lin in layers.items():
+        check_weight(lin.weight, bits_for(name, config), config.group_size, name)
+    new: dict[str, QuantLinear] = {}
+    for name, lin in tqdm(layers.items(), desc="quantize", disable=not progress, leave=False):
+        q = quantize_weight(lin.weight, bits_for(name, config), config, name)
+        new[name] = QuantLinear.from_quantized(q, lin.bias).to(lin.weight.device)
+    for name, qlin in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, qlin)
+    return {name: q.bits for name, q in new.items()}

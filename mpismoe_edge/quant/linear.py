@@ -1,0 +1,44 @@
+"""QuantLinear: a Linear layer whose weight lives packed in low bits and is dequantized on use."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .pack import dequantize, pack_codes
+from .rtn import GroupQuant
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding ``qweight``/``scales``/``zeros`` (shared layout) as buffers."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        k_blocks = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, k_blocks, group_size * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, k_blocks))
+        self.register_buffer("zeros", torch.zeros(out_features, k_blocks))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, q: GroupQuant, bias: torch.Tensor | None) -> "QuantLinear":
+        n, k = q.codes.shape
+        m = cls(k, n, q.bits, q.group_size, bias=bias is not None)
+        m.qweight.copy_(pack_codes(q.codes, q.bits, q.group_size))
+        m.scales.copy_(q.scales)
+        m.zeros.copy_(q.zeros)
+        if bias is not None:
+            m.bias.copy_(bias.detach().float())
+        return m
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.qmatmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"

@@ -1,0 +1,84 @@
+"""The one packed low-bit weight layout, shared by torch, the exporter and the runtime.
+
+Codes are unsigned integers in [0, 2**bits). A row of codes is written as a little-endian
+bitstream: code i occupies bits [i*bits, (i+1)*bits) of the row, so the first code sits in
+the lowest bits of the first byte. For 2, 4 and 8 bits this is exactly ONNX Runtime's
+``com.microsoft.MatMulNBits`` layout:
+
+* ``qweight``: uint8 ``[N, k_blocks, group_size * bits / 8]`` (codes packed along K, per block)
+* ``scales``:  float32 ``[N, k_blocks]``
+* ``zeros``:   float32 ``[N, k_blocks]`` (MatMulNBits' "same type as scales" zero points)
+
+and ``W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``. Zero points are real
+numbers below 8 bits (a symmetric group wants z = 1.5 at 2 bits, which no integer gives);
+ORT's CPU kernel takes float zero points only for 2 and 4 bits, so 8-bit zero points are
+integers and the exporter hands them over as uint8.
+3-bit rows pack 8 codes into 3 bytes (codes cross byte boundaries); no ORT kernel reads
+them, the exporter's portable ONNX function does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole-byte unit of the bitstream."""
+    unit_bits = math.lcm(8, bits)
+    return unit_bits // bits, unit_bits // 8
+
+
+def packed_len(n_codes: int, bits: int) -> int:
+    """Bytes that ``n_codes`` codes occupy (padded to whole units)."""
+    n_vals, n_bytes = _unit(bits)
+    return -(-n_codes // n_vals) * n_bytes
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., L]`` into uint8 bytes ``[..., packed_len(L, bits)]``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; expected one of {SUPPORTED_BITS}")
+    n_vals, n_bytes = _unit(bits)
+    *lead, length = codes.shape
+    pad = -length % n_vals
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*lead, -1, n_vals)
+    shifts = torch.arange(n_vals, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)  # disjoint bit ranges: sum == bitwise or
+    byte_shifts = torch.arange(n_bytes, dtype=torch.int64) * 8
+    out = (word >> byte_shifts) & 0xFF
+    return out.reshape(*lead, -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., bytes]`` to uint8 codes ``[..., length]``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; expected one of {SUPPORTED_BITS}")
+    n_vals, n_bytes = _unit(bits)
+    *lead, nb = packed.shape
+    b = packed.to(torch.int64).reshape(*lead, nb // n_bytes, n_bytes)
+    word = (b << (torch.arange(n_bytes, dtype=torch.int64) * 8)).sum(-1, keepdim=True)
+    codes = (word >> (torch.arange(n_vals, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(*lead, -1)[..., :length].to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes ``[N, K]`` to qweight ``[N, K/G, G*bits/8]`` in the shared layout."""
+    n, k = codes.shape
+    return pack_bits(codes.reshape(n, k // group_size, group_size), bits)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """qweight ``[N, K/G, G*bits/8]`` to codes ``[N, K]``."""
+    n, k_blocks, _ = qweight.shape
+    return unpack_bits(qweight, bits, group_size).reshape(n, k_blocks * group_size)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Float weight ``[N, K]`` from the packed layout."""
+    codes = unpack_codes(qweight, bits, group_size)
+    n, k = codes.shape
+    w = (codes.reshape(n, -1, group_size).to(scales.dtype) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+    return w.reshape(n, k)
