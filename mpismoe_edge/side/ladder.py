@@ -1,0 +1,91 @@
+"""The ladder side network (after Ladder Side-Tuning) with ISMoE feed-forward layers.
+
+A narrow transformer (width = backbone hidden / r) runs beside the frozen backbone. Before
+side block i, a learned gate mixes the side stream with a down-projection of backbone layer
+i: ``h = mu_i * h + (1 - mu_i) * down_i(backbone_i)``, ``mu_i = sigmoid(alpha_i)``. Gradients
+flow only through the side network; the backbone states arrive detached.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import SideConfig
+from .moe import ISMoE, DenseFFN
+
+
+class SideAttention(nn.Module):
+    """Multi-head self-attention with a key padding mask, in plain ops (exports cleanly)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"side width {dim} is not divisible by num_heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        attn = self.drop(scores.softmax(-1))
+        return self.out((attn @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class SideBlock(nn.Module):
+    """Gated ladder input, self-attention, then the (IS)MoE feed-forward layer."""
+
+    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig, packed: bool = False):
+        super().__init__()
+        self.down = nn.Linear(backbone_dim, dim)
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SideAttention(dim, cfg.num_heads, cfg.dropout)
+        self.ffn = (DenseFFN if cfg.dense_ffn else ISMoE)(dim, backbone_dim, cfg, packed)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, bb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        bb_token = self.down(bb)
+        mu = torch.sigmoid(self.gate)
+        h = mu * h + (1 - mu) * bb_token
+        h = h + self.drop(self.attn(self.ln1(h), mask))
+        return h + self.drop(self.ffn(self.ln2(h), bb_token, bb, mask))
+
+
+class LadderSideNetwork(nn.Module):
+    """Side blocks over the chosen backbone layers, pooled, upsampled and fed to a task head."""
+
+    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig, packed: bool = False):
+        super().__init__()
+        dim = backbone_dim // cfg.reduction
+        self.layers = list(cfg.layers) if cfg.layers else list(range(1, num_layers + 1))
+        bad = [i for i in self.layers if not 1 <= i <= num_layers]
+        if bad:
+            raise ValueError(f"side layers {bad} out of range: the backbone has layers 1..{num_layers}")
+        self.embed_down = nn.Linear(backbone_dim, dim)
+        self.blocks = nn.ModuleList(SideBlock(dim, backbone_dim, cfg, packed) for _ in self.layers)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, backbone_dim)
+        self.head = nn.Linear(backbone_dim, num_outputs)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.embed_down(hidden_states[0])
+        for i, block in zip(self.layers, self.blocks):
+            h = block(h, hidden_states[i], mask)
+        h = self.norm(h)
+        if mask is None:
+            pooled = h.mean(1)
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.head(self.drop(nn.functional.gelu(self.up(pooled))))
+
+    def moe_layers(self) -> list[ISMoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, ISMoE)]

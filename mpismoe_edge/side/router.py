@@ -1,0 +1,73 @@
+"""The interactive router of ISMoE: picks experts from the side token AND the frozen backbone.
+
+For each token the router sees three things: the side token itself, the backbone's hidden
+state at that position (through the ladder's down-projection), and a summary of the
+backbone's most salient tokens in the sequence. Saliency is the L2 norm of a backbone hidden
+state (large-norm tokens carry most of the signal in BERT-style encoders); the summary is the
+mean of the ``m`` most salient unmasked tokens. The top-m selection uses pairwise ranks rather
+than ``topk`` so it needs no data-dependent ``k`` and exports to ONNX with dynamic length.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, m: int) -> torch.Tensor:
+    """Mean of the ``m`` highest-norm unmasked tokens of ``hidden`` ``[B, T, H]`` -> ``[B, H]``."""
+    score = hidden.norm(dim=-1)  # [B, T]
+    if mask is not None:
+        score = score.masked_fill(mask == 0, float("-inf"))
+    t = torch.arange(score.shape[1], device=score.device)
+    # rank[b, i] = tokens that beat token i (higher score, or equal score and earlier index)
+    other, this = score[:, None, :], score[:, :, None]
+    earlier = (t[None, :] < t[:, None]).unsqueeze(0)
+    beats = (other > this) | ((other == this) & earlier)
+    chosen = (beats.sum(-1) < m) & torch.isfinite(score)
+    w = chosen.to(hidden.dtype)
+    return (w.unsqueeze(-1) * hidden).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+
+class InteractiveRouter(nn.Module):
+    """Router logits ``[B, T, E]`` from side tokens and backbone features; dense top-k weights."""
+
+    def __init__(self, side_dim: int, backbone_dim: int, num_experts: int, top_k: int, salient_tokens: int, interactive: bool = True):
+        super().__init__()
+        self.top_k, self.salient_tokens, self.interactive = top_k, salient_tokens, interactive
+        self.salient_proj = nn.Linear(backbone_dim, side_dim) if interactive else None
+        self.gate = nn.Linear(side_dim * (3 if interactive else 1), num_experts)
+
+    def logits(self, x: torch.Tensor, bb_token: torch.Tensor | None, bb_hidden: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.interactive:
+            return self.gate(x)
+        summary = self.salient_proj(salient_summary(bb_hidden, mask, self.salient_tokens))
+        feats = torch.cat([x, bb_token, summary.unsqueeze(1).expand_as(x)], dim=-1)
+        return self.gate(feats)
+
+    def forward(self, x, bb_token, bb_hidden, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense routing weights ``[B, T, E]``, raw logits ``[B, T, E]``)."""
+        logits = self.logits(x, bb_token, bb_hidden, mask)
+        return ops.topk_route(logits, self.top_k), logits
+
+
+def load_balance_loss(logits: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-style auxiliary loss ``E * sum_e f_e * P_e`` over real tokens (1.0 when balanced)."""
+    e = logits.shape[-1]
+    probs = logits.softmax(-1).reshape(-1, e)
+    picked = (weights > 0).to(probs.dtype).reshape(-1, e)
+    keep = torch.ones(probs.shape[0], 1, dtype=probs.dtype) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
+    n = keep.sum().clamp(min=1.0)
+    f = (picked * keep).sum(0) / (n * picked.sum(-1).max().clamp(min=1.0))
+    p = (probs * keep).sum(0) / n
+    return e * (f * p).sum()
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-sum-exp of the logits over real tokens."""
+    z = torch.logsumexp(logits, dim=-1) ** 2
+    if mask is None:
+        return z.mean()
+    m = mask.to(z.dtype)
+    return (z * m).sum() / m.sum().clamp(min=1.0)

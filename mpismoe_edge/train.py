@@ -1,0 +1,188 @@
+"""Training of the side network (the backbone stays frozen): AdamW, warmup + linear decay,
+eval each epoch, early stopping, resumable from ``last.pt``; writes ``model.pt`` atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .config import JsonConfig
+from .data import Dataset
+from .model import MPISMoEModel, save_checkpoint
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    patience: int = 2         # epochs without improvement before stopping early
+    seed: int = 0
+    threads: int | None = None
+
+
+def make_tokenizer(tokenizer_json: str, max_length: int) -> Tokenizer:
+    """The model's own tokenizer (the same JSON the exporter ships), truncating to ``max_length``."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.enable_truncation(max_length)
+    tok.no_padding()
+    return tok
+
+
+def encode(tok: Tokenizer, texts: list[str], input_names: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenize and right-pad a batch to its longest text; only the tensors the model takes."""
+    encs = tok.encode_batch(texts)
+    length = max(len(e.ids) for e in encs)
+    pad_id = tok.padding["pad_id"] if tok.padding else (tok.token_to_id("[PAD]") or tok.token_to_id("<pad>") or 0)
+    ids = np.full((len(encs), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encs), length), dtype=np.int64)
+    types = np.zeros((len(encs), length), dtype=np.int64)
+    for i, e in enumerate(encs):
+        n = len(e.ids)
+        ids[i, :n], mask[i, :n], types[i, :n] = e.ids, 1, e.type_ids
+    out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {k: torch.from_numpy(out[k]) for k in input_names if k in out}
+
+
+def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
+    """Raise ValueError before training when data, labels or tokenizer do not fit the model."""
+    if len(data) == 0:
+        raise ValueError("empty dataset")
+    if model.tokenizer_json is None:
+        raise ValueError("the model has no tokenizer; text training needs the backbone's tokenizer.json")
+    vocab = Tokenizer.from_str(model.tokenizer_json).get_vocab_size()
+    emb = int(getattr(model.backbone.config, "vocab_size", vocab))
+    if vocab > emb:
+        raise ValueError(f"tokenizer vocabulary ({vocab}) does not match the backbone's embeddings ({emb} rows)")
+    if model.config.task == "classification":
+        n = len(model.config.labels)
+        bad = [t for t in data.targets if not 0 <= int(t) < n]
+        if bad:
+            raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
+
+
+def _batches(data: Dataset, size: int, order: list[int]):
+    for i in range(0, len(order), size):
+        idx = order[i : i + size]
+        yield [data.texts[j] for j in idx], [data.targets[j] for j in idx]
+
+
+def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Tensor:
+    if model.config.task == "regression":
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), torch.tensor(targets, dtype=torch.float32))
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets, dtype=torch.long))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tok: Tokenizer, texts: list[str], input_names: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Logits for ``texts`` in eval mode."""
+    was = model.training
+    model.eval()
+    out = [model(**encode(tok, texts[i : i + batch_size], input_names)) for i in range(0, len(texts), batch_size)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def evaluate(model: MPISMoEModel, tok: Tokenizer, data: Dataset, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy (classification) or MSE (regression), plus the loss."""
+    logits = predict(model, tok, data.texts, model.input_names, batch_size)
+    loss = _loss(model, logits, data.targets).item()
+    if model.config.task == "regression":
+        return {"loss": loss, "mse": loss}
+    acc = (logits.argmax(-1) == torch.tensor(data.targets)).float().mean().item()
+    return {"loss": loss, "accuracy": acc}
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["mse"]
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig, out_dir: str | Path,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train the side network; write ``out_dir/model.pt`` (experts packed) and ``metrics.json``."""
+    check_compatible(model, train_data)
+    check_compatible(model, eval_data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train_data) / cfg.batch_size)
+    warm = max(1, int(cfg.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_side": None, "bad_epochs": 0}
+    last = out / "last.pt"
+    if resume and last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        model.side.load_state_dict(saved["side"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+    start = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            break
+        model.train()
+        order = list(range(len(train_data)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        bar = tqdm(_batches(train_data, cfg.batch_size, order), total=math.ceil(len(order) / cfg.batch_size),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for texts, targets in bar:
+            logits = model(**encode(tok, texts, model.input_names))
+            task_loss = _loss(model, logits, targets)
+            loss = task_loss + model.aux_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{task_loss.item():.3f}")
+        metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size)
+        metrics["epoch"] = epoch + 1
+        state["history"].append(metrics)
+        if _score(metrics) > state["best_score"]:
+            state["best_score"], state["bad_epochs"] = _score(metrics), 0
+            state["best_side"] = {k: v.detach().clone() for k, v in model.side.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        _save_state(last, {"side": model.side.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "state": state})
+    if state["best_side"] is not None:
+        model.side.load_state_dict(state["best_side"])
+    model.eval()
+    if model.config.side.expert_bits is not None:
+        model.pack_experts()
+    final = evaluate(model, tok, eval_data, cfg.eval_batch_size)
+    save_checkpoint(model, out / "model.pt")
+    result = {"history": state["history"], "final": final, "train_seconds": time.perf_counter() - start,
+              "trainable_params": sum(p.numel() for p in params), "train_config": cfg.to_dict()}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    return result
