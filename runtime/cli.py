@@ -1,0 +1,132 @@
+"""``mpismoe-run``: run an exported model on texts, print one JSON line per input.
+
+    mpismoe-run out/ --text "great phone" --text "awful battery"
+    mpismoe-run out/ --input data.jsonl --provider auto --batch-size 64
+
+JSONL input: one JSON object per line with a string "text" field (other fields are ignored;
+blank lines are skipped; ``-`` reads stdin). The whole file is checked before any prediction:
+a line that is not UTF-8, not a JSON object, or lacks a string "text" is an error naming its line
+number. Errors go to stderr as ``error: ...`` with exit status 2; warnings as ``warning: ...``.
+Each output line is the prediction (see ``Predictor.predict``) plus "index" (0-based position
+among the inputs) and, for --input, "line" (1-based line number in the file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_jsonl(path: str) -> list[tuple[int, str]]:
+    """[(line_number, text)] from a JSONL file; raises InputError naming the bad line."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as e:
+        raise InputError(f"cannot read {name}: {e.strerror or e}") from None
+    items = []
+    for no, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{name} line {no}: not valid UTF-8 (byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{name} line {no}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{name} line {no}: expected a JSON object with a \"text\" field")
+        if not isinstance(obj.get("text"), str):
+            raise InputError(f"{name} line {no}: \"text\" field missing or not a string")
+        items.append((no, obj["text"]))
+    if not items:
+        raise InputError(f"{name} holds no inputs")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpismoe-run", description="Run an exported mpismoe-edge model "
+                                "(numpy + onnxruntime + tokenizers only); prints JSON lines.")
+    p.add_argument("model_dir", help="exported directory (model.onnx, tokenizer.json, manifest.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    src.add_argument("--input", help="JSONL file with a \"text\" field per line ('-' for stdin)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+    p.add_argument("--graph-optimization", choices=["all", "extended", "basic", "disable"], default="all")
+    return p
+
+
+def _positive(name: str, value):
+    if value is not None and value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value}")
+
+
+def _run(args) -> int:
+    _positive("--batch-size", args.batch_size)
+    _positive("--threads", args.threads)
+    if args.input is not None:
+        items = read_jsonl(args.input)
+    else:
+        items = [(None, t) for t in args.text]
+
+    from .session import Predictor  # imported late: argument errors stay fast
+
+    predictor = Predictor.from_dir(args.model_dir, provider=args.provider, threads=args.threads,
+                                   graph_optimization=args.graph_optimization,
+                                   batch_size=args.batch_size)
+    chunk = max(args.batch_size * 16, 512)  # bound memory; output flows while we work
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        results = predictor.predict([t for _, t in part])
+        for k, ((line, _), res) in enumerate(zip(part, results)):
+            out = {"index": start + k}
+            if line is not None:
+                out["line"] = line
+            out.update(res)
+            sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse exits 2 with a usage message itself
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        return _run(args)
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly (see Python's signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (InputError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # ORT's own exception types do not derive from RuntimeError
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = old
+
+
+def main() -> None:
+    sys.exit(run_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Read and check ``manifest.json`` of an exported model directory.
+
+Directory layout written by ``mpismoe-export``::
+
+    out/model.onnx          (optionally with external data, e.g. model.onnx.data)
+    out/tokenizer.json      (Hugging Face ``tokenizers`` format)
+    out/manifest.json       {"format": "mpismoe-edge-onnx/1", "task": ..., "labels": [...], ...}
+
+Only the fields the runtime needs are read; the rest (bits per layer, sizes, parity...) is kept
+in :attr:`Manifest.raw` for callers that want it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_PREFIX = "mpismoe-edge-onnx/"
+SUPPORTED_MAJOR = 1
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+TASKS = ("classification", "regression")
+DEFAULT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    task: str
+    labels: tuple[str, ...] | None
+    max_length: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    target: str
+    opset: int | None
+    raw: dict = field(repr=False, compare=False)
+
+
+def require_file(path: Path) -> Path:
+    """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} not found in {path.parent} (expected file {path})")
+    return path
+
+
+def load_manifest(model_dir: str | Path) -> Manifest:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    path = require_file(model_dir / MANIFEST_FILE)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return parse_manifest(raw, source=str(path))
+
+
+def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
+    fmt = raw.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
+        raise ValueError(f"{source}: 'format' must be '{FORMAT_PREFIX}{SUPPORTED_MAJOR}', got {fmt!r}")
+    major = fmt[len(FORMAT_PREFIX):].split(".")[0]
+    if major != str(SUPPORTED_MAJOR):
+        raise ValueError(f"{source}: unsupported format {fmt!r}; this runtime reads "
+                         f"{FORMAT_PREFIX}{SUPPORTED_MAJOR}")
+
+    task = raw.get("task", "classification")
+    if task not in TASKS:
+        raise ValueError(f"{source}: 'task' must be one of {TASKS}, got {task!r}")
+
+    labels = raw.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels:
+            raise ValueError(f"{source}: 'labels' must be a non-empty list")
+        labels = tuple(str(x) for x in labels)
+
+    max_length = raw.get("max_length", 512)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"{source}: 'max_length' must be an integer >= 2, got {max_length!r}")
+
+    inputs = raw.get("inputs", list(DEFAULT_INPUTS))
+    outputs = raw.get("outputs", ["logits"])
+    for key, val in (("inputs", inputs), ("outputs", outputs)):
+        if not isinstance(val, list) or not val or not all(isinstance(x, str) for x in val):
+            raise ValueError(f"{source}: '{key}' must be a non-empty list of names")
+
+    opset = raw.get("opset")
+    return Manifest(task=task, labels=labels, max_length=max_length, inputs=tuple(inputs),
+                    outputs=tuple(outputs), target=str(raw.get("target", "portable")),
+                    opset=opset if isinstance(opset, int) else None, raw=raw)

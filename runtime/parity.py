@@ -1,0 +1,134 @@
+"""Pure-numpy parity checks between two sets of logits (e.g. PyTorch vs the exported ONNX model).
+
+Used by ``mpismoe-parity`` (torch side in ``mpismoe_edge.parity``) and usable on a device with
+numpy only::
+
+    report = compare_logits(torch_logits, onnx_logits, labels=y, atol=1e-3, min_agreement=0.99)
+    print(report.summary()); assert report.passed
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class ParityReport:
+    n: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    label_agreement: float | None      # fraction of rows whose argmax agrees (classification)
+    reference_accuracy: float | None   # vs the given labels, when labels are given
+    candidate_accuracy: float | None
+    atol: float | None
+    min_agreement: float | None
+    max_accuracy_drop: float | None
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"n={self.n}", f"max_abs_diff={self.max_abs_diff:.3g}",
+                 f"mean_abs_diff={self.mean_abs_diff:.3g}"]
+        if self.label_agreement is not None:
+            parts.append(f"label_agreement={self.label_agreement:.4f}")
+        if self.reference_accuracy is not None:
+            parts.append(f"accuracy reference={self.reference_accuracy:.4f} "
+                         f"candidate={self.candidate_accuracy:.4f}")
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return ", ".join(parts) + " -> " + verdict
+
+
+def _as_logits(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if a.ndim not in (1, 2) or a.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [n] or [n, classes] with n > 0, got {list(a.shape)}")
+    return a.astype(np.float64)
+
+
+def max_abs_diff(reference, candidate) -> float:
+    """Largest |reference - candidate|; inf if either holds NaN/inf."""
+    a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
+    d = np.abs(a - b)
+    return float(d.max()) if np.isfinite(d).all() else float("inf")
+
+
+def label_agreement(reference, candidate) -> float:
+    """Fraction of rows where both logits pick the same class."""
+    a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two [n, classes] arrays of one shape, got {list(a.shape)} and {list(b.shape)}")
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def labels_to_indices(labels: Sequence, label_names: Sequence[str] | None = None) -> np.ndarray:
+    """Gold labels (ints, or strings looked up in ``label_names``) -> int64 class indices."""
+    out = []
+    index = {str(n): i for i, n in enumerate(label_names)} if label_names is not None else {}
+    for i, y in enumerate(labels):
+        if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+            out.append(int(y))
+        elif isinstance(y, str) and y in index:
+            out.append(index[y])
+        else:
+            raise ValueError(f"label #{i} ({y!r}) is not a class index or one of {list(index) or 'no names'}")
+    return np.asarray(out, dtype=np.int64)
+
+
+def accuracy(logits, labels: Sequence, label_names: Sequence[str] | None = None) -> float:
+    a = _as_logits(logits, "logits")
+    y = labels_to_indices(labels, label_names)
+    if a.ndim != 2 or len(y) != a.shape[0]:
+        raise ValueError(f"need [n, classes] logits and n labels, got {list(a.shape)} and {len(y)} labels")
+    if len(y) and (y.min() < 0 or y.max() >= a.shape[1]):
+        raise ValueError(f"labels must lie in [0, {a.shape[1]})")
+    return float((a.argmax(-1) == y).mean())
+
+
+def compare_logits(reference, candidate, labels: Sequence | None = None, *,
+                   label_names: Sequence[str] | None = None, task: str = "classification",
+                   atol: float | None = 1e-3, min_agreement: float | None = 0.99,
+                   max_accuracy_drop: float | None = None) -> ParityReport:
+    """Compare ``candidate`` logits (e.g. ONNX) against ``reference`` (e.g. PyTorch).
+
+    Passes when max |diff| <= ``atol`` (skip with None), the argmax agreement is at least
+    ``min_agreement`` (classification; skip with None), no value is NaN/inf, and, when labels
+    and ``max_accuracy_drop`` are given, candidate accuracy >= reference accuracy - drop.
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
+    failures = []
+    for name, x in (("reference", a), ("candidate", b)):
+        if not np.isfinite(x).all():
+            failures.append(f"{name} logits contain NaN or inf")
+    finite = not failures
+    d = np.abs(a - b)
+    mad = float(d.max()) if finite else float("inf")
+    mean = float(d.mean()) if finite else float("inf")
+    if atol is not None and not mad <= atol:
+        failures.append(f"max_abs_diff {mad:.3g} > atol {atol:g}")
+
+    agree = ref_acc = cand_acc = None
+    if task == "classification" and a.ndim == 2:
+        agree = label_agreement(a, b)
+        if min_agreement is not None and agree < min_agreement:
+            failures.append(f"label agreement {agree:.4f} < {min_agreement:g}")
+        if labels is not None:
+            ref_acc, cand_acc = accuracy(a, labels, label_names), accuracy(b, labels, label_names)
+            if max_accuracy_drop is not None and cand_acc < ref_acc - max_accuracy_drop:
+                failures.append(f"accuracy dropped {ref_acc - cand_acc:.4f} > {max_accuracy_drop:g}")
+    return ParityReport(n=int(a.shape[0]), max_abs_diff=mad, mean_abs_diff=mean,
+                        label_agreement=agree, reference_accuracy=ref_acc,
+                        candidate_accuracy=cand_acc, atol=atol, min_agreement=min_agreement,
+                        max_accuracy_drop=max_accuracy_drop, passed=not failures, failures=failures)

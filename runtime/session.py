@@ -1,0 +1,288 @@
+"""The edge predictor: an exported directory -> labels and probabilities.
+
+Imports only numpy, onnxruntime and tokenizers. One :class:`Predictor` may be used from many
+threads at once: ONNX Runtime's ``InferenceSession.run`` is thread safe, and the tokenizer is
+configured once at load and never mutated.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, load_manifest, require_file
+from .text import TextEncoder, check_texts, was_truncated
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDERS = ("cpu", "cuda", "auto")
+GRAPH_OPTIMIZATION = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ORT_DTYPES = {
+    "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32),
+    "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64), "tensor(bool)": np.dtype(np.bool_),
+}
+DEFAULT_BATCH_SIZE = 32
+
+
+class TruncationWarning(UserWarning):
+    """Some texts were longer than the model's max_length and were cut."""
+
+
+class ProviderFallbackWarning(UserWarning):
+    """CUDA was asked for but is not usable; running on CPU."""
+
+
+def _session_options(threads: int | None, graph_optimization: str, quiet: bool) -> ort.SessionOptions:
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
+                         f"got {graph_optimization!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        so.intra_op_num_threads = threads
+    if quiet:
+        so.log_severity_level = 4
+    return so
+
+
+def _load(model_path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    except Exception as e:  # ORT raises its own Exception subclasses (Fail, InvalidGraph, ...)
+        m = re.search(r'External data path does not exist: "?([^"\n]+)"?', str(e))
+        if m:
+            missing = Path(m.group(1))
+            raise FileNotFoundError(f"{missing.name} not found (external data of {model_path})") from None
+        raise RuntimeError(f"cannot load {model_path}: {e}") from e
+
+
+def create_session(model_path: str | Path, provider: str = "cpu", threads: int | None = None,
+                   graph_optimization: str = "all") -> tuple[ort.InferenceSession, str]:
+    """Create an ORT session; returns it and the provider really used ("cpu" or "cuda").
+
+    ``provider="cuda"`` falls back to CPU with a :class:`ProviderFallbackWarning` when CUDA is
+    not usable; ``"auto"`` falls back silently. onnxruntime-gpu lists CUDAExecutionProvider as
+    available even without a GPU, so the session's own provider list is what decides.
+    """
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    model_path = require_file(Path(model_path))
+    if provider == "cpu":
+        return _load(model_path, _session_options(threads, graph_optimization, False), [CPU]), "cpu"
+
+    reason = None
+    if CUDA not in ort.get_available_providers():
+        reason = "this onnxruntime build has no CUDAExecutionProvider"
+    else:
+        quiet = provider == "auto"
+        if quiet:  # keep ORT from printing library-load errors for an expected fallback
+            ort.set_default_logger_severity(4)
+        try:
+            sess = _load(model_path, _session_options(threads, graph_optimization, quiet), [CUDA, CPU])
+        except FileNotFoundError:
+            raise
+        except RuntimeError as e:
+            sess, reason = None, f"creating a CUDA session failed ({e})"
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(2)
+        if sess is not None:
+            if sess.get_providers()[0] == CUDA:
+                return sess, "cuda"
+            reason = "CUDA is not usable here (no GPU, or CUDA/cuDNN libraries missing)"
+    if provider == "cuda":
+        warnings.warn(f"{reason}; running on CPU", ProviderFallbackWarning, stacklevel=3)
+    return _load(model_path, _session_options(threads, graph_optimization, False), [CPU]), "cpu"
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def _dim_str(shape) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+class Predictor:
+    """Run an exported mpismoe-edge model on text.
+
+    >>> p = Predictor.from_dir("out/")
+    >>> p.predict(["great phone", "awful battery"])
+    [{'label': 'positive', 'probabilities': {...}, 'truncated': False}, ...]
+    """
+
+    def __init__(self, session: ort.InferenceSession, encoder: TextEncoder, manifest: Manifest,
+                 provider: str, batch_size: int = DEFAULT_BATCH_SIZE):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.session, self.encoder, self.manifest = session, encoder, manifest
+        self.provider, self.batch_size = provider, batch_size
+        self._inputs = {i.name: (_ORT_DTYPES.get(i.type), list(i.shape)) for i in session.get_inputs()}
+        unknown = [n for n in self._inputs if n not in TEXT_INPUTS]
+        if unknown:
+            raise ValueError(f"model inputs {unknown} cannot be built from text; "
+                             f"expected a subset of {list(TEXT_INPUTS)} (use run_arrays for raw feeds)")
+        outs = [o.name for o in session.get_outputs()]
+        self.output_name = manifest.outputs[0]
+        if self.output_name not in outs:
+            raise ValueError(f"manifest output {self.output_name!r} is not a model output; model has {outs}")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 graph_optimization: str = "all", batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+        path = Path(path)
+        manifest = load_manifest(path)
+        tok_path = require_file(path / TOKENIZER_FILE)
+        model_path = require_file(path / MODEL_FILE)
+        session, used = create_session(model_path, provider, threads, graph_optimization)
+        if manifest.target == "ort-cuda" and used != "cuda":
+            warnings.warn("model was exported for target 'ort-cuda' but runs on CPU",
+                          ProviderFallbackWarning, stacklevel=2)
+        return cls(session, TextEncoder(tok_path, manifest.max_length), manifest, used, batch_size)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str] | None:
+        return list(self.manifest.labels) if self.manifest.labels else None
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.max_length
+
+    def input_spec(self) -> dict[str, tuple[str, str]]:
+        """{name: (dtype, shape)} of the model's inputs, for messages and docs."""
+        return {n: (str(dt), _dim_str(shape)) for n, (dt, shape) in self._inputs.items()}
+
+    def __repr__(self) -> str:
+        return (f"Predictor(task={self.task!r}, labels={self.labels}, max_length={self.max_length}, "
+                f"provider={self.provider!r})")
+
+    # ---- raw arrays -------------------------------------------------------------------------
+    def _expected(self) -> str:
+        return "; ".join(f"{n}: {dt} {shape}" for n, (dt, shape) in self.input_spec().items())
+
+    def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Raise ValueError/TypeError if ``feed`` does not match the model's inputs."""
+        if not isinstance(feed, Mapping):
+            raise TypeError(f"feed must be a dict of numpy arrays; expected {self._expected()}")
+        missing = [n for n in self._inputs if n not in feed]
+        extra = [n for n in feed if n not in self._inputs]
+        if missing or extra:
+            raise ValueError(f"wrong input names (missing {missing}, unexpected {extra}); "
+                             f"expected {self._expected()}")
+        dims: dict[str, tuple[int, str]] = {}
+        for name, (dtype, shape) in self._inputs.items():
+            arr = feed[name]
+            if not isinstance(arr, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}; "
+                                f"expected {self._expected()}")
+            if arr.dtype != dtype:
+                raise ValueError(f"{name} has dtype {arr.dtype}, expected {dtype}; "
+                                 f"expected {self._expected()}")
+            if arr.ndim != len(shape):
+                raise ValueError(f"{name} has shape {list(arr.shape)} (rank {arr.ndim}), expected "
+                                 f"rank {len(shape)}; expected {self._expected()}")
+            for axis, (want, got) in enumerate(zip(shape, arr.shape)):
+                if got == 0:
+                    raise ValueError(f"{name} has an empty axis {axis} (shape {list(arr.shape)}): empty batch")
+                if isinstance(want, int) and want != got:
+                    raise ValueError(f"{name} axis {axis} is {got}, model requires {want}; "
+                                     f"expected {self._expected()}")
+                if isinstance(want, str):
+                    if want in dims and dims[want][0] != got:
+                        other = dims[want][1]
+                        raise ValueError(f"{name} axis {axis} is {got} but {other} has {dims[want][0]} "
+                                         f"for the same dimension '{want}'")
+                    dims.setdefault(want, (got, name))
+            if arr.dtype.kind == "f" and np.isnan(arr).any():
+                raise ValueError(f"{name} contains NaN")
+            if name == "input_ids":
+                vocab = self.encoder.vocab_size
+                if arr.min() < 0 or arr.max() >= vocab:
+                    raise ValueError(f"input_ids must lie in [0, {vocab}), got range "
+                                     f"[{arr.min()}, {arr.max()}]")
+
+    def run_arrays(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run the model on a feed you built yourself; returns the logits (float32)."""
+        self.check_feed(feed)
+        return self._run(dict(feed))
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        (out,) = self.session.run([self.output_name], feed)
+        return np.asarray(out, dtype=np.float32)
+
+    # ---- text -------------------------------------------------------------------------------
+    def _batch_size(self, batch_size: int | None) -> int:
+        if batch_size is None:
+            return self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return batch_size
+
+    def _logits_and_flags(self, texts, batch_size: int | None) -> tuple[np.ndarray, list[bool]]:
+        texts = check_texts(texts)
+        bs = self._batch_size(batch_size)
+        encs = self.encoder.tokenize(texts)
+        # Group texts of similar length to pad less; results go back in input order.
+        order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
+        chunks = []
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            arrays = self.encoder.pad([encs[i] for i in idx]).arrays()
+            feed = {n: arrays[n].astype(dt, copy=False) for n, (dt, _) in self._inputs.items()}
+            chunks.append((idx, self._run(feed)))
+        first = chunks[0][1]
+        logits = np.empty((len(texts),) + first.shape[1:], dtype=np.float32)
+        for idx, out in chunks:
+            logits[idx] = out
+        flags = [was_truncated(e) for e in encs]
+        n_cut = sum(flags)
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} text(s) exceeded max_length={self.max_length} "
+                          f"tokens and were truncated", TruncationWarning, stacklevel=3)
+        return logits, flags
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Logits [len(texts), num_outputs] in input order (float32)."""
+        return self._logits_and_flags(texts, batch_size)[0]
+
+    def predict(self, texts: Sequence[str], batch_size: int | None = None) -> list[dict]:
+        """One dict per text.
+
+        classification: {"label", "probabilities": {label: p}, "truncated"}
+        regression:     {"score", "truncated"} (score is a list when the model has several outputs)
+        """
+        logits, flags = self._logits_and_flags(texts, batch_size)
+        if logits.ndim == 1:
+            logits = logits[:, None]
+        if self.task == "regression":
+            return [{"score": float(row[0]) if row.size == 1 else row.tolist(), "truncated": cut}
+                    for row, cut in zip(logits.reshape(len(flags), -1), flags)]
+        labels = self.labels or [str(i) for i in range(logits.shape[-1])]
+        if len(labels) != logits.shape[-1]:
+            raise ValueError(f"model returns {logits.shape[-1]} logits but the manifest lists "
+                             f"{len(labels)} labels")
+        probs = _softmax(logits)
+        return [{"label": labels[int(p.argmax())],
+                 "probabilities": {lab: float(v) for lab, v in zip(labels, p)},
+                 "truncated": cut}
+                for p, cut in zip(probs, flags)]

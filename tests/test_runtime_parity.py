@@ -1,0 +1,83 @@
+"""mpismoe_edge.runtime.parity: pure-numpy logits comparison."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpismoe_edge.runtime.parity import (accuracy, compare_logits, label_agreement,
+                                         labels_to_indices, max_abs_diff)
+
+RNG = np.random.default_rng(0)
+REF = RNG.normal(size=(50, 3)).astype(np.float32)
+GOLD = REF.argmax(-1)
+
+
+def test_identical_passes():
+    r = compare_logits(REF, REF.copy(), labels=GOLD)
+    assert r.passed and r.failures == []
+    assert r.max_abs_diff == 0.0 and r.label_agreement == 1.0
+    assert r.reference_accuracy == r.candidate_accuracy == 1.0
+    assert "PASS" in r.summary()
+    json.dumps(r.to_dict())
+
+
+def test_small_noise_within_atol():
+    cand = REF + RNG.uniform(-1e-4, 1e-4, size=REF.shape).astype(np.float32)
+    r = compare_logits(REF, cand, atol=1e-3)
+    assert r.passed and 0 < r.max_abs_diff <= 1e-3
+    assert not compare_logits(REF, cand, atol=1e-6).passed
+
+
+def test_argmax_flips_lower_agreement():
+    cand = REF.copy()
+    cand[:5] = -cand[:5]  # flips most of the first five rows
+    agree = label_agreement(REF, cand)
+    assert agree < 1.0
+    r = compare_logits(REF, cand, labels=GOLD, atol=None, min_agreement=0.99)
+    assert not r.passed and any("agreement" in f for f in r.failures)
+    assert r.candidate_accuracy == pytest.approx(agree)
+    assert compare_logits(REF, cand, atol=None, min_agreement=0.5).passed
+    r = compare_logits(REF, cand, labels=GOLD, atol=None, min_agreement=None, max_accuracy_drop=0.01)
+    assert not r.passed and "accuracy dropped" in r.summary()
+
+
+def test_nan_fails_not_raises():
+    cand = REF.copy()
+    cand[3, 1] = np.nan
+    r = compare_logits(REF, cand, atol=1.0, min_agreement=0.0)
+    assert not r.passed and r.max_abs_diff == float("inf")
+    assert any("NaN" in f for f in r.failures)
+    assert max_abs_diff(REF, cand) == float("inf")
+
+
+def test_shape_and_input_errors():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        compare_logits(REF, REF[:, :2])
+    with pytest.raises(ValueError, match="n > 0"):
+        compare_logits(np.zeros((0, 3)), np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="numeric"):
+        compare_logits(np.array([["a"]]), np.array([["a"]]))
+    with pytest.raises(ValueError, match="task"):
+        compare_logits(REF, REF, task="ranking")
+
+
+def test_labels_by_name_and_accuracy():
+    names = ["neg", "neu", "pos"]
+    gold_names = [names[i] for i in GOLD]
+    np.testing.assert_array_equal(labels_to_indices(gold_names, names), GOLD)
+    assert accuracy(REF, gold_names, names) == 1.0
+    r = compare_logits(REF, REF, labels=gold_names, label_names=names)
+    assert r.reference_accuracy == 1.0
+    with pytest.raises(ValueError, match="label #0"):
+        labels_to_indices(["other"], names)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        accuracy(REF, [7] * len(REF))
+
+
+def test_regression():
+    ref = RNG.normal(size=(20,))
+    r = compare_logits(ref, ref + 1e-5, task="regression", atol=1e-4)
+    assert r.passed and r.label_agreement is None and r.reference_accuracy is None
+    assert not compare_logits(ref, ref + 1e-2, task="regression", atol=1e-4).passed
