@@ -39,12 +39,12 @@ class MPISMoEModel(nn.Module):
         bcfg = backbone.config
         self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side)
         accepted = inspect.signature(backbone.forward).parameters
-        self._backbone_inputs = [n for n in (*TEXT_INPUTS, "pixel_values") if n in accepted]
+        self._backbone_inputs = ["pixel_values"] if "pixel_values" in accepted else [n for n in TEXT_INPUTS if n in accepted]
 
     @property
     def input_names(self) -> list[str]:
         """The tensors ``forward`` takes for this backbone, in order."""
-        return [n for n in self._backbone_inputs]
+        return list(self._backbone_inputs)
 
     def train(self, mode: bool = True) -> "MPISMoEModel":
         super().train(mode)

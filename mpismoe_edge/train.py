@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from .config import JsonConfig
 from .data import Dataset
 from .model import MPISMoEModel, save_checkpoint
+from .runtime.text import TextEncoder
 
 
 @dataclass
@@ -34,27 +34,15 @@ class TrainConfig(JsonConfig):
     threads: int | None = None
 
 
-def make_tokenizer(tokenizer_json: str, max_length: int) -> Tokenizer:
-    """The model's own tokenizer (the same JSON the exporter ships), truncating to ``max_length``."""
-    tok = Tokenizer.from_str(tokenizer_json)
-    tok.enable_truncation(max_length)
-    tok.no_padding()
-    return tok
+def make_tokenizer(tokenizer_json: str, max_length: int) -> TextEncoder:
+    """The model's own tokenizer (the same JSON the exporter ships and the runtime reads)."""
+    return TextEncoder(Tokenizer.from_str(tokenizer_json), max_length)
 
 
-def encode(tok: Tokenizer, texts: list[str], input_names: list[str]) -> dict[str, torch.Tensor]:
+def encode(tok: TextEncoder, texts: list[str], input_names: list[str]) -> dict[str, torch.Tensor]:
     """Tokenize and right-pad a batch to its longest text; only the tensors the model takes."""
-    encs = tok.encode_batch(texts)
-    length = max(len(e.ids) for e in encs)
-    pad_id = tok.padding["pad_id"] if tok.padding else (tok.token_to_id("[PAD]") or tok.token_to_id("<pad>") or 0)
-    ids = np.full((len(encs), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(encs), length), dtype=np.int64)
-    types = np.zeros((len(encs), length), dtype=np.int64)
-    for i, e in enumerate(encs):
-        n = len(e.ids)
-        ids[i, :n], mask[i, :n], types[i, :n] = e.ids, 1, e.type_ids
-    out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-    return {k: torch.from_numpy(out[k]) for k in input_names if k in out}
+    arrays = tok.encode(texts).arrays()
+    return {k: torch.from_numpy(arrays[k]) for k in input_names if k in arrays}
 
 
 def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
@@ -87,7 +75,7 @@ def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Ten
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tok: Tokenizer, texts: list[str], input_names: list[str], batch_size: int = 64) -> torch.Tensor:
+def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str], batch_size: int = 64) -> torch.Tensor:
     """Logits for ``texts`` in eval mode."""
     was = model.training
     model.eval()
@@ -96,7 +84,7 @@ def predict(model: torch.nn.Module, tok: Tokenizer, texts: list[str], input_name
     return torch.cat(out)
 
 
-def evaluate(model: MPISMoEModel, tok: Tokenizer, data: Dataset, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: int = 64) -> dict[str, float]:
     """Accuracy (classification) or MSE (regression), plus the loss."""
     logits = predict(model, tok, data.texts, model.input_names, batch_size)
     loss = _loss(model, logits, data.targets).item()

@@ -43,9 +43,11 @@ def check_texts(texts) -> list[str]:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_path: str | Path, max_length: int):
+    """Tokenizer + numpy padding; the same code tokenizes for training, export checks and the runtime."""
+
+    def __init__(self, tokenizer: str | Path | Tokenizer, max_length: int):
         self.max_length = int(max_length)
-        tok = Tokenizer.from_file(str(tokenizer_path))
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))
         # Configure once; a tokenizer.json may carry its own (e.g. fixed-length) settings.
         tok.no_padding()
         tok.enable_truncation(max_length=self.max_length)
