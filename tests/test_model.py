@@ -1,0 +1,188 @@
+"""MP-ISMoE model: frozen low-bit backbone (METL), ladder side network, interactive ISMoE."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from mpismoe_edge.model import load_checkpoint, read_checkpoint, save_checkpoint
+from mpismoe_edge.quant import QuantLinear
+from mpismoe_edge.side.router import load_balance_loss, salient_summary
+
+
+def _batch(n=3, t=7):
+    torch.manual_seed(1)
+    ids = torch.randint(5, 40, (n, t))
+    mask = torch.ones(n, t, dtype=torch.long)
+    if n > 1:
+        mask[1, 4:] = 0
+    return ids, mask
+
+
+def test_backbone_parameters_get_no_gradient():
+    model = tiny_model().train()
+    ids, mask = _batch()
+    (model(ids, mask).sum() + model.aux_loss()).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert any(p.grad is not None for p in model.side.parameters())
+
+
+def test_backward_never_enters_the_backbone():
+    model = tiny_model().train()
+    entered = []
+    for module in model.backbone.modules():
+        if not list(module.children()):  # leaves return tensors, so their hooks would fire
+            module.register_full_backward_hook(lambda *a: entered.append(1))
+    ids, mask = _batch()
+    model(ids, mask).sum().backward()
+    assert entered == []
+
+
+def test_backbone_linears_are_quantized_to_the_configured_bits():
+    model = tiny_model(bits=3)
+    qlinears = [m for m in model.backbone.modules() if isinstance(m, QuantLinear)]
+    assert qlinears and all(m.bits == 3 for m in qlinears)
+    assert not any(type(m) is torch.nn.Linear for m in model.backbone.modules())
+
+
+def test_backbone_stays_in_eval_mode_when_training():
+    model = tiny_model().train()
+    assert model.side.training and not model.backbone.training
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "vit"])
+def test_supported_backbone_families_produce_logits(kind):
+    model = tiny_model(kind).eval()
+    if kind == "vit":
+        out = model(pixel_values=torch.randn(2, 1, 16, 16))
+    else:
+        ids, mask = _batch(2, 6)
+        out = model(**dict(zip(["input_ids", "attention_mask"], (ids, mask))))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_padding_does_not_change_logits():
+    model = tiny_model().eval()
+    ids, _ = _batch(1, 5)
+    alone = model(ids, torch.ones_like(ids))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded, mask), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_router_depends_on_backbone_features():
+    model = tiny_model().eval()
+    router = model.side.moe_layers()[0].router
+    x = torch.randn(1, 5, 16)
+    bb_token, bb = torch.randn(1, 5, 16), torch.randn(1, 5, 64)
+    w1, _ = router(x, bb_token, bb, None)
+    w2, _ = router(x, bb_token * 5, bb * 5, None)
+    assert not torch.allclose(w1, w2)
+
+
+def test_routing_picks_top_k_experts_with_weights_summing_to_one():
+    model = tiny_model().eval()
+    moe = model.side.moe_layers()[0]
+    w, _ = moe.router(torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 64), None)
+    assert ((w > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
+
+
+def test_salient_summary_is_mean_of_highest_norm_unmasked_tokens():
+    hidden = torch.zeros(1, 4, 2)
+    hidden[0, 0] = torch.tensor([1.0, 0.0])   # norm 1
+    hidden[0, 1] = torch.tensor([3.0, 0.0])   # norm 3
+    hidden[0, 2] = torch.tensor([0.0, 2.0])   # norm 2
+    hidden[0, 3] = torch.tensor([9.0, 9.0])   # largest, but masked
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(salient_summary(hidden, mask, 2), torch.tensor([[1.5, 1.0]]))
+
+
+def test_load_balance_loss_is_one_when_perfectly_balanced():
+    logits = torch.zeros(4, 4)
+    weights = torch.eye(4)
+    assert load_balance_loss(logits, weights, None).item() == pytest.approx(1.0)
+
+
+def test_shared_expert_adds_parameters():
+    plain = sum(p.numel() for p in tiny_model().side.parameters())
+    shared = sum(p.numel() for p in tiny_model(shared_expert=True).side.parameters())
+    assert shared > plain
+
+
+def test_expert_load_counts_each_real_token_top_k_times():
+    model = tiny_model().train()
+    ids, mask = _batch()
+    model(ids, mask)
+    load = model.expert_load()
+    assert load.shape == (2, 4)
+    assert (load.sum(-1) == 2 * mask.sum()).all()
+
+
+def test_packing_experts_replaces_fake_quant_with_quant_linear():
+    model = tiny_model().eval()
+    ids, mask = _batch()
+    before = model(ids, mask)
+    model.pack_experts()
+    experts = model.side.moe_layers()[0].experts
+    assert all(isinstance(e.fc1, QuantLinear) and e.fc1.bits == 4 for e in experts)
+    assert (model(ids, mask) - before).abs().max() < 0.5
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = tiny_model().eval()
+    model.pack_experts()
+    ids, mask = _batch()
+    save_checkpoint(model, tmp_path / "model.pt")
+    torch.load(tmp_path / "model.pt", weights_only=True)
+    again = load_checkpoint(tmp_path / "model.pt")
+    torch.testing.assert_close(again(ids, mask), model(ids, mask))
+    assert again.tokenizer_json == model.tokenizer_json
+
+
+def test_checkpoint_refuses_a_pickle_with_code(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a loadable"):
+        read_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
+    path = tmp_path / "cut.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a loadable"):
+        read_checkpoint(path)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model().eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(model, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_checkpoint(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_backbone_without_hidden_states_is_refused():
+    from mpismoe_edge.config import ModelConfig
+    from mpismoe_edge.model import build_model
+
+    class NoStates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"hidden_size": 8, "num_hidden_layers": 1, "to_dict": lambda self: {}})()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            return type("O", (), {"hidden_states": None})()
+
+    with pytest.raises(ValueError, match="no hidden_states"):
+        build_model(NoStates(), ModelConfig(labels=["a", "b"], quant=None))

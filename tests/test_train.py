@@ -1,0 +1,89 @@
+"""Training: the side network learns, checkpoints are resumable and bad input fails early."""
+import json
+
+import pytest
+import torch
+
+from conftest import LABELS, TEXTS, tiny_model
+from mpismoe_edge.cli import train_main
+from mpismoe_edge.data import Dataset, load_file
+from mpismoe_edge.model import load_checkpoint
+from mpismoe_edge.train import TrainConfig, train
+
+DATA = Dataset(TEXTS * 4, LABELS * 4, ["neg", "neu", "pos"])
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, **kw})
+
+
+def test_training_writes_a_loadable_checkpoint_with_packed_experts(tmp_path):
+    model = tiny_model()
+    result = train(model, DATA, DATA, _cfg(), tmp_path, progress=False)
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "metrics.json").is_file()
+    again = load_checkpoint(tmp_path / "model.pt")
+    assert again.side.moe_layers()[0].experts[0].fc1.__class__.__name__ == "QuantLinear"
+    assert len(result["history"]) == 2 and 0.0 <= result["final"]["accuracy"] <= 1.0
+
+
+def test_training_lowers_the_loss():
+    model = tiny_model(expert_bits=None)
+    result = train(model, DATA, DATA, _cfg(epochs=4, patience=10), "/tmp/mpismoe-test-lowers", progress=False)
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_only_side_parameters_are_trained():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    train(model, DATA, DATA, _cfg(epochs=1), "/tmp/mpismoe-test-frozen", progress=False)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path):
+    train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=2), tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_labels_out_of_range_fail_before_training(tmp_path):
+    bad = Dataset(["good"], [7], ["neg", "neu", "pos"])
+    with pytest.raises(ValueError, match="out of range"):
+        train(tiny_model(), bad, DATA, _cfg(), tmp_path, progress=False)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_empty_dataset_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        train(tiny_model(), Dataset([], [], ["a", "b", "c"]), DATA, _cfg(), tmp_path, progress=False)
+
+
+def test_mismatched_tokenizer_fails_before_training(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    model = tiny_model()
+    model.tokenizer_json = Tokenizer(models.WordLevel({f"w{i}": i for i in range(5000)}, unk_token="w0")).to_str()
+    with pytest.raises(ValueError, match="tokenizer vocabulary"):
+        train(model, DATA, DATA, _cfg(), tmp_path, progress=False)
+
+
+def test_missing_label_column_names_the_column(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "hi", "sentiment": "pos"}) + "\n")
+    with pytest.raises(ValueError, match="'label' missing"):
+        load_file(path)
+
+
+def test_label_names_map_to_sorted_ids(tiny_jsonl):
+    data = load_file(tiny_jsonl)
+    assert data.labels == ["neg", "neu", "pos"] and data.targets == LABELS
+
+
+def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = train_main(["--backbone", str(tmp_path), "--data", str(empty), "--eval-data", str(empty), "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "o").exists()
