@@ -1,0 +1,105 @@
+"""``mpismoe-export model.pt -o out/``: checkpoint -> validated ONNX directory.
+
+Exit status: 0 written; 2 bad input (unreadable or foreign checkpoint, bad option, unusable
+output path), nothing written; 1 export or validation failed, nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+TARGETS = ("portable", "ort-cpu", "ort-cuda")
+MIN_OPSET = 18  # keep in sync with functions.MIN_OPSET (checked again there)
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpismoe-export", description="Export an MP-ISMoE checkpoint to ONNX, validated against PyTorch.")
+    p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
+    p.add_argument("-o", "--output", required=True, help="output directory (created or replaced atomically)")
+    p.add_argument("--target", default="portable", choices=TARGETS,
+                   help="portable: ai.mpismoe functions of standard ONNX ops (any runtime); "
+                        "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (default: portable)")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs diff allowed vs PyTorch (default 1e-4)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e), 2)
+    if args.opset < MIN_OPSET:
+        return _fail(f"opset {args.opset} is too old: the exported graph needs opset >= {MIN_OPSET}", 2)
+    import onnx
+
+    if args.opset > onnx.defs.onnx_opset_version():
+        return _fail(f"opset {args.opset} is newer than the installed onnx supports ({onnx.defs.onnx_opset_version()})", 2)
+    if not args.atol >= 0:
+        return _fail(f"--atol must be >= 0, got {args.atol}", 2)
+    ckpt, out = Path(args.checkpoint), Path(args.output)
+    if not ckpt.is_file():
+        return _fail(f"checkpoint not found: {ckpt}", 2)
+
+    from .output import OutputError, check_target
+
+    try:
+        check_target(out)
+    except OutputError as e:
+        return _fail(str(e), 2)
+
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log(f"loading {ckpt}...")
+    from mpismoe_edge.model import load_checkpoint
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load chatter about pickle protocols
+            model = load_checkpoint(ckpt)
+    except Exception as e:  # truncated, corrupt, code-carrying pickle, foreign format, bad config
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if str(ckpt) not in msg:
+            msg = f"{ckpt}: cannot load checkpoint ({msg})"
+        return _fail(msg, 2)
+
+    from .pipeline import ParityError, export_model
+
+    try:
+        manifest = export_model(model, out, target=args.target, opset=args.opset, atol=args.atol,
+                                validate=not args.no_validate, log=log)
+    except OutputError as e:
+        return _fail(str(e), 2)
+    except ParityError as e:
+        return _fail(f"{e}; nothing written", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130)
+    except Exception as e:  # the exporter or ONNX Runtime failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return _fail(f"export failed: {type(e).__name__}: {first}; nothing written", 1)
+    if manifest.get("parity"):
+        print(f"ok: {out} (target {args.target}, max abs diff {manifest['parity']['max_abs_diff']:.3g})")
+    else:
+        print(f"ok: {out} (target {args.target}, not validated)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

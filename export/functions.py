@@ -1,0 +1,124 @@
+"""The ``ai.mpismoe`` custom operators as ONNX model-local functions (onnxscript).
+
+Each function's body uses only standard ONNX ops (opset 18), so any ONNX Runtime build runs
+an exported model with no custom-op library: the runtime inlines the function. The semantics
+equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout in
+:mod:`mpismoe_edge.quant.pack`:
+
+* ``QMatMul(x, qweight, scales, zeros; bits, group_size) = x @ W.T`` with
+  ``W[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
+  A row of codes is a little-endian bitstream, code ``i`` of a group at bit offset ``i*bits``.
+  Because ``bits <= 8`` and the offset within a byte is ``< 8``, every code lies in the
+  16-bit little-endian word formed by bytes ``j = (i*bits) // 8`` and ``j + 1``; the body
+  gathers those two bytes per code, joins them into a uint32 and shifts/masks (BitShift
+  wants unsigned ints). One body serves 2, 3, 4 and 8 bits; 3-bit codes cross bytes.
+* ``TopKRoute(logits; k)``: softmax over each row's top-k logits scattered into zeros
+  (dense routing weights ``[..., E]``).
+"""
+from __future__ import annotations
+
+from typing import TypeVar, Union
+
+import onnxscript
+from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, UINT8
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+DOMAIN = "ai.mpismoe"
+DOMAIN_VERSION = 1
+MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
+
+mpismoe = Opset(DOMAIN, DOMAIN_VERSION)
+TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])
+
+
+@onnxscript.script(opset=mpismoe, default_opset=op)
+def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, group_size: int) -> TFloat:
+    """``x [..., K] @ dequant(qweight [N, K/G, G*bits/8], scales [N, K/G], zeros [N, K/G]).T``."""
+    nbits = op.Constant(value_int=bits)
+    gsize = op.Constant(value_int=group_size)
+    zero64 = op.Constant(value_int=0)
+    one64 = op.Constant(value_int=1)
+    eight64 = op.Constant(value_int=8)
+    offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)      # bit offset of each code in its group
+    lo_idx = op.Div(offsets, eight64)                              # first byte holding the code
+    hi_idx = op.Add(lo_idx, one64)                                 # next byte (may be the pad byte)
+    shift = op.Cast(op.Mod(offsets, eight64), to=12)               # uint32
+    one32 = op.Cast(one64, to=12)
+    mask = op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32)   # 2^bits - 1
+    # one zero byte after each group so hi_idx stays in range
+    padded = op.Pad(qweight, op.Constant(value_ints=[0, 0, 0, 0, 0, 1]))
+    lo = op.Cast(op.Gather(padded, lo_idx, axis=2), to=12)
+    hi = op.Cast(op.Gather(padded, hi_idx, axis=2), to=12)
+    word = op.BitwiseOr(lo, op.BitShift(hi, op.Cast(eight64, to=12), direction="LEFT"))
+    codes = op.BitwiseAnd(op.BitShift(word, shift, direction="RIGHT"), mask)   # [N, K/G, G] uint32
+    deq = op.Mul(op.Sub(op.CastLike(codes, scales), op.Unsqueeze(zeros, op.Constant(value_ints=[-1]))),
+                 op.Unsqueeze(scales, op.Constant(value_ints=[-1])))
+    n = op.Shape(qweight, start=0, end=1)
+    w = op.Reshape(deq, op.Concat(n, op.Constant(value_ints=[-1]), axis=0))     # [N, K]
+    return op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
+
+
+@onnxscript.script(opset=mpismoe, default_opset=op)
+def TopKRoute(logits: TFloat, k: int) -> TFloat:
+    """Softmax over each row's top-``k`` logits, scattered into zeros: ``[..., E]``."""
+    kk = op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1]))
+    vals, idx = op.TopK(logits, kk, axis=-1, largest=1, sorted=1)
+    weights = op.Softmax(vals, axis=-1)
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), logits), op.Shape(logits))
+    return op.ScatterElements(zeros, idx, weights, axis=-1)
+
+
+FUNCTIONS = (QMatMul, TopKRoute)
+
+
+def function_protos(opset: int = MIN_OPSET) -> list:
+    """FunctionProtos of the custom ops, their body importing the standard domain at ``opset``.
+
+    The bodies use only ops whose semantics did not change between opset 18 and newer ones,
+    so re-stamping the import keeps them valid and consistent with the model's import.
+    """
+    protos = []
+    for fn in FUNCTIONS:
+        proto = fn.to_function_proto()
+        for imp in proto.opset_import:
+            if imp.domain == "":
+                imp.version = opset
+        protos.append(proto)
+    return protos
+
+
+def register_schemas() -> None:
+    """Register ONNX OpSchemas for the custom ops (idempotent).
+
+    torch.onnx's translator and onnxscript build a node only for an op with a schema; with
+    them registered, the exporter emits plain ``ai.mpismoe`` nodes that survive its inliner,
+    and the model-local functions are attached afterwards.
+    """
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("QMatMul", DOMAIN):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
+    param = OpSchema.FormalParameter
+    qmatmul = OpSchema(
+        "QMatMul", DOMAIN, DOMAIN_VERSION,
+        doc="x @ dequant(qweight, scales, zeros).T for the packed little-endian low-bit layout.",
+        inputs=[param("x", "T"), param("qweight", "tensor(uint8)"), param("scales", "tensor(float)"),
+                param("zeros", "tensor(float)")],
+        outputs=[param("y", "T")],
+        type_constraints=[("T", floats, "float types")],
+        attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
+                    OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group")],
+    )
+    route = OpSchema(
+        "TopKRoute", DOMAIN, DOMAIN_VERSION,
+        doc="Softmax over the top-k logits of the last axis, scattered into zeros.",
+        inputs=[param("logits", "T")],
+        outputs=[param("weights", "T")],
+        type_constraints=[("T", floats, "float types")],
+        attributes=[OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token")],
+    )
+    for schema in (qmatmul, route):
+        onnx.defs.register_schema(schema)

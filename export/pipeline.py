@@ -1,0 +1,154 @@
+"""``export_model``: torch model -> validated ``out/`` (model.onnx, tokenizer.json, manifest.json)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import onnx
+from torch import nn
+
+from . import functions as F
+from .fuse import TARGETS, fuse
+from .lower import OUTPUT_NAME, input_names, to_onnx
+from .output import FORMAT, commit, staging_dir
+from .validate import DEFAULT_ATOL, check_parity
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# protobuf refuses messages over 2 GiB; stay clear of it with the weights in a side file
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ParityError(RuntimeError):
+    """The exported model does not match PyTorch within the tolerance."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def quant_bits(model: nn.Module) -> dict[str, int]:
+    """Layer name -> bits of every packed layer (QuantLinear) in ``model``."""
+    from mpismoe_edge.quant.linear import QuantLinear
+
+    return {name: int(m.bits) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the initializers by role: packed codes, quantization params, float weights."""
+    role: dict[str, str] = {}
+    for node in proto.graph.node:
+        if (node.domain, node.op_type) in ((F.DOMAIN, "QMatMul"), ("com.microsoft", "MatMulNBits")):
+            role[node.input[1]] = "packed_codes"
+            for name in node.input[2:4]:
+                role.setdefault(name, "quant_params")
+    sizes = Counter()
+    for t in proto.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        sizes[role.get(t.name, "float_weights")] += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return {k: int(sizes[k]) for k in ("packed_codes", "quant_params", "float_weights")}
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = None) -> list[str]:
+    """Write ``model.onnx`` (and ``model.onnx.data`` when large); returns the file names."""
+    if external is None:
+        external = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES
+    path = folder / MODEL_FILE
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        return [MODEL_FILE, DATA_FILE]
+    path.write_bytes(proto.SerializeToString())
+    return [MODEL_FILE]
+
+
+def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset: int,
+                   folder: Path, files: list[str], stats: dict, parity: dict | None) -> dict:
+    config = getattr(model, "config", None)
+    task = getattr(config, "task", "classification")
+    labels = list(getattr(config, "labels", []) or []) or None
+    ops = Counter(f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in proto.graph.node
+                  if n.domain in (F.DOMAIN, "com.microsoft"))
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    sizes.update(weight_sizes(proto))
+    return {
+        "format": FORMAT,
+        "task": task,
+        "labels": labels,
+        "max_length": int(getattr(config, "max_length", 128) or 128),
+        "inputs": input_names(model),
+        "outputs": [OUTPUT_NAME],
+        "target": target,
+        "opset": opset,
+        "ir_version": proto.ir_version,
+        "custom_ops": dict(sorted(ops.items())),
+        "fusion": stats,
+        "bits": quant_bits(model),
+        "sizes": sizes,
+        "parity": parity,
+    }
+
+
+def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
+                 atol: float = DEFAULT_ATOL, validate: bool = True, external_data: bool | None = None,
+                 log: Callable[[str], None] | None = _stderr) -> dict:
+    """Export, validate and atomically write ``out_dir``; returns the manifest.
+
+    Raises ValueError for bad arguments or an unusable ``out_dir`` (before any work), and
+    :class:`ParityError` when validation fails; either way nothing is written.
+    """
+    log = log or (lambda _msg: None)
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < F.MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: the exported graph needs opset >= {F.MIN_OPSET}")
+    if opset > onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
+    if not atol >= 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    out_dir = Path(out_dir)
+    model.eval()
+    with staging_dir(out_dir) as tmp:
+        t0 = time.perf_counter()
+        log(f"exporting {type(model).__name__} with torch.onnx (dynamo, opset {opset})...")
+        proto = to_onnx(model, opset=opset)
+        log(f"  traced and converted in {time.perf_counter() - t0:.1f}s: {len(proto.graph.node)} nodes, "
+            f"{len(proto.graph.initializer)} initializers")
+        stats: dict = {}
+        if target != "portable":
+            proto, stats = fuse(proto, target)
+            log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
+        files = save_model(proto, tmp, external_data)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        tokenizer_json = getattr(model, "tokenizer_json", None)
+        if tokenizer_json:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            files.append("tokenizer.json")
+        parity = None
+        if validate:
+            t1 = time.perf_counter()
+            log(f"validating against PyTorch on ONNX Runtime (atol {atol:g})...")
+            parity = check_parity(model, tmp / MODEL_FILE, atol=atol, log=log)
+            log(f"  max abs diff {parity['max_abs_diff']:.3g} in {time.perf_counter() - t1:.1f}s")
+            if not parity["passed"]:
+                raise ParityError(f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}",
+                                  parity)
+        manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        commit(tmp, out_dir)
+    log(f"wrote {out_dir} ({', '.join(files + ['manifest.json'])}) in {time.perf_counter() - t0:.1f}s")
+    return manifest

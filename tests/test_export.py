@@ -1,0 +1,306 @@
+"""End-to-end export: tiny MP-ISMoE checkpoint -> ONNX (both targets), parity, determinism, CLI."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from mpismoe_edge.export import cli, lower, pipeline
+from mpismoe_edge.export.fuse import fuse
+
+from conftest import tiny_backbone, tiny_tokenizer
+
+BITS_MAP = {"encoder.layer.0.attention.*": 3, "encoder.layer.0.intermediate.dense": 2, "encoder.layer.1.output.dense": 8}
+
+
+def _build(seed: int = 1):
+    """Tiny model, mixed 2/3/4/8-bit backbone, packed 4-bit experts.
+
+    The backbone's LayerNorm affine parameters are randomized: fresh ones (gamma 1, beta 0)
+    give every token the same hidden-state norm, and the router's salient-token pick then
+    hinges on float rounding, which no two runtimes share.
+    """
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.model import build_model
+
+    backbone = tiny_backbone("bert")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in backbone.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.5)
+    side = SideConfig(reduction=4, num_heads=2, num_experts=4, top_k=2, expert_bits=4, expert_group_size=16, salient_tokens=3)
+    quant = QuantConfig(bits=4, group_size=32, method="rtn", bits_map=dict(BITS_MAP))
+    config = ModelConfig(backbone="tiny-bert", labels=["neg", "neu", "pos"], max_length=16, side=side, quant=quant)
+    model = build_model(backbone, config, tiny_tokenizer().to_str(), progress=False)
+    model.pack_experts()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from mpismoe_edge.model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("export-ckpt") / "model.pt"
+    save_checkpoint(_build(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    from mpismoe_edge.model import load_checkpoint
+
+    return load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def portable(model):
+    """The portable ONNX proto of ``model`` (one real torch.onnx export for the module)."""
+    return lower.to_onnx(model)
+
+
+@pytest.fixture
+def cached_export(monkeypatch, portable):
+    """Make export_model reuse the module's portable proto instead of re-tracing."""
+    monkeypatch.setattr(pipeline, "to_onnx", lambda m, opset=18: copy.deepcopy(portable))
+
+
+def _session(path_or_proto):
+    src = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+
+
+def _ops(proto):
+    return {(n.domain, n.op_type) for n in proto.graph.node}
+
+
+def test_portable_graph_structure(portable, model):
+    assert portable.ir_version == 10
+    assert {i.domain: i.version for i in portable.opset_import} == {"": 18, "ai.mpismoe": 1}
+    assert sorted(f.name for f in portable.functions) == ["QMatMul", "TopKRoute"]
+    assert all(f.domain == "ai.mpismoe" for f in portable.functions)
+    # every function body is standard ONNX only
+    assert {n.domain for f in portable.functions for n in f.node} == {""}
+    assert {d for d, _ in _ops(portable)} == {"", "ai.mpismoe"}
+    names = [i.name for i in portable.graph.input]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    for i in portable.graph.input:
+        assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert [o.name for o in portable.graph.output] == ["logits"]
+    # no exporter stack traces (file paths) left in the graph
+    assert not any(n.metadata_props for n in portable.graph.node)
+    onnx.checker.check_model(portable, full_check=True)
+
+
+def test_every_expert_is_in_the_graph(portable, model):
+    inits = {t.name for t in portable.graph.initializer}
+    for b, moe in enumerate(model.side.moe_layers()):
+        for e in range(len(moe.experts)):
+            for fc in ("fc1", "fc2"):
+                for part in ("qweight", "scales", "zeros", "bias"):
+                    assert f"side.blocks.{b}.ffn.experts.{e}.{fc}.{part}" in inits
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_forcing_each_expert_matches_torch(portable, model, target):
+    """Push one expert to the top of every token's routing via the router bias, in both worlds."""
+    proto = copy.deepcopy(portable)
+    if target != "portable":
+        proto, _ = fuse(proto, target)
+    inits = {t.name: t for t in proto.graph.initializer}
+    feed = lower.make_inputs(model, 3, 9, lengths=[9, 6, 2], seed=5)
+    moe = model.side.moe_layers()[0]
+    name = "side.blocks.0.ffn.router.gate.bias"
+    saved = moe.router.gate.bias.detach().clone()
+    try:
+        outs = []
+        for e in range(len(moe.experts)):
+            bias = saved.clone()
+            bias[e] += 50.0
+            with torch.no_grad():
+                moe.router.gate.bias.copy_(bias)
+                ref = model(**feed).numpy()
+            inits[name].CopyFrom(numpy_helper.from_array(bias.numpy(), name))
+            got = _session(proto).run(None, {k: v.numpy() for k, v in feed.items()})[0]
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+            outs.append(ref)
+        # the experts really differ, so each run exercised a different expert
+        assert all(not np.allclose(outs[0], o, atol=1e-4) for o in outs[1:])
+    finally:
+        with torch.no_grad():
+            moe.router.gate.bias.copy_(saved)
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu", "ort-cuda"])
+def test_export_model_targets_parity(model, cached_export, tmp_path, target):
+    out = tmp_path / "out"
+    manifest = pipeline.export_model(model, out, target=target, log=None)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    par = manifest["parity"]
+    assert par["passed"] and par["max_abs_diff"] <= 1e-4
+    cases = {(c["batch"], c["padded"]) for c in par["cases"]}
+    assert {(1, False), (1, True), (7, False), (7, True)} <= cases
+    proto = onnx.load(out / "model.onnx")
+    ops = _ops(proto)
+    if target == "portable":
+        assert ("com.microsoft", "MatMulNBits") not in ops
+    else:
+        assert ("com.microsoft", "MatMulNBits") in ops
+        assert ("ai.mpismoe", "QMatMul") in ops  # the 3-bit layers keep the portable function
+    if target == "ort-cpu":
+        assert manifest["fusion"]["matmulnbits_2bit"] and manifest["fusion"]["matmulnbits_8bit"]
+    if target == "ort-cuda":
+        assert manifest["fusion"]["portable_2bit"]
+    assert manifest["format"] == "mpismoe-edge-onnx/1"
+    assert manifest["task"] == "classification" and manifest["labels"] == ["neg", "neu", "pos"]
+    assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and manifest["outputs"] == ["logits"]
+    assert manifest["target"] == target and manifest["opset"] == 18 and manifest["max_length"] == 16
+    assert manifest["bits"]["backbone.encoder.layer.0.attention.self.query"] == 3
+    assert manifest["bits"]["backbone.encoder.layer.0.intermediate.dense"] == 2
+    assert manifest["bits"]["backbone.encoder.layer.1.output.dense"] == 8
+    assert manifest["bits"]["side.blocks.1.ffn.experts.3.fc2"] == 4
+    assert manifest["sizes"]["model.onnx"] == (out / "model.onnx").stat().st_size
+    assert manifest["sizes"]["packed_codes"] > 0
+
+
+def test_runtime_reads_the_export(model, cached_export, tmp_path):
+    runtime = pytest.importorskip("mpismoe_edge.runtime.session")
+    out = tmp_path / "out"
+    pipeline.export_model(model, out, target="ort-cpu", log=None, validate=False)
+    pred = runtime.Predictor.from_dir(out)
+    res = pred.predict(["i love this movie", "awful"])
+    assert [r["label"] in ("neg", "neu", "pos") for r in res] == [True, True]
+
+
+def test_parity_failure_writes_nothing_and_keeps_old_output(model, cached_export, tmp_path):
+    out = tmp_path / "out"
+    pipeline.export_model(model, out, log=None, validate=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(pipeline.ParityError):
+        pipeline.export_model(model, out, target="ort-cpu", atol=0.0, log=None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left behind
+
+
+def test_replaces_previous_export_atomically(model, cached_export, tmp_path):
+    out = tmp_path / "out"
+    pipeline.export_model(model, out, log=None, validate=False)
+    m2 = pipeline.export_model(model, out, target="ort-cpu", log=None, validate=False)
+    assert json.loads((out / "manifest.json").read_text())["target"] == "ort-cpu" == m2["target"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_external_data(model, cached_export, tmp_path):
+    out = tmp_path / "out"
+    manifest = pipeline.export_model(model, out, log=None, external_data=True, validate=False)
+    assert (out / "model.onnx.data").is_file() and manifest["sizes"]["model.onnx.data"] > 0
+    assert manifest["sizes"]["model.onnx"] < manifest["sizes"]["model.onnx.data"]
+    feed = lower.make_inputs(model, 2, 7, lengths=[7, 3])
+    with torch.no_grad():
+        ref = model(**feed).numpy()
+    got = _session(out / "model.onnx").run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_deterministic_bytes(ckpt, portable):
+    """A fresh load and export of the same checkpoint gives byte-identical model.onnx."""
+    from mpismoe_edge.model import load_checkpoint
+
+    again = lower.to_onnx(load_checkpoint(ckpt))
+    assert again.SerializeToString() == portable.SerializeToString()
+    a, _ = fuse(copy.deepcopy(portable), "ort-cpu")
+    b, _ = fuse(copy.deepcopy(again), "ort-cpu")
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+# ---------------------------------------------------------------- CLI
+
+def _cli(args, capsys):
+    code = cli.main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_end_to_end(ckpt, tmp_path, capsys):
+    """The real thing: load, trace, fuse, validate, write (no cached proto)."""
+    out = tmp_path / "nested" / "out"
+    code, stdout, err = _cli([ckpt, "-o", out, "--target", "ort-cpu"], capsys)
+    assert code == 0, err
+    assert "ok:" in stdout and "parity batch=7" in err and "max abs diff" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["target"] == "ort-cpu"
+    assert (out / "tokenizer.json").read_text() == tiny_tokenizer().to_str()
+
+
+def test_cli_no_validate(ckpt, tmp_path, capsys, monkeypatch, portable):
+    monkeypatch.setattr(pipeline, "to_onnx", lambda m, opset=18: copy.deepcopy(portable))
+    out = tmp_path / "out"
+    code, stdout, _ = _cli([ckpt, "-o", out, "--no-validate", "-q"], capsys)
+    assert code == 0 and "not validated" in stdout
+    assert json.loads((out / "manifest.json").read_text())["parity"] is None
+
+
+def _evil_pickle(path: Path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path.write_bytes(pickle.dumps({"format": "mpismoe-edge/1", "x": Evil()}))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "garbage", "pickle-code", "foreign", "target", "opset", "atol",
+                                  "out-is-file", "out-foreign-dir"])
+def test_cli_errors_exit_2_and_write_nothing(case, ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    src = ckpt
+    extra: list = []
+    if case == "missing":
+        src = tmp_path / "nope.pt"
+    elif case == "truncated":
+        src = tmp_path / "t.pt"
+        src.write_bytes(ckpt.read_bytes()[:2000])
+    elif case == "garbage":
+        src = tmp_path / "g.pt"
+        src.write_bytes(b"not a checkpoint at all")
+    elif case == "pickle-code":
+        src = tmp_path / "evil.pt"
+        _evil_pickle(src)
+    elif case == "foreign":
+        src = tmp_path / "other.pt"
+        torch.save({"weights": torch.zeros(2)}, src)
+    elif case == "target":
+        extra = ["--target", "tensorrt"]
+    elif case == "opset":
+        extra = ["--opset", "17"]
+    elif case == "atol":
+        extra = ["--atol", "-1"]
+    elif case == "out-is-file":
+        out.write_text("x")
+    elif case == "out-foreign-dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, err = _cli([src, "-o", out, *extra], capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp dirs
+    if case == "pickle-code":
+        assert "pwned" not in stdout
+    if case == "out-foreign-dir":
+        assert (out / "notes.txt").read_text() == "mine"
