@@ -1,0 +1,185 @@
+"""Full fine-tuning vs LoRA vs LST vs MP-ISMoE on the default task (MiniLM-L6, tweets, 3 classes).
+
+Every method sees the same split, seed, batch order, tokenizer, epochs and evaluation. Each
+runs in its own subprocess so that its memory is its own. Peak training memory is the peak
+resident set size (RSS, sampled from /proc every 5 ms) during model build and training,
+minus the RSS of the process just before the model is built (Python, torch and the data
+already loaded): weights + gradients + optimizer state + activations.
+
+    python benchmarks/train.py [--epochs 3] [--n-train 4000] [--n-test 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+METHODS = ["full-ft", "lora", "lst", "mp-ismoe"]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples RSS in a thread; ``peak`` is the largest value seen since start."""
+
+    def __init__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _run_one(method: str, args) -> dict:
+    import torch
+    from transformers import AutoModel
+
+    from mpismoe_edge.cli import default_backbone_path
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.data import load_default
+    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.train import TrainConfig, encode, evaluate, make_tokenizer, train
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+    path = default_backbone_path()
+    base = _rss()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        if method in ("lst", "mp-ismoe"):
+            backbone, tok_json = load_backbone(path)
+            if method == "lst":
+                side, quant = SideConfig(dense_ffn=True), None
+            else:
+                side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
+            cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
+            model = build_model(backbone, cfg, tok_json, progress=False)
+            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs)
+            res = train(model, train_ds, test_ds, tcfg, os.path.join(args.workdir, method), progress=False)
+            acc, params = res["final"]["accuracy"], res["trainable_params"]
+        else:
+            backbone, tok_json = load_backbone(path)
+            tok = make_tokenizer(tok_json, args.max_length)
+            model = _Classifier(backbone, len(train_ds.labels))
+            if method == "lora":
+                from peft import LoraConfig, get_peft_model
+                model.backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+            lr = args.full_lr if method == "full-ft" else args.lora_lr
+            acc, params = _train_plain(model, tok, train_ds, test_ds, args, lr)
+        seconds = time.perf_counter() - start
+    return {"method": method, "accuracy": acc, "peak_mb": (mem.peak - base) / 2**20, "trainable_params": params, "seconds": seconds}
+
+
+class _Classifier:
+    """Mean-pooled encoder + linear head, trained end to end (the full-FT / LoRA peers)."""
+
+    def __new__(cls, backbone, num_labels):
+        import torch
+
+        class Classifier(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = backbone
+                self.head = torch.nn.Linear(backbone.config.hidden_size, num_labels)
+
+            def forward(self, input_ids, attention_mask, token_type_ids=None):
+                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+                m = attention_mask.unsqueeze(-1).float()
+                return self.head((h * m).sum(1) / m.sum(1))
+
+        return Classifier()
+
+
+def _train_plain(model, tok, train_ds, test_ds, args, lr):
+    import torch
+
+    from mpismoe_edge.train import encode
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps = args.epochs * math.ceil(len(train_ds) / args.batch_size)
+    warm = max(1, int(0.06 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    best = 0.0
+    for epoch in range(args.epochs):
+        model.train()
+        order = list(range(len(train_ds)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            logits = model(**encode(tok, [train_ds.texts[j] for j in idx], names))
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([train_ds.targets[j] for j in idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(**encode(tok, test_ds.texts[i : i + 64], names)).argmax(-1) for i in range(0, len(test_ds), 64)])
+        best = max(best, (preds == torch.tensor(test_ds.targets)).float().mean().item())
+    return best, sum(p.numel() for p in params)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--expert-bits", type=int, default=4)
+    p.add_argument("--full-lr", type=float, default=5e-5)
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--side-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default="runs/bench-train")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(_run_one(args.one, args)))
+        return
+    rows = []
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--one", method, *sys.argv[1:]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"# done {method}: {rows[-1]}", file=sys.stderr, flush=True)
+    ref = {r["method"]: r for r in rows}
+    print(f"| method | accuracy | peak train memory (MB) | vs full FT | trainable params | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["peak_mb"] / ref["full-ft"]["peak_mb"] if "full-ft" in ref else float("nan")
+        print(f"| {r['method']} | {r['accuracy']:.4f} | {r['peak_mb']:.0f} | {ratio:.2f}x | {r['trainable_params']:,} | {r['seconds']:.0f} |")
+    if "mp-ismoe" in ref and "lst" in ref:
+        m, l = ref["mp-ismoe"], ref["lst"]
+        print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points, memory {m['peak_mb'] / l['peak_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
