@@ -75,7 +75,7 @@ class SideConfig(JsonConfig):
     top_k: int = 2
     expert_ratio: int = 4         # expert hidden = expert_ratio * side width
     shared_expert: bool = False
-    salient_tokens: int = 8       # backbone tokens pooled into the router's salient summary
+    salient_tau: float = 0.1      # softmax temperature of the router's salient-token pooling
     interactive: bool = True      # router sees backbone features (False: side token only)
     dense_ffn: bool = False       # one dense FFN instead of experts (the LST baseline)
     expert_bits: int | None = None  # quantization-aware training of experts, then packed

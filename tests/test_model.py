@@ -87,14 +87,21 @@ def test_routing_picks_top_k_experts_with_weights_summing_to_one():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
 
 
-def test_salient_summary_is_mean_of_highest_norm_unmasked_tokens():
-    hidden = torch.zeros(1, 4, 2)
-    hidden[0, 0] = torch.tensor([1.0, 0.0])   # norm 1
-    hidden[0, 1] = torch.tensor([3.0, 0.0])   # norm 3
-    hidden[0, 2] = torch.tensor([0.0, 2.0])   # norm 2
-    hidden[0, 3] = torch.tensor([9.0, 9.0])   # largest, but masked
-    mask = torch.tensor([[1, 1, 1, 0]])
-    torch.testing.assert_close(salient_summary(hidden, mask, 2), torch.tensor([[1.5, 1.0]]))
+def test_salient_summary_favours_distinctive_unmasked_tokens():
+    hidden = torch.zeros(1, 5, 2)
+    hidden[0, :3] = torch.tensor([1.0, 0.0])  # three alike tokens
+    hidden[0, 3] = torch.tensor([0.0, 4.0])   # the distinctive one
+    hidden[0, 4] = torch.tensor([9.0, 9.0])   # even more distinctive, but masked
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    summary = salient_summary(hidden, mask, tau=0.1)
+    torch.testing.assert_close(summary, torch.tensor([[0.0, 4.0]]), atol=1e-3, rtol=0)
+
+
+def test_salient_summary_ignores_padding():
+    hidden = torch.randn(1, 4, 8)
+    padded = torch.cat([hidden, torch.randn(1, 3, 8) * 100], 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    torch.testing.assert_close(salient_summary(padded, mask, 0.1), salient_summary(hidden, None, 0.1))
 
 
 def test_load_balance_loss_is_one_when_perfectly_balanced():

@@ -3,17 +3,27 @@
 Our reading of the MP-ISMoE paper's abstract (arXiv 2605.04058), which names the method but
 does not spell out every step. For each group of G weights ``w`` along the input dimension we
 search an asymmetric grid ``w ~ s * (q - z)`` with integer codes ``q in [0, 2^b - 1]`` and a
-real zero point ``z`` (an integer one at 8 bits, where ONNX Runtime's kernel wants uint8):
+real zero point ``z`` (an integer one at 8 bits, where ONNX Runtime's kernel wants uint8),
+minimizing the squared error of the group:
 
-1. Start from min-max round-to-nearest (RTN).
-2. Iterate: round ``q = clamp(round(w / s + z))``; refit the grid by least squares
+1. Starts. Min-max round-to-nearest (RTN); a 2-D grid of clipped ranges ``[a*lo, b*hi]``; and
+   a multi-start grid of (scale, offset) pairs, each followed by a few iterative steps (below).
+   At 8 bits the integer zero point pins the grid to multiples of ``s``, and the starts are a
+   fine scan of scales around (mostly just above) the min-max one: with 256 levels the error is
+   rounding noise, and some scales fit a group's weights markedly better than others.
+2. Iterate (Lloyd): round ``q = clamp(round(w / s + z))``; refit the grid by least squares
    (``w ~ a*q + c`` gives ``s = a``, ``z = -c / a``; at 8 bits ``z`` is rounded and ``s`` refit).
    Each step cannot raise the error of the grid it refits, so it descends to a local optimum.
 3. Perturb: restart from the best grid so far with Gaussian noise added to the codes before
    rounding (``sigma`` shrinks over restarts), iterate again.
-4. Keep, per group, the grid with the least squared error over all restarts.
+4. Local moves (Hartigan): move single codes by +-1 when that lowers the error *after* the
+   least-squares refit of ``(s, z)``, computed in closed form from running sums; this escapes
+   fixed points of step 2. Then refit and iterate once more.
+5. Keep, per group, the grid with the least squared error seen anywhere above.
 
 All groups of a layer are processed at once as rows of one tensor. Deterministic for a seed.
+At 2 bits this reaches, to within ~0.1% of the error, the exact per-group optimum of the format
+(checked by exhaustive search over all monotone code assignments on a sample of MiniLM groups).
 """
 from __future__ import annotations
 
@@ -21,25 +31,120 @@ import torch
 
 from .rtn import GroupQuant, as_groups, check_weight, encode, from_groups, minmax_params
 
+# Multi-start grid (float zero points): scale factors times offsets, Lloyd steps per start.
+_START_SCALES = (0.3, 1.05, 16)
+_START_OFFSETS = 4
+_START_STEPS = 2
+# Scale scan at 8 bits (integer zero points): factors of the min-max scale.
+_SCAN8 = (0.99, 1.06, 48)
+_MOVE_STEPS = 48
+_BLOCK = 1 << 21  # elements per batched temporary (rows x candidates x G)
+
 
 def _refit(w: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares scale and zero point for fixed codes ``q`` (rows of ``w``)."""
-    qm, wm = q.mean(1, keepdim=True), w.mean(1, keepdim=True)
-    var = ((q - qm) ** 2).sum(1)
-    a = ((q - qm) * (w - wm)).sum(1) / var.clamp(min=1e-12)
+    """Least-squares scale and zero point for fixed codes ``q`` (along the last dim of ``w``)."""
+    qm, wm = q.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+    dq = q - qm
+    var = (dq * dq).sum(-1)
+    a = (dq * (w - wm)).sum(-1) / var.clamp(min=1e-12)
     a = torch.where(var > 0, a, torch.ones_like(a)).clamp(min=1e-12)
-    c = wm.squeeze(1) - a * qm.squeeze(1)
-    z = -c / a
+    z = qm.squeeze(-1) - wm.squeeze(-1) / a
     if not int_zero:
         return a, z
     z = torch.round(z).clamp(0, qmax)
-    d = q - z[:, None]
-    s = (d * w).sum(1) / (d * d).sum(1).clamp(min=1e-12)
+    d = q - z.unsqueeze(-1)
+    s = (d * w).sum(-1) / (d * d).sum(-1).clamp(min=1e-12)
     return s.clamp(min=1e-12), z
 
 
+def _encode(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / s.unsqueeze(-1) + z.unsqueeze(-1)), 0, qmax)
+
+
 def _err(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return ((w - s[:, None] * (q - z[:, None])) ** 2).sum(1)
+    d = w - s.unsqueeze(-1) * (q - z.unsqueeze(-1))
+    return (d * d).sum(-1)
+
+
+class _Best:
+    """Per-row best grid (error, scale, zero, codes) seen so far."""
+
+    def __init__(self, w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+        self.err, self.s, self.z, self.q = _err(w, q, s, z), s, z, q
+
+    def offer(self, err: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Offer grids for ``rows``; with a candidate dim (``err`` ``[R, C]``), the best of each row."""
+        if err.dim() == 2:
+            err, i = err.min(1)
+            s, z = s.gather(1, i[:, None])[:, 0], z.gather(1, i[:, None])[:, 0]
+            q = q.gather(1, i[:, None, None].expand(-1, 1, q.shape[-1]))[:, 0]
+        better = err < self.err[rows]
+        self.err[rows] = torch.where(better, err, self.err[rows])
+        self.s[rows] = torch.where(better, s, self.s[rows])
+        self.z[rows] = torch.where(better, z, self.z[rows])
+        self.q[rows] = torch.where(better[:, None], q, self.q[rows])
+
+
+def _descend(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, int_zero: bool, steps: int,
+             best: _Best, q: torch.Tensor | None = None) -> None:
+    """Evaluate candidate grids ``s``/``z`` ``[M, C]`` (or codes ``q`` ``[M, C, G]``) of rows ``w``
+    ``[M, G]``, run ``steps`` Lloyd steps from each, and offer every grid met to ``best``.
+    Batched over candidates, in row blocks that keep the temporaries small."""
+    m, c = (q.shape[:2] if q is not None else s.shape)
+    rows_per = max(1, _BLOCK // (c * w.shape[1]))
+    for a in range(0, m, rows_per):
+        r = slice(a, min(a + rows_per, m))
+        wr = w[r].unsqueeze(1)
+        if q is None:
+            sr, zr = s[r], z[r]
+            qr = _encode(wr, sr, zr, qmax)
+            best.offer(_err(wr, qr, sr, zr), qr, sr, zr, r)
+        else:
+            qr = q[r]
+        for _ in range(steps):
+            sr, zr = _refit(wr.expand_as(qr), qr, qmax, int_zero)
+            qr = _encode(wr, sr, zr, qmax)
+            best.offer(_err(wr, qr, sr, zr), qr, sr, zr, r)
+
+
+def _local_moves(w: torch.Tensor, q: torch.Tensor, qmax: int, steps: int) -> torch.Tensor:
+    """Hartigan moves for float zero points: per row, apply the single +-1 code change that most
+    lowers the least-squares error ``Sww - Sw^2/n - C^2/V`` (``C``, ``V``: covariance of (q, w) and
+    variance of q), until no move helps or ``steps`` rounds have run. Returns the new codes."""
+    w64 = w.double()
+    q = q.double().clone()
+    n = w.shape[1]
+    sw = w64.sum(1)
+    sq, sqq, sqw = q.sum(1), (q * q).sum(1), (q * w64).sum(1)
+    floor = 1e-9 * ((w64 * w64).sum(1) - sw * sw / n)  # gains below this are rounding noise
+    rows = torch.arange(q.shape[0])
+    for _ in range(steps):
+        if rows.numel() == 0:
+            break
+        wr, qr, swr = w64[rows], q[rows], sw[rows]
+        sqr, sqqr, sqwr = sq[rows], sqq[rows], sqw[rows]
+        c, v = sqwr - sqr * swr / n, sqqr - sqr * sqr / n
+        cur = torch.where(v > 0, c * c / v.clamp(min=1e-30), torch.zeros_like(v))
+        gain = torch.zeros_like(cur)
+        where = torch.zeros(rows.numel(), dtype=torch.long)
+        step = torch.zeros_like(cur)
+        for d in (1.0, -1.0):
+            sq2 = (sqr + d)[:, None]
+            c2 = sqwr[:, None] + d * wr - sq2 * swr[:, None] / n
+            v2 = sqqr[:, None] + 2 * d * qr + 1 - sq2 * sq2 / n
+            ok = (v2 > 0) & (c2 > 0) & (qr + d >= 0) & (qr + d <= qmax)
+            val = torch.where(ok, c2 * c2 / v2.clamp(min=1e-30), torch.zeros_like(v2))
+            g, i = (val - cur[:, None]).max(1)
+            b = g > gain
+            gain, where, step = torch.where(b, g, gain), torch.where(b, i, where), torch.where(b, d, step)
+        act = gain > floor[rows]
+        rows, where, step = rows[act], where[act], step[act]
+        old = q[rows, where]
+        q[rows, where] = old + step
+        sq[rows] += step
+        sqq[rows] += 2 * step * old + 1
+        sqw[rows] += step * w64[rows, where]
+    return q.float()
 
 
 def gnpiq_quantize(
@@ -62,39 +167,41 @@ def gnpiq_quantize(
     int_zero = bits == 8
 
     s, z = minmax_params(w, qmax)
-    best_q = encode(w, s, z, qmax)
-    best_s, best_z = s, z
-    best_err = _err(w, best_q, s, z)
-    lo, hi = w.amin(1), w.amax(1)
-    grid = torch.linspace(1.0, 0.25, shrinks).tolist()
-    for a in grid:  # 2-D search over clipped ranges [a*lo, b*hi]
-        for b in grid:
-            s2 = ((b * hi - a * lo) / qmax).clamp(min=1e-12)
-            z2 = -a * lo / s2
-            if int_zero:
-                z2 = torch.round(z2).clamp(0, qmax)
-            q2 = encode(w, s2, z2, qmax)
-            err = _err(w, q2, s2, z2)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s2, best_s)
-            best_z = torch.where(better, z2, best_z)
-            best_q = torch.where(better[:, None], q2, best_q)
-    for r in range(restarts + 1):
-        if r == 0:
-            s, z = best_s, best_z
-            q = best_q
-        else:
-            sigma = noise * (1.0 - (r - 1) / restarts)
-            eps = torch.randn(w.shape, generator=gen) * sigma
-            q = torch.clamp(torch.round(w / best_s[:, None] + best_z[:, None] + eps), 0, qmax)
-        for _ in range(iters):
-            s, z = _refit(w, q, qmax, int_zero)
-            q = encode(w, s, z, qmax)
-            err = _err(w, q, s, z)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-            best_q = torch.where(better[:, None], q, best_q)
-    return from_groups(best_q, best_s, best_z, weight.shape, bits, group_size)
+    best = _Best(w, encode(w, s, z, qmax), s, z)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    s0 = (hi - lo) / qmax
+
+    # 1. starts: clipped ranges [a*lo, b*hi] ...
+    grid = torch.linspace(1.0, 0.25, shrinks)
+    ga, gb = (g.reshape(-1) for g in torch.meshgrid(grid, grid, indexing="ij"))
+    s2 = ((gb * hi - ga * lo) / qmax).clamp(min=1e-12)
+    z2 = -ga * lo / s2
+    if int_zero:
+        z2 = torch.round(z2).clamp(0, qmax)
+    _descend(w, s2, z2, qmax, int_zero, 0, best)
+    # ... and a (scale, offset) multi-start grid, or the fine scale scan at 8 bits
+    if int_zero:
+        s2 = (s0 * torch.linspace(*_SCAN8)).clamp(min=1e-12)
+        s2 = torch.cat([s2, s2], 1)
+        z2 = torch.cat([torch.round(-lo / s2[:, :_SCAN8[2]]), qmax - torch.round(hi / s2[:, _SCAN8[2]:])], 1).clamp(0, qmax)
+        _descend(w, s2, z2, qmax, int_zero, 0, best)
+    else:
+        offsets = (torch.arange(_START_OFFSETS) + 0.5) / _START_OFFSETS - 0.5
+        f = torch.linspace(*_START_SCALES)
+        s2 = (s0 * f.repeat_interleave(_START_OFFSETS)).clamp(min=1e-12)
+        z2 = qmax / 2 - (lo + hi) / 2 / s2 + offsets.repeat(len(f))
+        _descend(w, s2, z2, qmax, int_zero, _START_STEPS, best)
+
+    # 2.-3. iterate from the best start and from noisy restarts around it, all at once
+    eps = torch.randn((restarts, *w.shape), generator=gen).transpose(0, 1)
+    sigma = noise * (1.0 - torch.arange(restarts) / max(restarts, 1))
+    q0 = best.q.unsqueeze(1)
+    qn = torch.clamp(torch.round(w.unsqueeze(1) / best.s[:, None, None] + best.z[:, None, None]
+                                 + eps * sigma[:, None]), 0, qmax)
+    _descend(w, None, None, qmax, int_zero, iters, best, q=torch.cat([q0, qn], 1))
+
+    # 4. local moves with closed-form least-squares refit, then refit and iterate
+    if not int_zero:
+        q = _local_moves(w, best.q, qmax, _MOVE_STEPS)
+        _descend(w, None, None, qmax, int_zero, 2, best, q=q.unsqueeze(1))
+    return from_groups(best.q, best.s, best.z, weight.shape, bits, group_size)

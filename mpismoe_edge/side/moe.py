@@ -21,7 +21,7 @@ class ISMoE(nn.Module):
         super().__init__()
         hidden = cfg.expert_ratio * dim
         make = lambda: Expert(dim, hidden, cfg.expert_bits, cfg.expert_group_size, packed)  # noqa: E731
-        self.router = InteractiveRouter(dim, backbone_dim, cfg.num_experts, cfg.top_k, cfg.salient_tokens, cfg.interactive)
+        self.router = InteractiveRouter(dim, backbone_dim, cfg.num_experts, cfg.top_k, cfg.salient_tau, cfg.interactive)
         self.experts = nn.ModuleList(make() for _ in range(cfg.num_experts))
         self.shared = make() if cfg.shared_expert else None
         self.aux_loss = torch.zeros(())

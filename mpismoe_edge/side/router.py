@@ -2,12 +2,17 @@
 
 For each token the router sees three things: the side token itself, the backbone's hidden
 state at that position (through the ladder's down-projection), and a summary of the
-backbone's most salient tokens in the sequence. Saliency is the L2 norm of a backbone hidden
-state (large-norm tokens carry most of the signal in BERT-style encoders); the summary is the
-mean of the ``m`` most salient unmasked tokens. The top-m selection uses pairwise ranks rather
-than ``topk`` so it needs no data-dependent ``k`` and exports to ONNX with dynamic length.
+backbone's most salient tokens in the sequence.
+
+Saliency is distinctiveness: a token's distance from the sequence's mean backbone state
+(``||h_t - mean(h)|| / sqrt(H)``). (Plain hidden-state norms are useless here: after
+LayerNorm every token has nearly the same norm.) The summary pools tokens with a sharp
+softmax over saliency (temperature ``tau``), a continuous stand-in for "the top few tokens":
+a hard top-m would flip on numerical noise and break PyTorch/ONNX parity.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -15,34 +20,29 @@ from torch import nn
 from .. import ops
 
 
-def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, m: int) -> torch.Tensor:
-    """Mean of the ``m`` highest-norm unmasked tokens of ``hidden`` ``[B, T, H]`` -> ``[B, H]``."""
-    score = hidden.norm(dim=-1)  # [B, T]
-    if mask is not None:
-        score = score.masked_fill(mask == 0, float("-inf"))
-    t = torch.arange(score.shape[1], device=score.device)
-    # rank[b, i] = tokens that beat token i (higher score, or equal score and earlier index)
-    other, this = score[:, None, :], score[:, :, None]
-    earlier = (t[None, :] < t[:, None]).unsqueeze(0)
-    beats = (other > this) | ((other == this) & earlier)
-    chosen = (beats.sum(-1) < m) & torch.isfinite(score)
-    w = chosen.to(hidden.dtype)
-    return (w.unsqueeze(-1) * hidden).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
+def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``."""
+    keep = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype)
+    mean = (hidden * keep.unsqueeze(-1)).sum(1, keepdim=True) / keep.sum(1, keepdim=True).unsqueeze(-1).clamp(min=1.0)
+    score = (hidden - mean).norm(dim=-1) / (math.sqrt(hidden.shape[-1]) * tau)
+    score = score.masked_fill(keep == 0, torch.finfo(score.dtype).min)
+    w = score.softmax(-1) * keep
+    return (w.unsqueeze(-1) * hidden).sum(1)
 
 
 class InteractiveRouter(nn.Module):
     """Router logits ``[B, T, E]`` from side tokens and backbone features; dense top-k weights."""
 
-    def __init__(self, side_dim: int, backbone_dim: int, num_experts: int, top_k: int, salient_tokens: int, interactive: bool = True):
+    def __init__(self, side_dim: int, backbone_dim: int, num_experts: int, top_k: int, salient_tau: float, interactive: bool = True):
         super().__init__()
-        self.top_k, self.salient_tokens, self.interactive = top_k, salient_tokens, interactive
+        self.top_k, self.salient_tau, self.interactive = top_k, salient_tau, interactive
         self.salient_proj = nn.Linear(backbone_dim, side_dim) if interactive else None
         self.gate = nn.Linear(side_dim * (3 if interactive else 1), num_experts)
 
     def logits(self, x: torch.Tensor, bb_token: torch.Tensor | None, bb_hidden: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if not self.interactive:
             return self.gate(x)
-        summary = self.salient_proj(salient_summary(bb_hidden, mask, self.salient_tokens))
+        summary = self.salient_proj(salient_summary(bb_hidden, mask, self.salient_tau))
         feats = torch.cat([x, bb_token, summary.unsqueeze(1).expand_as(x)], dim=-1)
         return self.gate(feats)
 
