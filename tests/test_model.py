@@ -185,8 +185,8 @@ def test_backbone_without_hidden_states_is_refused():
     class NoStates(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.config = type("C", (), {"hidden_size": 8, "num_hidden_layers": 1, "to_dict": lambda self: {}})()
-            self.lin = torch.nn.Linear(8, 8)
+            self.config = type("C", (), {"hidden_size": 64, "num_hidden_layers": 1, "to_dict": lambda self: {}})()
+            self.lin = torch.nn.Linear(64, 64)
 
         def forward(self, input_ids=None, attention_mask=None, **kw):
             return type("O", (), {"hidden_states": None})()
