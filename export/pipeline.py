@@ -35,11 +35,14 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def quant_bits(model: nn.Module) -> dict[str, int]:
-    """Layer name -> bits of every packed layer (QuantLinear) in ``model``."""
+def quant_bits(model: nn.Module, proto: onnx.ModelProto | None = None) -> dict[str, int]:
+    """Layer name -> bits of every packed layer (QuantLinear) in ``model`` (and in ``proto``'s graph:
+    layers the output does not depend on, like an unused pooler, are not exported)."""
     from mpismoe_edge.quant.linear import QuantLinear
 
-    return {name: int(m.bits) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    names = None if proto is None else {t.name for t in proto.graph.initializer}
+    return {name: int(m.bits) for name, m in model.named_modules()
+            if isinstance(m, QuantLinear) and (names is None or f"{name}.qweight" in names)}
 
 
 def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
@@ -97,7 +100,7 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
         "ir_version": proto.ir_version,
         "custom_ops": dict(sorted(ops.items())),
         "fusion": stats,
-        "bits": quant_bits(model),
+        "bits": quant_bits(model, proto),
         "sizes": sizes,
         "parity": parity,
     }
@@ -105,7 +108,7 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
 
 def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
                  atol: float = DEFAULT_ATOL, validate: bool = True, external_data: bool | None = None,
-                 log: Callable[[str], None] | None = _stderr) -> dict:
+                 zero_points: str = "auto", log: Callable[[str], None] | None = _stderr) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
 
     Raises ValueError for bad arguments or an unusable ``out_dir`` (before any work), and
@@ -130,7 +133,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
             f"{len(proto.graph.initializer)} initializers")
         stats: dict = {}
         if target != "portable":
-            proto, stats = fuse(proto, target)
+            proto, stats = fuse(proto, target, zero_points=zero_points)
             log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
         files = save_model(proto, tmp, external_data)
         onnx.checker.check_model(str(tmp / MODEL_FILE))

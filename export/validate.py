@@ -16,7 +16,7 @@ DEFAULT_ATOL = 1e-4
 @dataclass(frozen=True)
 class Case:
     batch: int
-    seq: int
+    seq: int                  # 0: an image input (no sequence axis)
     lengths: tuple[int, ...]  # real tokens per row; seq for unpadded rows
 
     @property
@@ -25,6 +25,8 @@ class Case:
 
     @property
     def label(self) -> str:
+        if self.seq == 0:
+            return f"batch={self.batch} image"
         return f"batch={self.batch} seq={self.seq}" + (" padded" if self.padded else "")
 
 

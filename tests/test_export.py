@@ -38,11 +38,17 @@ def _build(seed: int = 1):
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.5)
-    side = SideConfig(reduction=4, num_heads=2, num_experts=4, top_k=2, expert_bits=4, expert_group_size=16, salient_tokens=3)
+    side = SideConfig(reduction=4, num_heads=2, num_experts=4, top_k=2, expert_bits=4, expert_group_size=16)
     quant = QuantConfig(bits=4, group_size=32, method="rtn", bits_map=dict(BITS_MAP))
     config = ModelConfig(backbone="tiny-bert", labels=["neg", "neu", "pos"], max_length=16, side=side, quant=quant)
     model = build_model(backbone, config, tiny_tokenizer().to_str(), progress=False)
     model.pack_experts()
+    # RTN gives integer zero points; GNP-IQ's are fractional below 8 bits. Have both kinds.
+    from mpismoe_edge.quant.linear import QuantLinear
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear) and mod.bits < 8 and (".layer.1." in name or "experts.0." in name):
+                mod.zeros.add_(torch.rand(mod.zeros.shape, generator=gen) - 0.5)
     return model.eval()
 
 
@@ -159,6 +165,7 @@ def test_export_model_targets_parity(model, cached_export, tmp_path, target):
         assert ("ai.mpismoe", "QMatMul") in ops  # the 3-bit layers keep the portable function
     if target == "ort-cpu":
         assert manifest["fusion"]["matmulnbits_2bit"] and manifest["fusion"]["matmulnbits_8bit"]
+        assert manifest["fusion"]["zero_points_uint8"] and manifest["fusion"]["zero_points_shift"]
     if target == "ort-cuda":
         assert manifest["fusion"]["portable_2bit"]
     assert manifest["format"] == "mpismoe-edge-onnx/1"
@@ -169,6 +176,7 @@ def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     assert manifest["bits"]["backbone.encoder.layer.0.intermediate.dense"] == 2
     assert manifest["bits"]["backbone.encoder.layer.1.output.dense"] == 8
     assert manifest["bits"]["side.blocks.1.ffn.experts.3.fc2"] == 4
+    assert "backbone.pooler.dense" not in manifest["bits"]  # quantized, but unused, so not exported
     assert manifest["sizes"]["model.onnx"] == (out / "model.onnx").stat().st_size
     assert manifest["sizes"]["packed_codes"] > 0
 

@@ -94,22 +94,57 @@ def test_topk_route_function_matches_torch(k):
     assert ((got > 0).sum(-1) == k).all()
 
 
-@pytest.mark.parametrize("bits,fused", [(2, True), (3, False), (4, True), (8, True)])
-def test_matmulnbits_rewrite_matches_torch(bits, fused):
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zeros,mode", [("fractional", "auto"), ("integer", "auto"), ("fractional", "float")])
+def test_matmulnbits_rewrite_matches_torch(bits, zeros, mode):
     qw, s, z = _quantized(24, 64, bits, 16, seed=bits)
+    if zeros == "integer":
+        z = z.round()
     gen = torch.Generator().manual_seed(bits)
     bias = torch.randn(24, generator=gen)
     x = torch.randn(2, 3, 64, generator=gen)
-    model, stats = fuse(_qmatmul_model(qw, s, z, bits, 16, tuple(x.shape), bias=bias), "ort-cpu")
+    model, stats = fuse(_qmatmul_model(qw, s, z, bits, 16, tuple(x.shape), bias=bias), "ort-cpu", zero_points=mode)
     ops_used = {(n.domain, n.op_type) for n in model.graph.node}
-    if fused:
-        assert ops_used == {("com.microsoft", "MatMulNBits")}  # bias folded into the node
-        assert stats == {f"matmulnbits_{bits}bit": 1, "bias_folded": 1}
-        assert not model.functions
-    else:
+    if bits == 3:  # no ORT kernel: stays the portable function
+        assert stats == {"portable_3bit": 1}
         assert (F.DOMAIN, "QMatMul") in ops_used and [f.name for f in model.functions] == ["QMatMul"]
+    else:
+        plan = "uint8" if zeros == "integer" or bits == 8 else ("float" if mode == "float" else "shift")
+        assert stats == {f"matmulnbits_{bits}bit": 1, "bias_folded": 1, f"zero_points_{plan}": 1}
+        assert not model.functions and (F.DOMAIN, "QMatMul") not in ops_used
+        mnb = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+        assert len(mnb.input) == 6 and mnb.input[5] == "b"  # bias folded into the node
+        inits = {t.name: t for t in model.graph.initializer}
+        if plan == "uint8":
+            assert inits[mnb.input[3]].data_type == TensorProto.UINT8
+            assert list(inits[mnb.input[3]].dims) == [24, -(-4 * bits // 8)]
+        elif plan == "float":
+            assert inits[mnb.input[3]].data_type == TensorProto.FLOAT
+        else:
+            assert mnb.input[3] == ""  # kernel's default zero point, correction term beside it
+            assert ops_used == {("com.microsoft", "MatMulNBits"), ("", "MatMul"), ("", "Add")}
     ref = (ops.qmatmul(x, qw, s, z, bits, 16) + bias).numpy()
     np.testing.assert_allclose(_run(model, {"x": x.numpy()}), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_shift_group_sum_is_shared_by_projections_of_one_input():
+    qws = [_quantized(16, 64, 4, 16, seed=i) for i in range(3)]
+    nodes, inits = [], []
+    for i, (qw, s, z) in enumerate(qws):
+        nodes.append(helper.make_node("QMatMul", ["x", f"qw{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain=F.DOMAIN, bits=4, group_size=16))
+        inits += [numpy_helper.from_array(qw.numpy(), f"qw{i}"), numpy_helper.from_array(s.numpy(), f"s{i}"),
+                  numpy_helper.from_array(z.numpy(), f"z{i}")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 16]) for i in range(3)],
+                              initializer=inits)
+    model, stats = fuse(finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18), "ort-cpu")
+    assert stats == {"matmulnbits_4bit": 3, "zero_points_shift": 3}
+    group_sums = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == "x"]
+    assert len(group_sums) == 1
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    for (qw, s, z), y in zip(qws, got):
+        np.testing.assert_allclose(y, ops.qmatmul(x, qw, s, z, 4, 16).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_target_keeps_2bit_portable():
