@@ -193,3 +193,21 @@ def test_backbone_without_hidden_states_is_refused():
 
     with pytest.raises(ValueError, match="no hidden_states"):
         build_model(NoStates(), ModelConfig(labels=["a", "b"], quant=None))
+
+
+def test_sparse_expert_dispatch_equals_the_dense_mixture():
+    from mpismoe_edge.side.moe import _dispatch
+
+    moe = tiny_model().side.moe_layers()[0]
+    x = torch.randn(2, 5, 16)
+    weights, _ = moe.router(x, torch.randn(2, 5, 16), torch.randn(2, 5, 64), None)
+    dense = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(moe.experts))
+    torch.testing.assert_close(_dispatch(x, weights, moe.experts), dense)
+
+
+def test_expert_fake_quantization_uses_the_rtn_grid():
+    from mpismoe_edge.quant import rtn_quantize
+    from mpismoe_edge.side.experts import fake_quantize
+
+    w = torch.randn(32, 48)
+    torch.testing.assert_close(fake_quantize(w, 3, 16), rtn_quantize(w, 3, 16).dequantize())

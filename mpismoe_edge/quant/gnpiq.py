@@ -31,39 +31,40 @@ import torch
 
 from .rtn import GroupQuant, as_groups, check_weight, encode, from_groups, minmax_params
 
-# Multi-start grid (float zero points): scale factors times offsets, Lloyd steps per start.
-_START_SCALES = (0.3, 1.05, 16)
+# Multi-start grid (float zero points): range of the scale factors, offsets per factor, Lloyd
+# steps per start.
+_START_RANGE = (1.05, 0.3)
 _START_OFFSETS = 4
 _START_STEPS = 2
 # Scale scan at 8 bits (integer zero points): factors of the min-max scale.
-_SCAN8 = (0.99, 1.06, 48)
+_SCAN8 = (0.99, 1.10, 48)
 _MOVE_STEPS = 48
-_BLOCK = 1 << 21  # elements per batched temporary (rows x candidates x G)
+_BLOCK = 1 << 20  # elements per batched temporary (rows x candidates x G)
 
 
-def _refit(w: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares scale and zero point for fixed codes ``q`` (along the last dim of ``w``)."""
-    qm, wm = q.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+def _refit(w: torch.Tensor, sw: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares scale and zero point for fixed codes ``q`` ``[R, C, G]`` of rows ``w``
+    ``[R, 1, G]`` with sums ``sw`` ``[R, 1]``: ``w ~ a*q + c`` gives ``s = a``, ``z = -c/a``; with
+    integer zero points ``z`` is rounded and ``s`` refit for it."""
+    n = q.shape[-1]
+    qm = q.mean(-1, keepdim=True)
     dq = q - qm
-    var = (dq * dq).sum(-1)
-    a = (dq * (w - wm)).sum(-1) / var.clamp(min=1e-12)
-    a = torch.where(var > 0, a, torch.ones_like(a)).clamp(min=1e-12)
-    z = qm.squeeze(-1) - wm.squeeze(-1) / a
+    var = torch.linalg.vecdot(dq, dq)
+    cov = torch.linalg.vecdot(dq, w)
+    qm = qm.squeeze(-1)
+    a = torch.where(var > 0, cov / var.clamp(min=1e-12), 1.0).clamp(min=1e-12)
+    z = qm - sw / (n * a)
     if not int_zero:
         return a, z
     z = torch.round(z).clamp(0, qmax)
-    d = q - z.unsqueeze(-1)
-    s = (d * w).sum(-1) / (d * d).sum(-1).clamp(min=1e-12)
+    e = qm - z  # q - z = dq + e
+    s = (cov + e * sw) / (var + n * e * e).clamp(min=1e-12)
     return s.clamp(min=1e-12), z
 
 
-def _encode(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / s.unsqueeze(-1) + z.unsqueeze(-1)), 0, qmax)
-
-
 def _err(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    d = w - s.unsqueeze(-1) * (q - z.unsqueeze(-1))
-    return (d * d).sum(-1)
+    d = w - s[:, None] * (q - z[:, None])
+    return (d * d).sum(1)
 
 
 class _Best:
@@ -72,39 +73,45 @@ class _Best:
     def __init__(self, w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
         self.err, self.s, self.z, self.q = _err(w, q, s, z), s, z, q
 
-    def offer(self, err: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Offer grids for ``rows``; with a candidate dim (``err`` ``[R, C]``), the best of each row."""
-        if err.dim() == 2:
-            err, i = err.min(1)
-            s, z = s.gather(1, i[:, None])[:, 0], z.gather(1, i[:, None])[:, 0]
-            q = q.gather(1, i[:, None, None].expand(-1, 1, q.shape[-1]))[:, 0]
+    def offer(self, err: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, rows: slice) -> None:
+        """Offer candidate grids ``[R, C]`` (codes ``[R, C, G]``) for ``rows``: each row's best."""
+        err, i = err.min(1)
         better = err < self.err[rows]
+        if not better.any():
+            return
+        s, z = s.gather(1, i[:, None])[:, 0], z.gather(1, i[:, None])[:, 0]
+        q = q.gather(1, i[:, None, None].expand(-1, 1, q.shape[-1]))[:, 0]
         self.err[rows] = torch.where(better, err, self.err[rows])
         self.s[rows] = torch.where(better, s, self.s[rows])
         self.z[rows] = torch.where(better, z, self.z[rows])
         self.q[rows] = torch.where(better[:, None], q, self.q[rows])
 
 
-def _descend(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, int_zero: bool, steps: int,
-             best: _Best, q: torch.Tensor | None = None) -> None:
-    """Evaluate candidate grids ``s``/``z`` ``[M, C]`` (or codes ``q`` ``[M, C, G]``) of rows ``w``
-    ``[M, G]``, run ``steps`` Lloyd steps from each, and offer every grid met to ``best``.
-    Batched over candidates, in row blocks that keep the temporaries small."""
-    m, c = (q.shape[:2] if q is not None else s.shape)
+def _descend(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None, qmax: int, int_zero: bool,
+             steps: int, best: _Best, q: torch.Tensor | None = None) -> None:
+    """Candidate grids ``s``/``z`` ``[M, C]`` of rows ``w`` ``[M, G]``: evaluate each, then run
+    ``steps`` Lloyd steps (refit, round) from it; or, given codes ``q`` ``[M, C, G]``, refit them
+    and run ``steps`` evaluations. Every grid met is offered to ``best``. Batched over the
+    candidates, in blocks of rows that keep the temporaries in cache."""
+    m, c = q.shape[:2] if q is not None else s.shape
     rows_per = max(1, _BLOCK // (c * w.shape[1]))
     for a in range(0, m, rows_per):
         r = slice(a, min(a + rows_per, m))
         wr = w[r].unsqueeze(1)
+        sw = wr.sum(-1)
         if q is None:
             sr, zr = s[r], z[r]
-            qr = _encode(wr, sr, zr, qmax)
-            best.offer(_err(wr, qr, sr, zr), qr, sr, zr, r)
+            evals = steps + 1
         else:
-            qr = q[r]
-        for _ in range(steps):
-            sr, zr = _refit(wr.expand_as(qr), qr, qmax, int_zero)
-            qr = _encode(wr, sr, zr, qmax)
-            best.offer(_err(wr, qr, sr, zr), qr, sr, zr, r)
+            sr, zr = _refit(wr, sw, q[r], qmax, int_zero)
+            evals = steps
+        for k in range(evals):
+            x = torch.addcmul(zr.unsqueeze(-1), wr, sr.reciprocal().unsqueeze(-1))  # w/s + z
+            qr = x.round().clamp_(0, qmax)
+            x.sub_(qr)
+            best.offer(torch.linalg.vecdot(x, x) * sr * sr, qr, sr, zr, r)
+            if k + 1 < evals:
+                sr, zr = _refit(wr, sw, qr, qmax, int_zero)
 
 
 def _local_moves(w: torch.Tensor, q: torch.Tensor, qmax: int, steps: int) -> torch.Tensor:
@@ -171,25 +178,20 @@ def gnpiq_quantize(
     lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     s0 = (hi - lo) / qmax
 
-    # 1. starts: clipped ranges [a*lo, b*hi] ...
-    grid = torch.linspace(1.0, 0.25, shrinks)
-    ga, gb = (g.reshape(-1) for g in torch.meshgrid(grid, grid, indexing="ij"))
-    s2 = ((gb * hi - ga * lo) / qmax).clamp(min=1e-12)
-    z2 = -ga * lo / s2
-    if int_zero:
-        z2 = torch.round(z2).clamp(0, qmax)
-    _descend(w, s2, z2, qmax, int_zero, 0, best)
-    # ... and a (scale, offset) multi-start grid, or the fine scale scan at 8 bits
-    if int_zero:
-        s2 = (s0 * torch.linspace(*_SCAN8)).clamp(min=1e-12)
-        s2 = torch.cat([s2, s2], 1)
-        z2 = torch.cat([torch.round(-lo / s2[:, :_SCAN8[2]]), qmax - torch.round(hi / s2[:, _SCAN8[2]:])], 1).clamp(0, qmax)
-        _descend(w, s2, z2, qmax, int_zero, 0, best)
+    # 1. starts: ``shrinks`` range factors f of the min-max scale, each with a few grid offsets
+    #    and Lloyd steps; at 8 bits (integer zero point) each f, and a fine scan of scales around
+    #    the min-max one, with the window starting at the group's minimum or ending at its maximum.
+    if int_zero:  # 0 is a grid point (integer z in [0, qmax]), so the range must hold it
+        lo0, hi0 = lo.clamp(max=0), hi.clamp(min=0)
+        f = torch.cat([torch.linspace(1.0, 0.25, shrinks), torch.linspace(*_SCAN8)])
+        s2 = ((hi0 - lo0) / qmax * f).clamp(min=1e-12)
+        z2 = torch.cat([torch.round(-lo0 / s2), qmax - torch.round(hi0 / s2)], 1).clamp(0, qmax)
+        _descend(w, torch.cat([s2, s2], 1), z2, qmax, int_zero, 0, best)
     else:
-        offsets = (torch.arange(_START_OFFSETS) + 0.5) / _START_OFFSETS - 0.5
-        f = torch.linspace(*_START_SCALES)
-        s2 = (s0 * f.repeat_interleave(_START_OFFSETS)).clamp(min=1e-12)
-        z2 = qmax / 2 - (lo + hi) / 2 / s2 + offsets.repeat(len(f))
+        f = torch.linspace(*_START_RANGE, shrinks).repeat_interleave(_START_OFFSETS)
+        offsets = ((torch.arange(_START_OFFSETS) + 0.5) / _START_OFFSETS - 0.5).repeat(shrinks)
+        s2 = (s0 * f).clamp(min=1e-12)
+        z2 = qmax / 2 - (lo + hi) / 2 / s2 + offsets
         _descend(w, s2, z2, qmax, int_zero, _START_STEPS, best)
 
     # 2.-3. iterate from the best start and from noisy restarts around it, all at once

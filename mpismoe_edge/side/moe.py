@@ -12,9 +12,10 @@ from .router import InteractiveRouter, load_balance_loss, z_loss
 class ISMoE(nn.Module):
     """Mixture of side experts routed by :class:`InteractiveRouter`.
 
-    All experts run on all tokens and are mixed by the dense routing weights (zero for the
-    experts a token does not pick). The side experts are tiny, so this costs little, keeps
-    the graph static for ONNX export and puts every expert in the exported model.
+    Eager PyTorch runs each expert only on the tokens routed to it. Under export (torch.export /
+    ONNX) every expert runs on every token and is mixed by the dense routing weights (zero for
+    the experts a token does not pick): the same sum, a static graph, and every expert in the
+    exported model. The side experts are tiny, so the dense form costs little at inference.
     """
 
     def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig, packed: bool = False):
@@ -31,7 +32,10 @@ class ISMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, bb_token: torch.Tensor, bb_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         weights, logits = self.router(x, bb_token, bb_hidden, mask)
-        out = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            out = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        else:
+            out = _dispatch(x, weights if mask is None else weights * mask.unsqueeze(-1), self.experts)
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training:
@@ -42,6 +46,20 @@ class ISMoE(nn.Module):
                 keep = (weights > 0).float() if mask is None else (weights > 0).float() * mask.unsqueeze(-1)
                 self.last_load = keep.reshape(-1, weights.shape[-1]).sum(0)
         return out
+
+
+def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Sparse mixture: each expert sees only its routed tokens, ``sum_e w_e * expert_e(x)``.
+
+    Padding tokens (weight 0 after masking) go to no expert; nothing downstream reads them.
+    """
+    flat, w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, weights.shape[-1])
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        idx = torch.nonzero(w[:, e] > 0).squeeze(-1)
+        if idx.numel():
+            out = out.index_add(0, idx, expert(flat[idx]) * w[idx, e : e + 1])
+    return out.reshape(x.shape)
 
 
 class DenseFFN(nn.Module):
