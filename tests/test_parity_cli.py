@@ -1,0 +1,40 @@
+"""mpismoe-parity: the PyTorch vs ONNX Runtime gate users run in their CI."""
+import json
+
+import pytest
+
+from mpismoe_edge.parity import main
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    from mpismoe_edge.export import export_model
+    from mpismoe_edge.model import load_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "out"
+    export_model(load_checkpoint(tiny_checkpoint), out, target="ort-cpu", log=None)
+    return out
+
+
+def test_parity_passes_on_a_faithful_export(tiny_checkpoint, exported, tiny_jsonl, capsys):
+    assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["label_agreement"] == 1.0
+    assert report["reference_accuracy"] == report["candidate_accuracy"]
+
+
+def test_parity_fails_with_exit_1_when_a_bar_is_missed(tiny_checkpoint, exported, tiny_jsonl, capsys):
+    assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), "--atol", "-1"]) == 1
+    assert "parity FAILED" in capsys.readouterr().err
+
+
+def test_parity_reports_missing_export_with_exit_2(tiny_checkpoint, tmp_path, tiny_jsonl, capsys):
+    assert main([str(tiny_checkpoint), str(tmp_path / "nope"), "--data", str(tiny_jsonl)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_parity_refuses_data_without_text(tiny_checkpoint, exported, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    assert main([str(tiny_checkpoint), str(exported), "--data", str(bad)]) == 2
+    assert "'text' column" in capsys.readouterr().err
