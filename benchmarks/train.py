@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -114,7 +113,7 @@ class _Classifier:
 def _train_plain(model, tok, train_ds, test_ds, args, lr):
     import torch
 
-    from mpismoe_edge.train import encode
+    from mpismoe_edge.train import batch_order, encode, predict, token_lengths
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,12 +122,10 @@ def _train_plain(model, tok, train_ds, test_ds, args, lr):
     warm = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     best = 0.0
+    lengths = token_lengths(tok, train_ds.texts)
     for epoch in range(args.epochs):
         model.train()
-        order = list(range(len(train_ds)))
-        random.Random(args.seed * 1000 + epoch).shuffle(order)
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i : i + args.batch_size]
+        for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch):
             logits = model(**encode(tok, [train_ds.texts[j] for j in idx], names))
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor([train_ds.targets[j] for j in idx]))
             opt.zero_grad(set_to_none=True)
@@ -136,9 +133,7 @@ def _train_plain(model, tok, train_ds, test_ds, args, lr):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-        model.eval()
-        with torch.no_grad():
-            preds = torch.cat([model(**encode(tok, test_ds.texts[i : i + 64], names)).argmax(-1) for i in range(0, len(test_ds), 64)])
+        preds = predict(model, tok, test_ds.texts, names).argmax(-1)
         best = max(best, (preds == torch.tensor(test_ds.targets)).float().mean().item())
     return best, sum(p.numel() for p in params)
 

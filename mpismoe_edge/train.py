@@ -62,10 +62,22 @@ def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
             raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
 
 
-def _batches(data: Dataset, size: int, order: list[int]):
-    for i in range(0, len(order), size):
-        idx = order[i : i + size]
-        yield [data.texts[j] for j in idx], [data.targets[j] for j in idx]
+def batch_order(lengths: list[int], size: int, seed: int, window: int = 32) -> list[list[int]]:
+    """Shuffled batches of similar-length rows (less padding): shuffle, sort windows of
+    ``window`` batches by length, cut into batches, shuffle the batches. Deterministic."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for w in range(0, len(order), size * window):
+        chunk = sorted(order[w : w + size * window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def token_lengths(tok: TextEncoder, texts: list[str]) -> list[int]:
+    return [len(e.ids) for e in tok.tokenize(texts)]
 
 
 def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Tensor:
@@ -76,12 +88,20 @@ def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Ten
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Logits for ``texts`` in eval mode."""
+    """Logits for ``texts`` in eval mode (batched by length, returned in input order)."""
     was = model.training
     model.eval()
-    out = [model(**encode(tok, texts[i : i + batch_size], input_names)) for i in range(0, len(texts), batch_size)]
+    lengths = token_lengths(tok, texts)
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out = torch.empty(0)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        logits = model(**encode(tok, [texts[j] for j in idx], input_names))
+        if not out.numel():
+            out = logits.new_empty(len(texts), logits.shape[-1])
+        out[idx] = logits
     model.train(was)
-    return torch.cat(out)
+    return out
 
 
 def evaluate(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: int = 64) -> dict[str, float]:
@@ -129,16 +149,16 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state = saved["state"]
+    lengths = token_lengths(tok, train_data.texts)
     start = time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break
         model.train()
-        order = list(range(len(train_data)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        bar = tqdm(_batches(train_data, cfg.batch_size, order), total=math.ceil(len(order) / cfg.batch_size),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for texts, targets in bar:
+        batches = batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for idx in bar:
+            texts, targets = [train_data.texts[j] for j in idx], [train_data.targets[j] for j in idx]
             logits = model(**encode(tok, texts, model.input_names))
             task_loss = _loss(model, logits, targets)
             loss = task_loss + model.aux_loss()

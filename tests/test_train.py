@@ -87,3 +87,14 @@ def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_batch_order_covers_every_row_once_and_groups_similar_lengths():
+    from mpismoe_edge.train import batch_order
+
+    lengths = [i % 50 for i in range(1000)]
+    batches = batch_order(lengths, 10, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10
+    assert batches == batch_order(lengths, 10, seed=0) and batches != batch_order(lengths, 10, seed=1)
