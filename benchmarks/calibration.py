@@ -9,29 +9,33 @@ backbone Linears:
   of the same bytes.
 
 Sensitivities are measured once on the float backbone with texts drawn from the training
-split; each model is then trained with ``mpismoe-train`` (same data, seed and settings, only
-``--bits-map`` differs) and scored on the test split. Prints a markdown table and writes
-``results.json`` into ``--out``.
+split, keeping every layer's quantized weight at every width; each model is then built from
+those (exactly what ``quantize_model`` makes with its bit map, without quantizing again) and
+trained like ``mpismoe-train`` does: same split, side network, seed and settings, only the bit
+map differs. Scored on the test split. Prints a markdown table and writes ``results.json``
+into ``--out``. ``--restarts``/``--iters`` set GNP-IQ's search effort for both arms alike.
 
     python benchmarks/calibration.py --n-train 1000 --n-test 1000 --epochs 1
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mpismoe_edge.calibration.allocate import MB, allocate, layer_bytes
-from mpismoe_edge.calibration.sensitivity import measure_sensitivities, text_batches
-from mpismoe_edge.cli import default_backbone_path, train_main
-from mpismoe_edge.config import QuantConfig
+from mpismoe_edge.calibration.report import build_report, write_report
+from mpismoe_edge.calibration.sensitivity import apply_bits, measure_sensitivities, text_batches
+from mpismoe_edge.cli import default_backbone_path
+from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
 from mpismoe_edge.data import load_default
-from mpismoe_edge.model import load_backbone
+from mpismoe_edge.model import build_model, load_backbone
+from mpismoe_edge.train import TrainConfig, train
 
 
 def rule_2p5(names: list[str]) -> dict[str, int]:
@@ -54,7 +58,10 @@ def main() -> None:
     p.add_argument("--weighting", default="propagated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", help="comma-separated subset of runs to train (default: all four)")
+    p.add_argument("--restarts", type=int, default=QuantConfig.restarts)
+    p.add_argument("--iters", type=int, default=QuantConfig.iters)
+    p.add_argument("--only", help="comma-separated subset of runs to train, e.g. 2.5-uniform,2.5-calibrated "
+                                  "('none': calibrate only; default: all four)")
     p.add_argument("--out", default="runs/bench-calibration")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,14 +69,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    backbone, tokenizer_json = load_backbone(default_backbone_path())
-    train_ds, _ = load_default(args.n_train, args.n_test, seed=args.seed)
+    path = default_backbone_path()
+    backbone, tokenizer_json = load_backbone(path)
+    train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
     texts = random.Random(args.seed).sample(train_ds.texts, min(args.samples, len(train_ds)))
-    quant = QuantConfig(bits=3, group_size=64, method="gnpiq", seed=args.seed)  # what mpismoe-train builds
+    # what mpismoe-train builds (bits=3, group 64, GNP-IQ, its seed), with the chosen search effort
+    quant = QuantConfig(bits=3, group_size=64, method="gnpiq", seed=args.seed, restarts=args.restarts, iters=args.iters)
+    quantized: dict = {}
     batches = text_batches(tokenizer_json, texts, args.max_length, 32)
     gain_batches = text_batches(tokenizer_json, texts[: args.gain_samples], args.max_length, 32)
     sens = measure_sensitivities(backbone, quant, batches, max_rows=args.max_rows, seed=args.seed,
-                                 gain_batches=gain_batches, progress=True)
+                                 gain_batches=gain_batches, quantized=quantized, progress=True)
     calib_s = time.perf_counter() - t0
     names = [s.name for s in sens]
 
@@ -84,22 +94,34 @@ def main() -> None:
                 "est_hidden_error": sum(s.gain * s.errors[bits_map[s.name]] for s in sens)}
 
     uniform3, rule = {n: 3 for n in names}, rule_2p5(names)
+    calibrated = {b: allocate(sens, quant.group_size, budget_bytes=size(m), weighting=args.weighting)
+                  for b, m in (("3.0", uniform3), ("2.5", rule))}
     runs = {
         "3.0-uniform": summary(uniform3),
-        "3.0-calibrated": summary(allocate(sens, quant.group_size, budget_bytes=size(uniform3), weighting=args.weighting).bits_map),
+        "3.0-calibrated": summary(calibrated["3.0"].bits_map),
         "2.5-uniform": summary(rule),
-        "2.5-calibrated": summary(allocate(sens, quant.group_size, budget_bytes=size(rule), weighting=args.weighting).bits_map),
+        "2.5-calibrated": summary(calibrated["2.5"].bits_map),
     }
-    only = args.only.split(",") if args.only else list(runs)
+    for b, alloc in calibrated.items():
+        write_report(build_report(sens, alloc, quant.group_size, samples=len(texts)), out / f"report-{b}")
+    only = [n for n in args.only.split(",") if n != "none"] if args.only else list(runs)
+    if set(only) - set(runs):
+        raise SystemExit(f"--only: unknown runs {sorted(set(only) - set(runs))}; choose from {list(runs)}")
+    print(f"sensitivities measured in {time.perf_counter() - t0:.0f} s; allocations:", flush=True)
+    for name, run in runs.items():
+        print(f"  {name}: {run['mb']:.4f} MB, est. hidden-state error {run['est_hidden_error']:.4f}, widths "
+              + "".join(str(run["bits_map"][n]) for n in names), flush=True)
     for name in only:
         run = runs[name]
         t = time.perf_counter()
-        rc = train_main(["--bits", "3", "--bits-map", json.dumps(run["bits_map"]), "--n-train", str(args.n_train),
-                         "--n-test", str(args.n_test), "--epochs", str(args.epochs), "--max-length", str(args.max_length),
-                         "--seed", str(args.seed), "--threads", str(args.threads), "-o", str(out / name), "--quiet"])
-        if rc:
-            sys.exit(f"training {name} failed with exit code {rc}")
-        run["accuracy"] = json.loads((out / name / "metrics.json").read_text())["final"]["accuracy"]
+        fresh, _ = load_backbone(path)
+        apply_bits(fresh, quantized, run["bits_map"])
+        config = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=SideConfig(), quant=None)
+        model = build_model(fresh, config, tokenizer_json, progress=False)  # quant=None: already quantized
+        model.config.quant = dataclasses.replace(quant, bits_map=run["bits_map"])
+        tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
+        result = train(model, train_ds, test_ds, tcfg, out / name, progress=False)
+        run["accuracy"] = result["final"]["accuracy"]
         run["train_s"] = time.perf_counter() - t
         print(f"{name}: accuracy {run['accuracy']:.4f} ({run['train_s']:.0f} s)", flush=True)
 

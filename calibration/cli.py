@@ -18,7 +18,7 @@ import torch
 from mpismoe_edge.quant.pack import SUPPORTED_BITS
 
 from .allocate import WEIGHTINGS, Allocation, allocate, resolve_budget
-from .sensitivity import LayerSensitivity, measure_sensitivities, text_batches
+from .sensitivity import LayerSensitivity, apply_bits, measure_sensitivities, text_batches
 
 
 def _widths(text: str) -> list[int]:
@@ -57,18 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def calibrate_backbone(backbone: torch.nn.Module, quant, tokenizer_json: str, texts: Sequence[str], max_length: int, *,
                        widths: Sequence[int] = (2, 3, 4, 8), max_rows: int = 4096, batch_size: int = 32, seed: int = 0,
-                       weighting: str = "propagated", gain_samples: int = 64, progress: bool = False,
-                       **budget) -> tuple[list[LayerSensitivity], Allocation]:
+                       weighting: str = "propagated", gain_samples: int = 64, quantized: dict | None = None,
+                       progress: bool = False, **budget) -> tuple[list[LayerSensitivity], Allocation]:
     """Sensitivities of the float ``backbone``'s layers that ``quant`` selects (with propagation
     gains from the first ``gain_samples`` texts when ``weighting`` is "propagated"), and the
-    allocation under ``budget`` (one of ``budget_mb``, ``avg_bits``, ``budget_bytes``)."""
+    allocation under ``budget`` (one of ``budget_mb``, ``avg_bits``, ``budget_bytes``).
+    ``quantized`` is passed on to ``measure_sensitivities``."""
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError("calibration data holds no non-empty text")
     batches = text_batches(tokenizer_json, texts, max_length, batch_size)
     gain_batches = text_batches(tokenizer_json, texts[:gain_samples], max_length, batch_size) if weighting == "propagated" else None
     sens = measure_sensitivities(backbone, quant, batches, widths=widths, max_rows=max_rows, seed=seed,
-                                 gain_batches=gain_batches, progress=progress)
+                                 gain_batches=gain_batches, quantized=quantized, progress=progress)
     return sens, allocate(sens, quant.group_size, widths=widths, weighting=weighting, **budget)
 
 
@@ -106,7 +107,7 @@ def _load_texts(path, samples: int, seed: int) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     from mpismoe_edge.config import QuantConfig
     from mpismoe_edge.model import load_checkpoint, load_float_backbone, save_checkpoint
-    from mpismoe_edge.quant.api import quantize_model, selected_linears
+    from mpismoe_edge.quant.api import selected_linears
 
     from .report import build_report, write_report
 
@@ -130,13 +131,14 @@ def run(args: argparse.Namespace) -> dict:
     resolve_budget([(m.out_features, m.in_features, m.bias is not None) for m in layers.values()], quant.group_size,
                    args.widths, budget_mb=args.budget_mb, avg_bits=args.avg_bits)
     progress = not args.quiet
+    quantized: dict = {}
     sens, alloc = calibrate_backbone(
         backbone, quant, model.tokenizer_json, texts, model.config.max_length, widths=args.widths,
         max_rows=args.max_rows, batch_size=args.batch_size, seed=args.seed, weighting=args.weighting,
-        gain_samples=args.gain_samples, progress=progress, budget_mb=args.budget_mb, avg_bits=args.avg_bits)
+        gain_samples=args.gain_samples, quantized=quantized, progress=progress, budget_mb=args.budget_mb, avg_bits=args.avg_bits)
 
     new_quant = dataclasses.replace(quant, bits_map=dict(alloc.bits_map))
-    quantize_model(backbone, new_quant, progress=progress)
+    apply_bits(backbone, quantized, alloc.bits_map)  # = quantize_model(backbone, new_quant), already computed
     check = text_batches(model.tokenizer_json, texts[:128], model.config.max_length, args.batch_size)
     before = _predictions(model, check)
     model.backbone = backbone.eval().requires_grad_(False)

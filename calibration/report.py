@@ -61,7 +61,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
 
     layers = report["layers"]
     names = [layer["name"] for layer in layers]
-    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
+    prefix = "" if prefix == "." else prefix
     labels = [n[len(prefix):] or n for n in names]
     x = list(range(len(layers)))
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(max(8.0, 0.28 * len(layers) + 3), 9.5), sharex=True,

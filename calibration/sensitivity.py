@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from mpismoe_edge.config import QuantConfig
 from mpismoe_edge.quant.api import quantize_weight, selected_linears
+from mpismoe_edge.quant.linear import QuantLinear
 from mpismoe_edge.quant.pack import SUPPORTED_BITS
+from mpismoe_edge.quant.rtn import GroupQuant
 
 
 @dataclass
@@ -152,17 +154,22 @@ def layer_sensitivity(
     config: QuantConfig,
     widths: Sequence[int] = SUPPORTED_BITS,
     probe: Callable[[torch.Tensor], float] | None = None,
+    keep: dict[int, GroupQuant] | None = None,
 ) -> LayerSensitivity:
     """Sensitivity of one Linear at each width; with ``x is None`` the weights stand in for the
     inputs (``X = I``: relative weight error), for a layer that saw no calibration data.
 
     ``probe(wq)``, if given, returns the model's hidden-state error with this layer's weight
-    set to ``wq``; it is called once, with the smallest width, to measure the gain."""
+    set to ``wq``; it is called once, with the smallest width, to measure the gain. ``keep``, if
+    given, receives the quantized weight at each width (what ``quantize_model`` would make)."""
     w = layer.weight.detach().float().cpu()
     widths = sorted(widths)
     errors, lowest = {}, None
     for b in widths:
-        wq = quantize_weight(w, b, config, name).dequantize()
+        q = quantize_weight(w, b, config, name)
+        if keep is not None:
+            keep[b] = q
+        wq = q.dequantize()
         lowest = wq if lowest is None else lowest
         errors[b] = output_error(x, w, wq) if x is not None else float((w - wq).square().sum() / w.square().sum().clamp(min=1e-30))
     if x is None:
@@ -185,12 +192,15 @@ def measure_sensitivities(
     max_rows: int = 4096,
     seed: int = 0,
     gain_batches: Sequence[dict[str, torch.Tensor]] | None = None,
+    quantized: dict[str, dict[int, GroupQuant]] | None = None,
     progress: bool = False,
 ) -> list[LayerSensitivity]:
     """Sensitivities of every Linear of the float ``model`` that ``config`` selects, in module order.
 
     With ``gain_batches`` (a few batches of calibration inputs), each layer's propagation gain
-    is measured too (one forward pass over them per layer; the weight is restored after)."""
+    is measured too (one forward pass over them per layer; the weight is restored after).
+    ``quantized``, if given, is filled with every layer's quantized weight at every width, so
+    that any allocation can be applied without quantizing again."""
     bad = [b for b in widths if b not in SUPPORTED_BITS]
     if bad or not widths:
         raise ValueError(f"candidate widths {list(widths)} must be a non-empty subset of {SUPPORTED_BITS}")
@@ -219,10 +229,23 @@ def measure_sensitivities(
                     layer.weight.data.copy_(saved)
             return probe
 
-        return [layer_sensitivity(n, m, inputs.get(n), config, widths, probe_for(m))
+        return [layer_sensitivity(n, m, inputs.get(n), config, widths, probe_for(m),
+                                  None if quantized is None else quantized.setdefault(n, {}))
                 for n, m in tqdm(layers.items(), desc="sensitivity", disable=not progress, leave=False)]
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def apply_bits(model: nn.Module, quantized: dict[str, dict[int, GroupQuant]], bits_map: dict[str, int]) -> None:
+    """Swap each Linear named in ``bits_map`` for a ``QuantLinear`` of the width it maps to, from the
+    weights ``measure_sensitivities(quantized=...)`` kept: what ``quantize_model`` would make with
+    that bits map (the quantizer is deterministic), without quantizing again."""
+    for name, bits in bits_map.items():
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        qlin = QuantLinear.from_quantized(quantized[name][bits], lin.bias).to(lin.weight.device)
+        setattr(model.get_submodule(parent) if parent else model, child, qlin)
 
 
 def text_batches(tokenizer_json: str, texts: Sequence[str], max_length: int, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:

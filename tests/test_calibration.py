@@ -18,7 +18,9 @@ from mpismoe_edge.config import QuantConfig
 from mpismoe_edge.quant.api import quantize_model, quantize_weight, selected_linears
 from mpismoe_edge.quant.linear import QuantLinear
 
-QUANT = QuantConfig(group_size=32, iters=2, restarts=1)
+# RTN keeps the suite fast; the code under test is method-agnostic, and one test runs GNP-IQ.
+QUANT = QuantConfig(group_size=32, method="rtn")
+GNPIQ = QuantConfig(group_size=32, iters=2, restarts=1)
 WORDS = ["good", "bad", "fine", "movie", "day", "sad", "happy", "not", "very", "the", "a", "is"]
 
 
@@ -102,9 +104,9 @@ def test_layer_sensitivity_measures_outputs_and_falls_back_to_weights():
     g = torch.Generator().manual_seed(1)
     lin = nn.Linear(64, 16)
     x = torch.randn(40, 64, generator=g)
-    s = layer_sensitivity("fc", lin, x, QUANT, widths=(2, 4))
+    s = layer_sensitivity("fc", lin, x, GNPIQ, widths=(2, 4))
     for b in (2, 4):
-        wq = quantize_weight(lin.weight.detach(), b, QUANT, "fc").dequantize()
+        wq = quantize_weight(lin.weight.detach(), b, GNPIQ, "fc").dequantize()
         assert s.errors[b] == pytest.approx(output_error(x, lin.weight.detach(), wq), rel=1e-6)
     assert s.rows == 40 and s.bias and (s.out_features, s.in_features) == (16, 64)
     w = layer_sensitivity("fc", lin, None, QUANT, widths=(2,))
@@ -246,14 +248,21 @@ def test_allocate_budget_too_small_names_minimum():
         allocate(sens, QUANT.group_size, avg_bits=3, budget_mb=1.0)
 
 
-def test_allocation_feeds_quantize_model():
-    model = tiny_bert()
-    sens = measure_sensitivities(model, QUANT, padded_batches(2), max_rows=128)
+def test_allocation_feeds_quantize_model_and_apply_bits_matches_it():
+    from mpismoe_edge.calibration.sensitivity import apply_bits
+
+    model, twin = tiny_bert(), tiny_bert()
+    kept: dict = {}
+    sens = measure_sensitivities(model, QUANT, padded_batches(2), max_rows=128, quantized=kept)
+    assert set(kept) == {s.name for s in sens} and all(set(v) == {2, 3, 4, 8} for v in kept.values())
     a = allocate(sens, QUANT.group_size, avg_bits=3.5, weighting="relative")
     applied = quantize_model(model, QuantConfig(**{**QUANT.to_dict(), "bits_map": a.bits_map}), progress=False)
     assert applied == a.bits_map
     stored = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) for t in m.buffers())
     assert stored == a.total_bytes
+    apply_bits(twin, kept, a.bits_map)
+    ours, ref = twin.state_dict(), model.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 # ---------------------------------------------------------------- report
