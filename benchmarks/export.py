@@ -153,6 +153,29 @@ def ort_session(path: Path) -> tuple[ort.InferenceSession, float]:
     return sess, time.perf_counter() - t0
 
 
+_RSS_SCRIPT = r"""
+import sys, numpy as np, onnxruntime as ort
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+base = rss()
+so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.log_severity_level = 3
+sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+names = [i.name for i in sess.get_inputs()]
+sess.run(None, {n: np.ones((1, 128), np.int64) for n in names})
+print(rss() - base)
+"""
+
+
+def session_memory(path: Path) -> int:
+    """Resident memory (bytes) a fresh process holds after loading ``path`` and running 1 x 128."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def latencies(calls: dict[str, dict], repeats: int) -> dict[str, dict]:
     """Median ms per (model, shape), the models interleaved run by run so that load from other
     processes on a shared machine hits all of them alike."""
@@ -254,11 +277,14 @@ def main() -> None:
     lat = latencies(calls, args.repeats)
     print(f"\n### Latency (ms, median of {args.repeats} interleaved runs; {THREADS} threads, CPU; "
           "every other row padded to half length)\n")
-    print("| model | " + " | ".join(f"batch {b} x {s}" for b, s in SHAPES) + " | session load (s) |")
-    print("|---|" + "---|" * (len(SHAPES) + 1))
+    log("session memory")
+    rss = {name: session_memory(path) for name, path in rows.items()}
+    print("| model | " + " | ".join(f"batch {b} x {s}" for b, s in SHAPES) + " | session load (s) | RSS after load + 1 x 128 run (MB) |")
+    print("|---|" + "---|" * (len(SHAPES) + 2))
     for name, vals in lat.items():
         load = f"{loads[name]:.2f}" if name in loads else ""
-        print(f"| {name} | " + " | ".join(f"{vals[sh]:.1f}" for sh in SHAPES) + f" | {load} |")
+        mem = mb(rss[name]) if name in rss else ""
+        print(f"| {name} | " + " | ".join(f"{vals[sh]:.1f}" for sh in SHAPES) + f" | {load} | {mem} |")
 
     print("\n### Export wall time (s)\n")
     print(f"(building the model: {build_s:.1f} s)\n")
