@@ -51,13 +51,12 @@ class PeakRSS:
 
 def _run_one(method: str, args) -> dict:
     import torch
-    from transformers import AutoModel
 
     from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.data import load_default
     from mpismoe_edge.model import build_model, load_backbone
-    from mpismoe_edge.train import TrainConfig, encode, evaluate, make_tokenizer, train
+    from mpismoe_edge.train import TrainConfig, make_tokenizer, train
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -166,7 +165,7 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"# done {method}: {rows[-1]}", file=sys.stderr, flush=True)
     ref = {r["method"]: r for r in rows}
-    print(f"| method | accuracy | peak train memory (MB) | vs full FT | trainable params | time (s) |")
+    print("| method | accuracy | peak train memory (MB) | vs full FT | trainable params | time (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["peak_mb"] / ref["full-ft"]["peak_mb"] if "full-ft" in ref else float("nan")

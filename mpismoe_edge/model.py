@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
@@ -81,12 +81,7 @@ class MPISMoEModel(nn.Module):
 
     def pack_experts(self) -> None:
         """Replace the quantization-aware expert layers by packed GNP-IQ QuantLinears."""
-        pack_expert_linears(self.side, self.config.quant or _default_quant())
-
-
-def _default_quant():
-    from .config import QuantConfig
-    return QuantConfig()
+        pack_expert_linears(self.side, self.config.quant or QuantConfig())
 
 
 def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:

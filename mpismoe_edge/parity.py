@@ -51,8 +51,6 @@ def _texts_and_labels(path: str | None, limit: int, labels: list[str]) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        import torch
-
         from .model import load_checkpoint
         from .runtime import Predictor
         from .runtime.parity import compare_logits

@@ -1,7 +1,6 @@
 """The shared packed layout: bitstream round trips, the exact byte layout, and ORT's MatMulNBits reading it."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
