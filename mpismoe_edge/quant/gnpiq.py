@@ -43,7 +43,7 @@ _START_TOP = 8
 _SCAN8 = (0.99, 1.10, 48)
 _MOVE_STEPS = 16
 _BLOCK = 1 << 20  # elements per batched temporary (rows x candidates x G)
-_CHUNK_ROWS = 1 << 16  # groups quantized together (bounds memory on large layers)
+_CHUNK_ROWS = 1 << 11  # groups quantized together (bounds the transient memory of a layer)
 
 
 def _refit(w: torch.Tensor, sw: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
