@@ -168,8 +168,8 @@ def main() -> None:
     print("| method | accuracy | peak train memory (MB) | vs full FT | trainable params | time (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        ratio = r["peak_mb"] / ref["full-ft"]["peak_mb"] if "full-ft" in ref else float("nan")
-        print(f"| {r['method']} | {r['accuracy']:.4f} | {r['peak_mb']:.0f} | {ratio:.2f}x | {r['trainable_params']:,} | {r['seconds']:.0f} |")
+        ratio = f"{r['peak_mb'] / ref['full-ft']['peak_mb']:.2f}x" if "full-ft" in ref else "-"
+        print(f"| {r['method']} | {r['accuracy']:.4f} | {r['peak_mb']:.0f} | {ratio} | {r['trainable_params']:,} | {r['seconds']:.0f} |")
     if "mp-ismoe" in ref and "lst" in ref:
         m, l = ref["mp-ismoe"], ref["lst"]
         print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points, memory {m['peak_mb'] / l['peak_mb']:.2f}x")
