@@ -7,7 +7,7 @@ from torch import nn
 from ..quant.api import quantize_weight
 from ..config import QuantConfig
 from ..quant.linear import QuantLinear
-from ..quant.rtn import check_weight
+from ..quant.rtn import check_weight, encode, minmax_params
 
 
 class FakeQuantLinear(nn.Linear):
@@ -26,11 +26,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """RTN quantize-dequantize of ``w`` in groups along the input dimension (same grid as rtn_quantize)."""
     qmax = (1 << bits) - 1
     g = w.reshape(-1, group_size)
-    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    q = torch.clamp(torch.round(g / scale + zero), 0, qmax)
-    return ((q - zero) * scale).reshape(w.shape)
+    scale, zero = minmax_params(g, qmax)
+    q = encode(g, scale, zero, qmax)
+    return ((q - zero[:, None]) * scale[:, None]).reshape(w.shape)
 
 
 def _linear(i: int, o: int, bits: int | None, group_size: int, packed: bool) -> nn.Module:
