@@ -11,7 +11,7 @@ and packed 4-bit experts, or loads ``--checkpoint model.pt``; exports it with ``
 
 then prints markdown tables of file sizes (vs the physical limits: every parameter at
 ``bits/8`` bytes plus fp32 scales and zeros per group; and our layout's own content:
-quantized Linear layers packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
+quantized Linear layers and embedding tables packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
 (batch 1 x 128 and 32 x 64 tokens) next to PyTorch eager (2 threads), and export wall times.
 
     python benchmarks/export.py [--bits 4] [--group-size 64] [--method rtn|gnpiq] [--checkpoint model.pt] [--repeats 20]
@@ -104,17 +104,19 @@ def ort_quantize(src: Path, dst: Path, bits: int, block: int) -> float:
 
 
 def physical_limits(model: nn.Module, bits: int, group_size: int) -> tuple[int, int]:
-    """(every parameter at ``bits`` + fp32 scale/zero per group; quantized Linears packed, rest fp32)."""
+    """(every parameter at ``bits`` + fp32 scale/zero per group; packed Linears/embeddings packed, rest fp32)."""
+    from mpismoe_edge.quant.embedding import QuantEmbedding
     from mpismoe_edge.quant.linear import QuantLinear
 
     all_params, ours = 0, 0
     for _name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            n = mod.in_features * mod.out_features
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            n = mod.qweight.shape[0] * mod.qweight.shape[1] * mod.group_size
+            bias = getattr(mod, "bias", None)
             all_params += n
-            ours += n * mod.bits // 8 + (n // mod.group_size) * 8 + (mod.bias.numel() * 4 if mod.bias is not None else 0)
-            if mod.bias is not None:
-                all_params += mod.bias.numel()
+            ours += n * mod.bits // 8 + (n // mod.group_size) * 8 + (bias.numel() * 4 if bias is not None else 0)
+            if bias is not None:
+                all_params += bias.numel()
         else:
             for p in list(mod.parameters(recurse=False)):
                 all_params += p.numel()
@@ -263,7 +265,7 @@ def main() -> None:
     print("| model | file | vs all-params limit | vs our layout's content |")
     print("|---|---|---|---|")
     print(f"| physical limit: every param at {args.bits} bits + fp32 scale/zero per group | {mb(limit_all)} | 1.00x | |")
-    print(f"| our layout's content: quantized Linears packed, rest fp32 | {mb(limit_ours)} | {limit_ours / limit_all:.2f}x | 1.00x |")
+    print(f"| our layout's content: quantized Linears and embeddings packed, rest fp32 | {mb(limit_ours)} | {limit_ours / limit_all:.2f}x | 1.00x |")
     for name, path in rows.items():
         size = path.stat().st_size
         print(f"| {name} | {mb(size)} | {size / limit_all:.2f}x | {size / limit_ours:.2f}x |")

@@ -107,7 +107,7 @@ def _load_texts(path, samples: int, seed: int) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     from mpismoe_edge.config import QuantConfig
     from mpismoe_edge.model import load_checkpoint, load_float_backbone, save_checkpoint
-    from mpismoe_edge.quant.api import selected_linears
+    from mpismoe_edge.quant.api import quantize_model, selected_linears
 
     from .report import build_report, write_report
 
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> dict:
         gain_samples=args.gain_samples, quantized=quantized, progress=progress, budget_mb=args.budget_mb, avg_bits=args.avg_bits)
 
     new_quant = dataclasses.replace(quant, bits_map=dict(alloc.bits_map))
-    apply_bits(backbone, quantized, alloc.bits_map)  # = quantize_model(backbone, new_quant), already computed
+    apply_bits(backbone, quantized, alloc.bits_map)  # = quantize_model(backbone, new_quant) on the Linears, already computed
+    quantize_model(backbone, dataclasses.replace(new_quant, bits_map={}), progress=False)  # embeddings (outside the budget)
     check = text_batches(model.tokenizer_json, texts[:128], model.config.max_length, args.batch_size)
     before = _predictions(model, check)
     model.backbone = backbone.eval().requires_grad_(False)

@@ -15,6 +15,9 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
   cross bytes). Everything is laid out ``[K/G, G, N]`` from the bytes on, so the dequantized
   weight comes out ``[K, N]`` with no float transpose: ONNX Runtime constant-folds this body
   at session load, and its peak memory there is set by the bytes per weight of these steps.
+* ``QGather(ids, qweight, scales, zeros; bits, group_size)``: rows ``ids`` of that ``W``
+  (a packed embedding table), ``[*ids.shape, K]``. It gathers the packed rows first and
+  unpacks only those, so the table stays packed in memory at run time too.
 * ``TopKRoute(logits; k)``: softmax over each row's top-k logits scattered into zeros
   (dense routing weights ``[..., E]``).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 from typing import TypeVar, Union
 
 import onnxscript
-from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, UINT8
+from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, INT64, UINT8
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
@@ -72,6 +75,37 @@ def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, g
 
 
 @onnxscript.script(opset=mpismoe, default_opset=op)
+def QGather(ids: INT64, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, group_size: int) -> FLOAT:
+    """Rows ``ids`` of ``dequant(qweight [V, K/G, G*bits/8], scales [V, K/G], zeros [V, K/G])``."""
+    nbits = op.Constant(value_int=bits)
+    gsize = op.Constant(value_int=group_size)
+    zero64 = op.Constant(value_int=0)
+    one64 = op.Constant(value_int=1)
+    seven64 = op.Constant(value_int=7)
+    eight64 = op.Constant(value_int=8)
+    flat = op.Reshape(ids, op.Constant(value_ints=[-1]))
+    offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)
+    lo_idx = op.Div(offsets, eight64)
+    hi_idx = op.Add(lo_idx, one64)
+    in_byte = op.Mod(offsets, eight64)
+    shift_lo = op.Cast(in_byte, to=2)                           # uint8 [G]
+    shift_hi = op.Cast(op.Sub(seven64, in_byte), to=2)
+    one8 = op.Cast(one64, to=2)
+    one32 = op.Cast(one64, to=12)
+    mask = op.Cast(op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32), to=2)
+    rows = op.Pad(op.Gather(qweight, flat, axis=0), op.Constant(value_ints=[0, 0, 0, 0, 0, 1]))  # [T, K/G, bytes+1]
+    lo = op.Gather(rows, lo_idx, axis=2)                        # [T, K/G, G]
+    hi = op.Gather(rows, hi_idx, axis=2)
+    window = op.BitwiseOr(op.BitShift(lo, shift_lo, direction="RIGHT"),
+                          op.BitShift(op.BitShift(hi, shift_hi, direction="LEFT"), one8, direction="LEFT"))
+    codes = op.BitwiseAnd(window, mask)
+    z = op.Unsqueeze(op.Gather(zeros, flat, axis=0), op.Constant(value_ints=[-1]))   # [T, K/G, 1]
+    s = op.Unsqueeze(op.Gather(scales, flat, axis=0), op.Constant(value_ints=[-1]))
+    w = op.Mul(op.Sub(op.CastLike(codes, scales), z), s)
+    return op.Reshape(w, op.Concat(op.Shape(ids), op.Constant(value_ints=[-1]), axis=0))
+
+
+@onnxscript.script(opset=mpismoe, default_opset=op)
 def TopKRoute(logits: TFloat, k: int) -> TFloat:
     """Softmax over each row's top-``k`` logits, scattered into zeros: ``[..., E]``."""
     kk = op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1]))
@@ -81,7 +115,7 @@ def TopKRoute(logits: TFloat, k: int) -> TFloat:
     return op.ScatterElements(zeros, idx, weights, axis=-1)
 
 
-FUNCTIONS = (QMatMul, TopKRoute)
+FUNCTIONS = (QMatMul, QGather, TopKRoute)
 
 
 def function_protos(opset: int = MIN_OPSET) -> list:
@@ -110,7 +144,7 @@ def register_schemas() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("QMatMul", DOMAIN):
+    if onnx.defs.has("QGather", DOMAIN):
         return
     floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
     param = OpSchema.FormalParameter
@@ -124,6 +158,15 @@ def register_schemas() -> None:
         attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
                     OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group")],
     )
+    qgather = OpSchema(
+        "QGather", DOMAIN, DOMAIN_VERSION,
+        doc="Rows ids of dequant(qweight, scales, zeros): a packed low-bit embedding lookup.",
+        inputs=[param("ids", "tensor(int64)"), param("qweight", "tensor(uint8)"), param("scales", "tensor(float)"),
+                param("zeros", "tensor(float)")],
+        outputs=[param("y", "tensor(float)")],
+        attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
+                    OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group")],
+    )
     route = OpSchema(
         "TopKRoute", DOMAIN, DOMAIN_VERSION,
         doc="Softmax over the top-k logits of the last axis, scattered into zeros.",
@@ -132,5 +175,5 @@ def register_schemas() -> None:
         type_constraints=[("T", floats, "float types")],
         attributes=[OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token")],
     )
-    for schema in (qmatmul, route):
+    for schema in (qmatmul, qgather, route):
         onnx.defs.register_schema(schema)

@@ -5,7 +5,8 @@ The model contract (what :func:`to_onnx` needs from an ``nn.Module``):
 * ``forward(**inputs)`` takes the tensors named by ``model.input_names`` (default: the text
   inputs ``input_ids``/``attention_mask``/``token_type_ids`` its ``forward`` accepts) as
   keyword arguments and returns the logits tensor ``[batch, num_outputs]``;
-* quantized Linear layers call ``torch.ops.mpismoe.qmatmul`` and routers call
+* quantized Linear layers call ``torch.ops.mpismoe.qmatmul``, quantized embeddings
+  ``torch.ops.mpismoe.qgather``, and routers call
   ``torch.ops.mpismoe.topk_route`` (both become ``ai.mpismoe`` nodes);
 * optionally ``model.config`` (a :class:`~mpismoe_edge.config.ModelConfig`) and
   ``model.tokenizer_json`` for the manifest and tokenizer file.
@@ -107,10 +108,14 @@ def _translation_table() -> dict:
     def qmatmul(x, qweight, scales, zeros, bits: int, group_size: int):
         return ms.QMatMul(x, qweight, scales, zeros, bits=bits, group_size=group_size)
 
+    def qgather(ids, qweight, scales, zeros, bits: int, group_size: int):
+        return ms.QGather(ids, qweight, scales, zeros, bits=bits, group_size=group_size)
+
     def topk_route(logits, k: int):
         return ms.TopKRoute(logits, k=k)
 
-    return {torch.ops.mpismoe.qmatmul.default: qmatmul, torch.ops.mpismoe.topk_route.default: topk_route}
+    return {torch.ops.mpismoe.qmatmul.default: qmatmul, torch.ops.mpismoe.qgather.default: qgather,
+            torch.ops.mpismoe.topk_route.default: topk_route}
 
 
 def ir_version_for(opset: int) -> int:

@@ -36,20 +36,21 @@ def _stderr(msg: str) -> None:
 
 
 def quant_bits(model: nn.Module, proto: onnx.ModelProto | None = None) -> dict[str, int]:
-    """Layer name -> bits of every packed layer (QuantLinear) in ``model`` (and in ``proto``'s graph:
-    layers the output does not depend on, like an unused pooler, are not exported)."""
+    """Layer name -> bits of every packed layer (QuantLinear, QuantEmbedding) in ``model`` (and in
+    ``proto``'s graph: layers the output does not depend on, like an unused pooler, are not exported)."""
+    from mpismoe_edge.quant.embedding import QuantEmbedding
     from mpismoe_edge.quant.linear import QuantLinear
 
     names = None if proto is None else {t.name for t in proto.graph.initializer}
     return {name: int(m.bits) for name, m in model.named_modules()
-            if isinstance(m, QuantLinear) and (names is None or f"{name}.qweight" in names)}
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and (names is None or f"{name}.qweight" in names)}
 
 
 def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
     """Bytes of the initializers by role: packed codes, quantization params, float weights."""
     role: dict[str, str] = {}
     for node in proto.graph.node:
-        if (node.domain, node.op_type) in ((F.DOMAIN, "QMatMul"), ("com.microsoft", "MatMulNBits")):
+        if (node.domain, node.op_type) in ((F.DOMAIN, "QMatMul"), (F.DOMAIN, "QGather"), ("com.microsoft", "MatMulNBits")):
             role[node.input[1]] = "packed_codes"
             for name in node.input[2:4]:
                 role.setdefault(name, "quant_params")

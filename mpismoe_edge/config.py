@@ -46,7 +46,7 @@ def _config_class(hint: Any) -> type[JsonConfig] | None:
 
 @dataclass
 class QuantConfig(JsonConfig):
-    """How to quantize Linear weights: default width, per-layer widths, method and its knobs.
+    """How to quantize Linear (and Embedding) weights: default width, per-layer widths, method and its knobs.
 
     ``bits_map`` maps a layer name, or an fnmatch pattern of names, to a width; an exact name
     wins over patterns, and the first matching pattern over later ones.
@@ -58,6 +58,7 @@ class QuantConfig(JsonConfig):
     bits_map: dict[str, int] = field(default_factory=dict)
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
+    embeddings: bool = True  # also pack nn.Embedding tables (groups along the embedding dim)
     iters: int = 6
     restarts: int = 4
     noise: float = 1.0

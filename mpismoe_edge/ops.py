@@ -1,10 +1,12 @@
-"""The two custom operators of MP-ISMoE, as torch.library ops.
+"""The custom operators of MP-ISMoE, as torch.library ops.
 
 They are the seam between PyTorch and ONNX: the model calls them in eager mode (reference
 implementations below), and the exporter maps each one to an ONNX function in the
 ``ai.mpismoe`` domain (or to an ONNX Runtime contrib op).
 
 * ``mpismoe::qmatmul(x, qweight, scales, zeros, bits, group_size)``: ``x @ dequant(W).T``.
+* ``mpismoe::qgather(ids, qweight, scales, zeros, bits, group_size)``: rows ``ids`` of
+  ``dequant(W)``, ``[*ids.shape, K]`` (a packed embedding lookup; only those rows are unpacked).
 * ``mpismoe::topk_route(logits, k)``: dense routing weights ``[..., E]``: softmax over each
   token's top-k logits, zero for the experts it does not pick. Differentiable.
 """
@@ -38,6 +40,18 @@ def _qmatmul_setup(ctx, inputs, output):
 
 
 qmatmul.register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup)
+
+
+@torch.library.custom_op("mpismoe::qgather", mutates_args=())
+def qgather(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    flat = ids.reshape(-1)
+    rows = dequantize(qweight.index_select(0, flat), scales.index_select(0, flat), zeros.index_select(0, flat), bits, group_size)
+    return rows.reshape(*ids.shape, rows.shape[-1])
+
+
+@qgather.register_fake
+def _(ids, qweight, scales, zeros, bits, group_size):
+    return scales.new_empty((*ids.shape, qweight.shape[1] * group_size))
 
 
 def topk_route_reference(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from mpismoe_edge.calibration.report import build_report, write_report
 from mpismoe_edge.calibration.sensitivity import LayerSensitivity, layer_sensitivity, text_batches
 from mpismoe_edge.config import QuantConfig
 from mpismoe_edge.quant.api import quantize_model, quantize_weight, selected_linears
+from mpismoe_edge.quant.embedding import QuantEmbedding
 from mpismoe_edge.quant.linear import QuantLinear
 
 # RTN keeps the suite fast; the code under test is method-agnostic, and one test runs GNP-IQ.
@@ -256,7 +257,8 @@ def test_allocation_feeds_quantize_model_and_apply_bits_matches_it():
     sens = measure_sensitivities(model, QUANT, padded_batches(2), max_rows=128, quantized=kept)
     assert set(kept) == {s.name for s in sens} and all(set(v) == {2, 3, 4, 8} for v in kept.values())
     a = allocate(sens, QUANT.group_size, avg_bits=3.5, weighting="relative")
-    applied = quantize_model(model, QuantConfig(**{**QUANT.to_dict(), "bits_map": a.bits_map}), progress=False)
+    linears_only = QuantConfig(**{**QUANT.to_dict(), "bits_map": a.bits_map, "embeddings": False})
+    applied = quantize_model(model, linears_only, progress=False)
     assert applied == a.bits_map
     stored = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) for t in m.buffers())
     assert stored == a.total_bytes
@@ -325,6 +327,8 @@ def test_cli_calibrates_checkpoint(checkpoint, capsys):
     assert len(set(bits.values())) > 1  # mixed precision
     stored = sum(t.numel() * t.element_size() for m in model.backbone.modules() if isinstance(m, QuantLinear) for t in m.buffers())
     assert stored == report["total_bytes"]
+    # embeddings stay packed (at the config's width; they are outside the calibrated budget)
+    assert isinstance(model.backbone.embeddings.word_embeddings, QuantEmbedding)
     batch = text_batches(model.tokenizer_json, ["good movie", "bad day"], 16)[0]
     assert torch.isfinite(model(**batch)).all()
 

@@ -71,6 +71,23 @@ def test_qmatmul_function_unpacks_every_code_exactly():
         np.testing.assert_array_equal(got, w.numpy().T)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("ids_shape", [(5,), (2, 7), (1, 1)])
+def test_qgather_function_equals_torch_exactly(bits, ids_shape):
+    qw, s, z = _quantized(40, 64, bits, 16, seed=bits)
+    ids = torch.randint(0, 40, ids_shape, generator=torch.Generator().manual_seed(1))
+    node = helper.make_node("QGather", ["ids", "qw", "s", "z"], ["y"], domain=F.DOMAIN, bits=bits, group_size=16)
+    dims = [f"d{i}" for i in range(len(ids_shape))]
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, 64])],
+        initializer=[numpy_helper.from_array(qw.numpy(), "qw"), numpy_helper.from_array(s.numpy(), "s"),
+                     numpy_helper.from_array(z.numpy(), "z")])
+    model = finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18)
+    got = _run(model, {"ids": ids.numpy()})
+    np.testing.assert_array_equal(got, ops.qgather(ids, qw, s, z, bits, 16).numpy())
+
+
 @pytest.mark.parametrize("opset", [18, 21])
 def test_function_opset_import_follows_model(opset):
     qw, s, z = _quantized(8, 32, 3, 16)

@@ -9,7 +9,8 @@ from torch import nn
 
 from mpismoe_edge import ops
 from mpismoe_edge.config import QuantConfig
-from mpismoe_edge.quant import QuantLinear, bits_for, gnpiq_quantize, quantize_model, rtn_quantize
+from mpismoe_edge.quant import QuantEmbedding, QuantLinear, bits_for, gnpiq_quantize, quantize_model, rtn_quantize
+from mpismoe_edge.quant.api import load_quantized_state
 from mpismoe_edge.quant.pack import dequantize
 
 
@@ -178,6 +179,45 @@ def test_quantized_model_state_dict_round_trip():
     fresh.load_state_dict(state)
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), model(x))
+
+
+# ---------------------------------------------------------------- QuantEmbedding
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(50, 64, padding_idx=0)
+        self.proj = nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.proj(self.tokens(ids))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quant_embedding_looks_up_rows_of_the_dequantized_table(bits):
+    table = torch.randn(50, 64)
+    q = rtn_quantize(table, bits, 16)
+    emb = QuantEmbedding.from_quantized(q)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids), nn.functional.embedding(ids, q.dequantize()))
+
+
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_quantize_model_packs_embeddings_unless_disabled(embeddings):
+    model = Embedder()
+    applied = quantize_model(model, config(bits=4, method="rtn", embeddings=embeddings), progress=False)
+    assert isinstance(model.tokens, QuantEmbedding) == embeddings
+    assert ("tokens" in applied) == embeddings and isinstance(model.proj, QuantLinear)
+
+
+def test_load_quantized_state_rebuilds_packed_embeddings():
+    model = Embedder()
+    quantize_model(model, config(bits=3, method="rtn"), progress=False)
+    fresh = Embedder()
+    load_quantized_state(fresh, model.state_dict())
+    assert isinstance(fresh.tokens, QuantEmbedding) and fresh.tokens.bits == 3 and fresh.tokens.padding_idx == 0
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(fresh(ids), model(ids))
 
 
 # ---------------------------------------------------------------- custom ops

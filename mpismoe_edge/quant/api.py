@@ -1,4 +1,4 @@
-"""``quantize_model(model, config)``: swap matching ``nn.Linear`` layers for ``QuantLinear``."""
+"""``quantize_model(model, config)``: swap matching ``nn.Linear`` / ``nn.Embedding`` layers for packed ones."""
 from __future__ import annotations
 
 import fnmatch
@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from .gnpiq import gnpiq_quantize
+from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .rtn import GroupQuant, check_weight, rtn_quantize
 
@@ -35,12 +36,29 @@ def quantize_weight(weight: torch.Tensor, bits: int, config: QuantConfig, name: 
     raise ValueError(f"unknown quantization method {config.method!r}; expected one of {METHODS}")
 
 
+def _chosen(name: str, config: QuantConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
+        fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+
 def selected_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers of ``model`` that ``config`` includes and does not exclude."""
-    def chosen(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in config.exclude)
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and chosen(n)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _chosen(n, config)}
+
+
+def selected_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """The layers ``quantize_model`` packs: selected Linears, plus selected ``nn.Embedding``
+    tables when ``config.embeddings`` is set."""
+    layers: dict[str, nn.Module] = dict(selected_linears(model, config))
+    if config.embeddings:
+        layers.update((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and _chosen(n, config))
+    return layers
+
+
+def _packed(q: GroupQuant, layer: nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Embedding):
+        return QuantEmbedding.from_quantized(q, layer.padding_idx).to(layer.weight.device)
+    return QuantLinear.from_quantized(q, layer.bias).to(layer.weight.device)
 
 
 @torch.no_grad()
@@ -52,16 +70,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True)
     """
     if config.method not in METHODS:
         raise ValueError(f"unknown quantization method {config.method!r}; expected one of {METHODS}")
-    layers = selected_linears(model, config)
+    layers = selected_layers(model, config)
     unknown = [k for k in config.bits_map if k not in layers and not any(fnmatch.fnmatchcase(n, k) for n in layers)]
     if unknown:
-        raise ValueError(f"bits_map names layers that are not quantized Linear layers: {unknown}")
-    for name, lin in layers.items():
-        check_weight(lin.weight, bits_for(name, config), config.group_size, name)
-    new: dict[str, QuantLinear] = {}
-    for name, lin in tqdm(layers.items(), desc="quantize", disable=not progress, leave=False):
-        q = quantize_weight(lin.weight, bits_for(name, config), config, name)
-        new[name] = QuantLinear.from_quantized(q, lin.bias).to(lin.weight.device)
+        raise ValueError(f"bits_map names layers that are not quantized Linear/Embedding layers: {unknown}")
+    for name, layer in layers.items():
+        check_weight(layer.weight, bits_for(name, config), config.group_size, name)
+    new: dict[str, nn.Module] = {}
+    for name, layer in tqdm(layers.items(), desc="quantize", disable=not progress, leave=False):
+        new[name] = _packed(quantize_weight(layer.weight, bits_for(name, config), config, name), layer)
     for name, qlin in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, qlin)
@@ -69,7 +86,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True)
 
 
 def load_quantized_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Turn the ``nn.Linear`` shells that ``state_dict`` stores packed into ``QuantLinear``, then load it.
+    """Turn the ``nn.Linear``/``nn.Embedding`` shells that ``state_dict`` stores packed into
+    ``QuantLinear``/``QuantEmbedding``, then load it.
 
     Bits and group size follow from the tensor shapes (``qweight`` ``[N, K/G, G*bits/8]``),
     so a checkpoint needs no separate record of which layers are quantized.
@@ -79,13 +97,18 @@ def load_quantized_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             continue
         name = key[: -len(".qweight")]
         lin = model.get_submodule(name)
-        if isinstance(lin, QuantLinear):
+        if isinstance(lin, (QuantLinear, QuantEmbedding)):
             continue
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear")
-        group_size = lin.in_features // qweight.shape[1]
-        bits = qweight.shape[2] * 8 // group_size
-        q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
+        if isinstance(lin, nn.Embedding):
+            group_size = lin.embedding_dim // qweight.shape[1]
+            q = QuantEmbedding(lin.num_embeddings, lin.embedding_dim, qweight.shape[2] * 8 // group_size, group_size,
+                               lin.padding_idx)
+        elif isinstance(lin, nn.Linear):
+            group_size = lin.in_features // qweight.shape[1]
+            bits = qweight.shape[2] * 8 // group_size
+            q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
+        else:
+            raise ValueError(f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear or Embedding")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     model.load_state_dict(state_dict)
