@@ -163,14 +163,14 @@ def test_gnpiq_accepts_half_precision_and_leaves_input_alone():
     assert ((w.float() - q.dequantize()).norm() / w.float().norm()) < 0.2
 
 
-def test_gnpiq_in_row_chunks(monkeypatch):
-    """Large layers go in chunks of groups; each chunk is quantized the same way."""
+def test_gnpiq_result_does_not_depend_on_chunking(monkeypatch):
+    """Large layers go in chunks of groups (bounded memory); the noise is drawn group by group,
+    so any chunk size gives the same codes, scales and zero points."""
     import mpismoe_edge.quant.gnpiq as gnpiq
 
     w = heavy_tailed(8, 128, seed=4)
     whole = gnpiq_quantize(w, 3, 32, seed=1)
     monkeypatch.setattr(gnpiq, "_CHUNK_ROWS", 5)
     chunked = gnpiq_quantize(w, 3, 32, seed=1)
-    assert chunked.codes.shape == whole.codes.shape and chunked.scales.shape == whole.scales.shape
-    assert (group_sse(w, chunked) <= group_sse(w, rtn_quantize(w, 3, 32)) * (1 + 1e-5)).all()
-    assert abs(group_sse(w, chunked).sum() / group_sse(w, whole).sum() - 1) < 0.02
+    assert torch.equal(chunked.codes, whole.codes)
+    assert torch.equal(chunked.scales, whole.scales) and torch.equal(chunked.zeros, whole.zeros)

@@ -226,7 +226,7 @@ def _quantize_rows(w: torch.Tensor, bits: int, iters: int, restarts: int, noise:
         _descend(w, s2, z2, qmax, int_zero, _START_STEPS, best)
 
     # 2.-3. iterate from the best start and from noisy restarts around it, all at once
-    eps = torch.randn((restarts, *w.shape), generator=gen).transpose(0, 1)
+    eps = torch.randn((w.shape[0], restarts, w.shape[1]), generator=gen)  # group-major: same noise for any chunking
     sigma = noise * (1.0 - torch.arange(restarts) / max(restarts, 1))
     q0 = best.q.unsqueeze(1)
     qn = torch.clamp(torch.round(w.unsqueeze(1) / best.s[:, None, None] + best.z[:, None, None]

@@ -41,15 +41,25 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., L]`` into uint8 bytes ``[..., packed_len(L, bits)]``."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit width {bits}; expected one of {SUPPORTED_BITS}")
-    n_vals, n_bytes = _unit(bits)
     *lead, length = codes.shape
-    pad = -length % n_vals
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*lead, -1, n_vals)
+    rows = codes.reshape(-1, length)
+    step = max(1, _PACK_CODES // max(length, 1))  # bounded int64 temporaries for large tables
+    parts = [_pack_rows(rows[a:a + step], bits) for a in range(0, rows.shape[0], step)]
+    return torch.cat(parts).reshape(*lead, -1) if parts else codes.new_zeros((*lead, packed_len(length, bits)))
+
+
+_PACK_CODES = 1 << 20  # codes packed per step
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    n_vals, n_bytes = _unit(bits)
+    pad = -codes.shape[-1] % n_vals
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(codes.shape[0], -1, n_vals)
     shifts = torch.arange(n_vals, dtype=torch.int64) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # disjoint bit ranges: sum == bitwise or
     byte_shifts = torch.arange(n_bytes, dtype=torch.int64) * 8
     out = (word >> byte_shifts) & 0xFF
-    return out.reshape(*lead, -1).to(torch.uint8)
+    return out.reshape(codes.shape[0], -1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
