@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="portable", choices=TARGETS,
                    help="portable: ai.mpismoe functions of standard ONNX ops (any runtime); "
                         "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (default: portable)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",
+                   help="MatMulNBits compute type on ort-* targets: 0 the input's float type (default), "
+                        "4 int8 activations (ORT CPU; faster on int8-dot hardware, looser parity)")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs diff allowed vs PyTorch (default 1e-4)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = export_model(model, out, target=args.target, opset=args.opset, atol=args.atol,
-                                validate=not args.no_validate, log=log)
+                                validate=not args.no_validate, accuracy_level=args.accuracy_level, log=log)
     except OutputError as e:
         return _fail(str(e), 2)
     except ParityError as e:

@@ -39,6 +39,7 @@ TARGET_BITS = {
 }
 TARGETS = tuple(TARGET_BITS)
 ZERO_POINT_MODES = ("auto", "float")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (input type), 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -54,15 +55,21 @@ def _zero_point_plan(z: np.ndarray, bits: int, mode: str) -> str:
     return "uint8" if integral else "shift"
 
 
-def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto") -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
+         accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Rewrite ``model`` in place for ``target``; returns it and counts of what was done.
 
     ``zero_points="auto"`` (integers as packed uint8, fractional ones by the shift identity)
     runs ORT's fast kernels; ``"float"`` hands fractional zero points to the kernel as floats
     (2/4 bits; exact, but ORT's CPU kernel is 2-3x slower on that path).
+    ``accuracy_level`` is MatMulNBits' attribute: 0 computes in the input's float type (matches
+    PyTorch to float rounding); 4 lets ORT's CPU kernel quantize activations to int8 per block
+    (faster where int8 dot products are, at an activation-rounding error).
     """
     if target not in TARGET_BITS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"unknown accuracy level {accuracy_level!r}; expected one of {ACCURACY_LEVELS}")
     bits_ok = TARGET_BITS[target]
     stats = Counter()
     graph = model.graph
@@ -128,7 +135,7 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto") -> tupl
         base = node.name or output
         new_nodes.append(onnx.helper.make_node(
             "MatMulNBits", inputs, [mnb_out], name=base, domain=MS_DOMAIN,
-            K=k_in, N=n_out, bits=bits, block_size=group))
+            K=k_in, N=n_out, bits=bits, block_size=group, **({"accuracy_level": accuracy_level} if accuracy_level else {})))
         if shift is not None:
             gsum_mat = f"mpismoe_group_sum_{k_in}_{group}"
             if gsum_mat not in done_inits:

@@ -9,7 +9,9 @@ The model contract (what :func:`to_onnx` needs from an ``nn.Module``):
   ``torch.ops.mpismoe.qgather``, and routers call
   ``torch.ops.mpismoe.topk_route`` (both become ``ai.mpismoe`` nodes);
 * optionally ``model.config`` (a :class:`~mpismoe_edge.config.ModelConfig`) and
-  ``model.tokenizer_json`` for the manifest and tokenizer file.
+  ``model.tokenizer_json`` for the manifest and tokenizer file;
+* optionally submodules with a ``prepare_export()`` method (called right before tracing),
+  e.g. ISMoE layers stacking their experts into one wide FFN.
 
 Export goes through ``torch.onnx.export(dynamo=True)`` with a custom translation table that
 emits plain ``ai.mpismoe`` nodes (the exporter's version converter would inline a function
@@ -174,6 +176,10 @@ def to_onnx(model: nn.Module, opset: int = F.MIN_OPSET, optimize: bool = True) -
     if opset < F.MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: the exported ops need opset >= {F.MIN_OPSET}")
     model.eval()
+    for module in model.modules():
+        prepare = getattr(module, "prepare_export", None)
+        if callable(prepare):
+            prepare()
     names = input_names(model)
     example = make_inputs(model, batch=2, seq=8, lengths=[8, 5])
     quiet = logging.getLogger("torch.onnx")

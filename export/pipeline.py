@@ -12,7 +12,7 @@ import onnx
 from torch import nn
 
 from . import functions as F
-from .fuse import TARGETS, fuse
+from .fuse import ACCURACY_LEVELS, TARGETS, fuse
 from .lower import OUTPUT_NAME, input_names, to_onnx
 from .output import FORMAT, commit, staging_dir
 from .validate import DEFAULT_ATOL, check_parity
@@ -42,8 +42,15 @@ def quant_bits(model: nn.Module, proto: onnx.ModelProto | None = None) -> dict[s
     from mpismoe_edge.quant.linear import QuantLinear
 
     names = None if proto is None else {t.name for t in proto.graph.initializer}
+
+    def in_graph(name: str) -> bool:
+        if names is None or f"{name}.qweight" in names:
+            return True
+        moe, sep, rest = name.partition(".experts.")  # experts stacked by ISMoE.prepare_export
+        return bool(sep) and f"{moe}.stacked_{rest.rpartition('.')[2]}_qweight" in names
+
     return {name: int(m.bits) for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and (names is None or f"{name}.qweight" in names)}
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and in_graph(name)}
 
 
 def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
@@ -81,7 +88,7 @@ def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = Non
 
 
 def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset: int,
-                   folder: Path, files: list[str], stats: dict, parity: dict | None) -> dict:
+                   folder: Path, files: list[str], stats: dict, parity: dict | None, accuracy_level: int = 0) -> dict:
     config = getattr(model, "config", None)
     task = getattr(config, "task", "classification")
     labels = list(getattr(config, "labels", []) or []) or None
@@ -101,6 +108,7 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
         "ir_version": proto.ir_version,
         "custom_ops": dict(sorted(ops.items())),
         "fusion": stats,
+        "accuracy_level": accuracy_level,
         "bits": quant_bits(model, proto),
         "sizes": sizes,
         "parity": parity,
@@ -109,7 +117,7 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
 
 def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
                  atol: float = DEFAULT_ATOL, validate: bool = True, external_data: bool | None = None,
-                 zero_points: str = "auto", log: Callable[[str], None] | None = _stderr) -> dict:
+                 zero_points: str = "auto", accuracy_level: int = 0, log: Callable[[str], None] | None = _stderr) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
 
     Raises ValueError for bad arguments or an unusable ``out_dir`` (before any work), and
@@ -124,6 +132,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
         raise ValueError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
     if not atol >= 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"unknown accuracy level {accuracy_level!r}; expected one of {ACCURACY_LEVELS}")
     out_dir = Path(out_dir)
     model.eval()
     with staging_dir(out_dir) as tmp:
@@ -134,7 +144,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
             f"{len(proto.graph.initializer)} initializers")
         stats: dict = {}
         if target != "portable":
-            proto, stats = fuse(proto, target, zero_points=zero_points)
+            proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
             log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
         files = save_model(proto, tmp, external_data)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
@@ -151,7 +161,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
             if not parity["passed"]:
                 raise ParityError(f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}",
                                   parity)
-        manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity)
+        manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity, accuracy_level)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         commit(tmp, out_dir)
     log(f"wrote {out_dir} ({', '.join(files + ['manifest.json'])}) in {time.perf_counter() - t0:.1f}s")

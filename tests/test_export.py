@@ -108,12 +108,25 @@ def test_portable_graph_structure(portable, model):
 
 
 def test_every_expert_is_in_the_graph(portable, model):
-    inits = {t.name for t in portable.graph.initializer}
+    """The experts are exported stacked (one wide FFN per layer): each expert's packed weights,
+    scales, zero points and biases are its slice of the stacked initializers."""
+    inits = {t.name: numpy_helper.to_array(t) for t in portable.graph.initializer}
     for b, moe in enumerate(model.side.moe_layers()):
-        for e in range(len(moe.experts)):
-            for fc in ("fc1", "fc2"):
-                for part in ("qweight", "scales", "zeros", "bias"):
-                    assert f"side.blocks.{b}.ffn.experts.{e}.{fc}.{part}" in inits
+        for e, expert in enumerate(moe.experts):
+            hidden = expert.fc1.out_features
+            for part in ("qweight", "scales", "zeros"):
+                fc1 = inits[f"side.blocks.{b}.ffn.stacked_fc1_{part}"]
+                np.testing.assert_array_equal(fc1[e * hidden:(e + 1) * hidden], getattr(expert.fc1, part).numpy())
+                fc2 = inits[f"side.blocks.{b}.ffn.stacked_fc2_{part}"]
+                blocks = getattr(expert.fc2, part).shape[1]
+                np.testing.assert_array_equal(fc2[:, e * blocks:(e + 1) * blocks], getattr(expert.fc2, part).numpy())
+            np.testing.assert_array_equal(inits[f"side.blocks.{b}.ffn.stacked_fc1_bias"][e * hidden:(e + 1) * hidden],
+                                          expert.fc1.bias.numpy())
+            np.testing.assert_array_equal(inits[f"side.blocks.{b}.ffn.stacked_fc2_bias"][e], expert.fc2.bias.numpy())
+
+
+def test_stacked_experts_are_not_saved_in_the_checkpoint(model):
+    assert not any("stacked_" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("target", ["portable", "ort-cpu"])
@@ -277,7 +290,7 @@ def _evil_pickle(path: Path):
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "garbage", "pickle-code", "foreign", "target", "opset", "atol",
-                                  "out-is-file", "out-foreign-dir"])
+                                  "accuracy-level", "out-is-file", "out-foreign-dir"])
 def test_cli_errors_exit_2_and_write_nothing(case, ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     src = ckpt
@@ -302,6 +315,8 @@ def test_cli_errors_exit_2_and_write_nothing(case, ckpt, tmp_path, capsys):
         extra = ["--opset", "17"]
     elif case == "atol":
         extra = ["--atol", "-1"]
+    elif case == "accuracy-level":
+        extra = ["--accuracy-level", "7"]
     elif case == "out-is-file":
         out.write_text("x")
     elif case == "out-foreign-dir":

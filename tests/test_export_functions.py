@@ -164,6 +164,24 @@ def test_shift_group_sum_is_shared_by_projections_of_one_input():
         np.testing.assert_allclose(y, ops.qmatmul(x, qw, s, z, 4, 16).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("level", [0, 4])
+def test_accuracy_level_is_set_on_every_matmulnbits_node(level):
+    qw, s, z = _quantized(32, 64, 4, 16, seed=3)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    model, _ = fuse(_qmatmul_model(qw, s, z, 4, 16, tuple(x.shape)), "ort-cpu", accuracy_level=level)
+    levels = [{a.name: a.i for a in n.attribute}.get("accuracy_level", 0) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert levels == [level]
+    ref = ops.qmatmul(x, qw, s, z, 4, 16).numpy()
+    # level 4 rounds the activations to int8 per block: close, not float-exact
+    np.testing.assert_allclose(_run(model, {"x": x.numpy()}), ref, atol=(1e-6 if level == 0 else 2e-2) * np.abs(ref).max())
+
+
+def test_unknown_accuracy_level_rejected():
+    qw, s, z = _quantized(8, 32, 4, 16)
+    with pytest.raises(ValueError, match="accuracy level"):
+        fuse(_qmatmul_model(qw, s, z, 4, 16, (2, 32)), "ort-cpu", accuracy_level=5)
+
+
 def test_cuda_target_keeps_2bit_portable():
     qw, s, z = _quantized(8, 32, 2, 16)
     model, stats = fuse(_qmatmul_model(qw, s, z, 2, 16, (2, 32)), "ort-cuda")

@@ -211,3 +211,25 @@ def test_expert_fake_quantization_uses_the_rtn_grid():
 
     w = torch.randn(32, 48)
     torch.testing.assert_close(fake_quantize(w, 3, 16), rtn_quantize(w, 3, 16).dequantize())
+
+
+@pytest.mark.parametrize("expert_bits,pack", [(None, False), (4, True)])
+def test_stacked_experts_equal_the_dense_mixture(expert_bits, pack):
+    """The export form (all experts as one wide FFN) computes the same mixture."""
+    from mpismoe_edge.side.moe import _stacked_mixture
+
+    model = tiny_model(expert_bits=expert_bits)
+    if pack:
+        model.pack_experts()
+    moe = model.side.moe_layers()[0]
+    moe.prepare_export()
+    x = torch.randn(2, 5, 16)
+    weights, _ = moe.router(x, torch.randn(2, 5, 16), torch.randn(2, 5, 64), None)
+    dense = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(moe.experts))
+    torch.testing.assert_close(_stacked_mixture(x, weights, moe._stack), dense)
+
+
+def test_experts_in_quantization_aware_training_are_not_stacked():
+    moe = tiny_model(expert_bits=4).side.moe_layers()[0]
+    moe.prepare_export()
+    assert moe._stack is None and not any(n.startswith("stacked_") for n, _ in moe.named_buffers())
