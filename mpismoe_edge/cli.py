@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--bits-map", help="JSON {layer or pattern: bits} for mixed precision")
     p.add_argument("--quant-method", choices=["gnpiq", "rtn"], default="gnpiq")
+    p.add_argument("--float-embeddings", action="store_true", help="keep the backbone's embedding tables fp32 (default: packed at --bits)")
     p.add_argument("--reduction", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -74,7 +75,8 @@ def _train(args) -> int:
     quant = None
     if args.bits:
         bits_map = json.loads(args.bits_map) if args.bits_map else {}
-        quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, bits_map=bits_map, seed=args.seed)
+        quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, bits_map=bits_map, seed=args.seed,
+                            embeddings=not args.float_embeddings)
     side = SideConfig(reduction=args.reduction, num_experts=args.experts, top_k=args.top_k, shared_expert=args.shared_expert,
                       dense_ffn=args.dense_ffn, interactive=not args.no_interactive, expert_bits=args.expert_bits)
     backbone_path = args.backbone or default_backbone_path()
