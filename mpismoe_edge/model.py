@@ -173,8 +173,11 @@ def load_checkpoint(path: str | os.PathLike) -> MPISMoEModel:
     bcfg = dict(config.backbone_config)
     bcfg_obj = AutoConfig.for_model(bcfg.pop("model_type"), **bcfg)
     backbone = AutoModel.from_config(bcfg_obj)
+    state = payload["state_dict"]
+    if getattr(backbone, "pooler", None) is not None and not any(k.startswith("backbone.pooler.") for k in state):
+        backbone.pooler = None  # saved from a backbone built without its pooler (add_pooling_layer=False)
     model = MPISMoEModel(config, backbone, payload.get("tokenizer_json"))
-    load_quantized_state(model, payload["state_dict"])
+    load_quantized_state(model, state)
     return model.eval()
 
 

@@ -233,3 +233,20 @@ def test_experts_in_quantization_aware_training_are_not_stacked():
     moe = tiny_model(expert_bits=4).side.moe_layers()[0]
     moe.prepare_export()
     assert moe._stack is None and not any(n.startswith("stacked_") for n, _ in moe.named_buffers())
+
+
+def test_checkpoint_of_a_backbone_without_pooler_loads(tmp_path):
+    from conftest import tiny_backbone, tiny_tokenizer
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.model import build_model
+
+    backbone = tiny_backbone()
+    backbone.pooler = None  # what BertModel(add_pooling_layer=False) builds
+    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2),
+                         quant=QuantConfig(group_size=32, method="rtn"))
+    model = build_model(backbone, config, tiny_tokenizer().to_str(), progress=False).eval()
+    save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                               model(input_ids=ids, attention_mask=torch.ones_like(ids)))
