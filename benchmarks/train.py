@@ -5,9 +5,9 @@ runs in its own subprocess so that its memory is its own. Two memory figures per
 
 * **peak live tensors** (torch profiler, ``profile_memory``): the bytes of the model's own
   tensors (parameters and buffers) plus the peak of net tensor allocations over
-  ``--probe-steps`` training steps on the longest batches (worst-case activations), run with
-  a throwaway AdamW so that gradients and optimizer state are allocated inside the window.
-  The model is restored afterwards, so the probe does not change the training run. This is
+  ``--probe-steps`` training steps on the longest batches (worst-case activations), with a
+  fresh AdamW so that gradients and optimizer state are allocated inside the window; in a
+  process of its own (the profiler's records would inflate the training run's RSS). This is
   weights + gradients + optimizer state + activations, free of allocator effects.
 * **peak RSS**: resident set size sampled from /proc every 5 ms during model build (load,
   quantization) and training, minus the RSS just before the build (Python, torch, the
@@ -57,56 +57,75 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def _run_one(method: str, args) -> dict:
+def _prepare(args):
     import torch
 
-    from mpismoe_edge.cli import default_backbone_path
-    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.data import load_default
-    from mpismoe_edge.model import build_model, load_backbone
-    from mpismoe_edge.train import TrainConfig, make_tokenizer, train
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
-    path = default_backbone_path()
     import peft  # noqa: F401  (code, not training memory: imported before the baseline)
     import transformers.models.bert.modeling_bert  # noqa: F401
+    return train_ds, test_ds
+
+
+def _build(method: str, train_ds, args):
+    """(model, tokenizer) for ``method``, as the training run builds it."""
+    from mpismoe_edge.cli import default_backbone_path
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.train import make_tokenizer
+
+    path = default_backbone_path()
+    backbone, tok_json = load_backbone(path)
+    tok = make_tokenizer(tok_json, args.max_length)
+    if method in ("lst", "mp-ismoe"):
+        if method == "lst":
+            side, quant = SideConfig(dense_ffn=True), None
+        else:
+            side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
+        cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
+        return build_model(backbone, cfg, tok_json, progress=False), tok
+    model = _Classifier(backbone, len(train_ds.labels))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+        model.backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+    return model, tok
+
+
+def _run_one(method: str, args) -> dict:
+    """Build and train ``method``; accuracy, peak RSS, params, seconds."""
+    from mpismoe_edge.train import TrainConfig, train
+
+    train_ds, test_ds = _prepare(args)
     base = _rss()
-    probe = {}
     with PeakRSS() as mem:
         start = time.perf_counter()
+        model, tok = _build(method, train_ds, args)
         if method in ("lst", "mp-ismoe"):
-            backbone, tok_json = load_backbone(path)
-            if method == "lst":
-                side, quant = SideConfig(dense_ffn=True), None
-            else:
-                side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
-            cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
-            model = build_model(backbone, cfg, tok_json, progress=False)
-            tok = make_tokenizer(tok_json, args.max_length)
-            probe = _tensor_peak(model, tok, train_ds, args, aux=True)
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs)
             res = train(model, train_ds, test_ds, tcfg, os.path.join(args.workdir, method), progress=False)
             acc, params = res["final"]["accuracy"], res["trainable_params"]
         else:
-            backbone, tok_json = load_backbone(path)
-            tok = make_tokenizer(tok_json, args.max_length)
-            model = _Classifier(backbone, len(train_ds.labels))
-            if method == "lora":
-                from peft import LoraConfig, get_peft_model
-                model.backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
             lr = args.full_lr if method == "full-ft" else args.lora_lr
-            probe = _tensor_peak(model, tok, train_ds, args, aux=False)
             acc, params = _train_plain(model, tok, train_ds, test_ds, args, lr)
         seconds = time.perf_counter() - start
-    return {"method": method, "accuracy": acc, "peak_mb": (mem.peak - base) / 2**20, **probe,
+    return {"method": method, "accuracy": acc, "peak_mb": (mem.peak - base) / 2**20,
             "trainable_params": params, "seconds": seconds}
+
+
+def _probe_one(method: str, args) -> dict:
+    """Build ``method`` and measure its training-step tensor memory (a process of its own, so
+    that the profiler's own records stay out of the training run's RSS)."""
+    train_ds, _ = _prepare(args)
+    model, tok = _build(method, train_ds, args)
+    return _tensor_peak(model, tok, train_ds, args, aux=method in ("lst", "mp-ismoe"))
 
 
 def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     """Model tensor bytes and peak live tensor bytes (MB) over ``args.probe_steps`` training steps
-    on the longest batches, with a throwaway optimizer; the model is restored afterwards."""
+    on the longest batches, with a fresh AdamW (its state is allocated inside the window)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -118,8 +137,6 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     model_bytes = sum(storages.values())
     params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    rng = torch.get_rng_state()
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -131,12 +148,6 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    del opt
-    with torch.no_grad():
-        for p, v in zip(params, saved):
-            p.copy_(v)
-            p.grad = None
-    torch.set_rng_state(rng)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type().name == "CPU")
     live = peak = 0
@@ -212,15 +223,19 @@ def main() -> None:
     p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
     p.add_argument("--workdir", default="runs/bench-train")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        print(json.dumps(_run_one(args.one, args)))
+    if args.one or args.probe:
+        print(json.dumps(_run_one(args.one, args) if args.one else _probe_one(args.probe, args)))
         return
     rows = []
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--one", method, *sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        row = {}
+        for mode in ("--probe", "--one"):
+            cmd = [sys.executable, __file__, mode, method, *sys.argv[1:]]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            row.update(json.loads(out.strip().splitlines()[-1]))
+        rows.append(row)
         print(f"# done {method}: {rows[-1]}", file=sys.stderr, flush=True)
     ref = {r["method"]: r for r in rows}
 
