@@ -13,7 +13,9 @@ MatMulNBits ``accuracy_level=4``, int8 activations, validated at atol 5e-2), and
 then prints markdown tables of file sizes (vs the physical limits: every parameter at
 ``bits/8`` bytes plus fp32 scales and zeros per group; and our layout's own content:
 quantized Linear layers and embedding tables packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
-(batch 1 x 128 and 32 x 64 tokens) next to PyTorch eager (2 threads), and export wall times.
+(batch 1 x 128 and 32 x 64 tokens; the models' runs interleaved, thread spinning off so that
+one session's idle threads do not take the next one's cores) next to PyTorch eager (2 threads),
+and export wall times.
 
     python benchmarks/export.py [--bits 4] [--group-size 64] [--method rtn|gnpiq] [--checkpoint model.pt] [--repeats 20]
 
@@ -151,6 +153,8 @@ def ort_session(path: Path) -> tuple[ort.InferenceSession, float]:
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # interleaved sessions: a session's idle threads must not spin and steal the next one's cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     t0 = time.perf_counter()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess, time.perf_counter() - t0
