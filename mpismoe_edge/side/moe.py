@@ -44,17 +44,32 @@ class ISMoE(nn.Module):
         training (not packed) keep the per-expert form."""
         for name in [n for n in self._buffers if n.startswith("stacked_")]:
             del self._buffers[name]
-        self._stack = _stack_experts(self.experts)
-        if self._stack is not None:
-            for name, tensor in self._stack.tensors.items():
+        self._stack = None
+        stacked = _stack_experts(self.experts)
+        if stacked is not None:
+            self._stack, tensors = stacked
+            for name, tensor in tensors.items():
                 self.register_buffer(f"stacked_{name}", tensor, persistent=False)
-            self._stack.owner = self
+
+    def _stacked_mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_e w_e * expert_e(x)`` as ``fc2([w_1 h_1, ..., w_E h_E]) + w @ b2``, ``h_e = gelu(fc1_e(x))``."""
+        st = self._stack
+
+        def linear(inp: torch.Tensor, tag: str, bits: int | None, group: int) -> torch.Tensor:
+            if bits is None:
+                return inp @ getattr(self, f"stacked_{tag}_weight").t()
+            return ops.qmatmul(inp, getattr(self, f"stacked_{tag}_qweight"), getattr(self, f"stacked_{tag}_scales"),
+                               getattr(self, f"stacked_{tag}_zeros"), bits, group)
+
+        h = nn.functional.gelu(linear(x, "fc1", st.bits1, st.group1) + self.stacked_fc1_bias)
+        h = (h.unflatten(-1, (st.experts, st.hidden)) * weights.unsqueeze(-1)).flatten(-2)
+        return linear(h, "fc2", st.bits2, st.group2) + weights @ self.stacked_fc2_bias
 
     def forward(self, x: torch.Tensor, bb_token: torch.Tensor, bb_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         weights, logits = self.router(x, bb_token, bb_hidden, mask)
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             if self._stack is not None:
-                out = _stacked_mixture(x, weights, self._stack)
+                out = self._stacked_mixture(x, weights)
             else:
                 out = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
         else:
@@ -71,28 +86,24 @@ class ISMoE(nn.Module):
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stack:
-    """The experts as one wide FFN; ``tensors`` become the ``stacked_*`` buffers."""
+    """Shape of the experts stacked as one wide FFN (bits ``None``: float weights)."""
 
     experts: int
     hidden: int
-    bits1: int | None          # None: float weights
+    bits1: int | None
     group1: int
     bits2: int | None
     group2: int
-    tensors: dict[str, torch.Tensor]
-    owner: nn.Module | None = None
-
-    def get(self, name: str) -> torch.Tensor:
-        return getattr(self.owner, f"stacked_{name}")
 
 
-def _stack_experts(experts: nn.ModuleList) -> _Stack | None:
+def _stack_experts(experts: nn.ModuleList) -> tuple[_Stack, dict[str, torch.Tensor]] | None:
+    """The experts' ``fc1`` rows and ``fc2`` input columns concatenated (``fc2`` biases ``[E, D]``);
+    None unless each layer kind is all packed (one width) or all plain ``nn.Linear``, with biases."""
     fc1s, fc2s = [e.fc1 for e in experts], [e.fc2 for e in experts]
-    hidden = fc1s[0].out_features
     tensors: dict[str, torch.Tensor] = {}
-    meta = []
+    meta: list = []
     for tag, layers, dim in (("fc1", fc1s, 0), ("fc2", fc2s, 1)):
         if all(isinstance(m, QuantLinear) for m in layers) and len({(m.bits, m.group_size) for m in layers}) == 1:
             for part in ("qweight", "scales", "zeros"):  # fc1: outputs (rows) stacked; fc2: inputs (K blocks)
@@ -103,24 +114,11 @@ def _stack_experts(experts: nn.ModuleList) -> _Stack | None:
             meta += [None, 0]
         else:
             return None
-        biases = [m.bias for m in layers]
-        if any(b is None for b in biases):
+        if any(m.bias is None for m in layers):
             return None
-        tensors[f"{tag}_bias"] = torch.cat(biases) if tag == "fc1" else torch.stack(biases)  # fc2: [E, D]
-    return _Stack(len(experts), hidden, meta[0], meta[1], meta[2], meta[3], {k: v.detach() for k, v in tensors.items()})
-
-
-def _stacked_linear(x: torch.Tensor, st: _Stack, tag: str, bits: int | None, group: int) -> torch.Tensor:
-    if bits is None:
-        return x @ st.get(f"{tag}_weight").t()
-    return ops.qmatmul(x, st.get(f"{tag}_qweight"), st.get(f"{tag}_scales"), st.get(f"{tag}_zeros"), bits, group)
-
-
-def _stacked_mixture(x: torch.Tensor, weights: torch.Tensor, st: _Stack) -> torch.Tensor:
-    """``sum_e w_e * expert_e(x)`` as ``fc2([w_1 h_1, ..., w_E h_E]) + w @ b2``, ``h_e = gelu(fc1_e(x))``."""
-    h = nn.functional.gelu(_stacked_linear(x, st, "fc1", st.bits1, st.group1) + st.get("fc1_bias"))
-    h = (h.unflatten(-1, (st.experts, st.hidden)) * weights.unsqueeze(-1)).flatten(-2)
-    return _stacked_linear(h, st, "fc2", st.bits2, st.group2) + weights @ st.get("fc2_bias")
+        biases = [m.bias.detach() for m in layers]
+        tensors[f"{tag}_bias"] = torch.cat(biases) if tag == "fc1" else torch.stack(biases)
+    return _Stack(len(experts), fc1s[0].out_features, *meta), tensors
 
 
 def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
