@@ -61,6 +61,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    import torch
+
     from .data import load_default, load_file
     from .model import build_model, load_backbone
     from .train import train
@@ -82,6 +84,7 @@ def _train(args) -> int:
     backbone_path = args.backbone or default_backbone_path()
     config = ModelConfig(backbone=backbone_path, task=args.task, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
     backbone, tokenizer_json = load_backbone(backbone_path)
+    torch.manual_seed(args.seed)  # the side network's initial weights, so that --seed fixes the whole run
     model = build_model(backbone, config, tokenizer_json, progress=not args.quiet)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
     result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet)

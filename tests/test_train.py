@@ -98,3 +98,24 @@ def test_batch_order_covers_every_row_once_and_groups_similar_lengths():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 10
     assert batches == batch_order(lengths, 10, seed=0) and batches != batch_order(lengths, 10, seed=1)
+
+
+def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_backbone, tiny_tokenizer
+    from mpismoe_edge.model import read_checkpoint
+
+    backbone = tmp_path / "backbone"
+    tiny_backbone().save_pretrained(backbone)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer()).save_pretrained(backbone)
+    states = []
+    for run, global_seed in (("a", 123), ("b", 456)):
+        torch.manual_seed(global_seed)  # whatever the process did before must not matter
+        code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
+                           "-o", str(tmp_path / run), "--epochs", "1", "--group-size", "32", "--quant-method", "rtn",
+                           "--quiet"])
+        assert code == 0
+        states.append(read_checkpoint(tmp_path / run / "model.pt")["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
