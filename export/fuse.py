@@ -10,8 +10,8 @@ reused as they are:
   as floats ("same type as A"; ORT's CPU kernel computes ``(q - zp) * scale`` with them) but
   that path is 2-3x slower than the uint8 one, so by default they use the identity
   ``(q - z) s = (q - m) s + (m - z) s`` with the kernel's default zero point ``m = 2^(bits-1)``:
-  ``y = MatMulNBits(x) + (x @ S) @ C`` where ``S`` ``[K, K/G]`` sums each group of ``x`` and
-  ``C = ((m - z) * s).T`` ``[K/G, N]``: two tiny MatMuls, shared per input by q/k/v;
+  ``y = MatMulNBits(x) + g(x) @ C`` where ``g(x)`` ``[..., K/G]`` sums each group of ``x``
+  (Reshape + ReduceSum, shared per input by q/k/v) and ``C = ((m - z) * s).T`` ``[K/G, N]``;
 * a following ``Add`` of a constant ``[N]`` bias is folded into the node's bias input.
 
 3-bit nodes (no ORT kernel) and any node whose weights are not initializers keep the portable
@@ -80,7 +80,7 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
             consumers[name].append(node)
     graph_outputs = {o.name for o in graph.output}
     done_inits: set[str] = set()
-    group_sums: dict[tuple[str, str], str] = {}
+    group_sums: dict[tuple[str, int, int], str] = {}
     removed: set[int] = set()
     new_nodes: list[onnx.NodeProto] = []
 
@@ -137,16 +137,10 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
             "MatMulNBits", inputs, [mnb_out], name=base, domain=MS_DOMAIN,
             K=k_in, N=n_out, bits=bits, block_size=group, **({"accuracy_level": accuracy_level} if accuracy_level else {})))
         if shift is not None:
-            gsum_mat = f"mpismoe_group_sum_{k_in}_{group}"
-            if gsum_mat not in done_inits:
-                eye = np.repeat(np.eye(k_blocks, dtype=np.float32), group, axis=0)  # [K, K/G]
-                graph.initializer.append(numpy_helper.from_array(eye, gsum_mat))
-                done_inits.add(gsum_mat)
-            key = (x, gsum_mat)
+            key = (x, k_blocks, group)
             if key not in group_sums:  # one per (input, K, G): q/k/v projections share it
                 group_sums[key] = f"{x}_group_sum_{group}"
-                new_nodes.append(onnx.helper.make_node("MatMul", [x, gsum_mat], [group_sums[key]],
-                                                       name=f"{base}_group_sum"))
+                new_nodes += _group_sum_nodes(x, k_blocks, group, group_sums[key], f"{base}_group_sum", graph, done_inits)
             new_nodes.append(onnx.helper.make_node("MatMul", [group_sums[key], shift], [output + "_zp_term"],
                                                    name=f"{base}_zp_term"))
             new_nodes.append(onnx.helper.make_node("Add", [mnb_out, output + "_zp_term"], [output],
@@ -158,6 +152,22 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
     _drop_unused_initializers(graph)
     _fix_imports(model)
     return model, dict(sorted(stats.items()))
+
+
+def _group_sum_nodes(x: str, k_blocks: int, group: int, out: str, name: str, graph: onnx.GraphProto,
+                     done_inits: set[str]) -> list[onnx.NodeProto]:
+    """``out[..., j] = sum(x[..., j*G:(j+1)*G])``: reshape the last axis to ``[K/G, G]``, ReduceSum."""
+    dims, axis = f"mpismoe_groups_{k_blocks}x{group}", "mpismoe_last_axis"
+    for init, value in ((dims, [k_blocks, group]), (axis, [-1])):
+        if init not in done_inits:
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), init))
+            done_inits.add(init)
+    return [
+        onnx.helper.make_node("Shape", [x], [f"{out}_lead"], name=f"{name}_lead", end=-1),
+        onnx.helper.make_node("Concat", [f"{out}_lead", dims], [f"{out}_shape"], name=f"{name}_shape", axis=0),
+        onnx.helper.make_node("Reshape", [x, f"{out}_shape"], [f"{out}_groups"], name=f"{name}_reshape"),
+        onnx.helper.make_node("ReduceSum", [f"{out}_groups", axis], [out], name=name, keepdims=0),
+    ]
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
