@@ -14,7 +14,10 @@ runs in its own subprocess so that its memory is its own. Two memory figures per
   backbone's modeling code and the data already loaded). It adds what the C allocator keeps
   after frees, and the float backbone held while it is quantized.
 
-    python benchmarks/train.py [--epochs 3] [--n-train 4000] [--n-test 2000] [--probe-steps 8]
+``--preload`` runs every method under another allocator (LD_PRELOAD), e.g. jemalloc, which
+returns freed memory to the system where glibc's malloc keeps it.
+
+    python benchmarks/train.py [--epochs 3] [--n-train 4000] [--n-test 2000] [--probe-steps 8] [--preload LIB]
 """
 from __future__ import annotations
 
@@ -222,18 +225,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
     p.add_argument("--workdir", default="runs/bench-train")
+    p.add_argument("--preload", help="a malloc library for every method's processes (LD_PRELOAD), "
+                                     "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one or args.probe:
         print(json.dumps(_run_one(args.one, args) if args.one else _probe_one(args.probe, args)))
         return
+    env = dict(os.environ)
+    if args.preload:
+        if not os.path.isfile(args.preload):
+            p.error(f"--preload: no such file {args.preload}")
+        env["LD_PRELOAD"] = args.preload
     rows = []
     for method in args.methods:
         row = {}
         for mode in ("--probe", "--one"):
             cmd = [sys.executable, __file__, mode, method, *sys.argv[1:]]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             row.update(json.loads(out.strip().splitlines()[-1]))
         rows.append(row)
         print(f"# done {method}: {rows[-1]}", file=sys.stderr, flush=True)
