@@ -17,7 +17,10 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
   at session load, and its peak memory there is set by the bytes per weight of these steps.
 * ``QGather(ids, qweight, scales, zeros; bits, group_size)``: rows ``ids`` of that ``W``
   (a packed embedding table), ``[*ids.shape, K]``. It gathers the packed rows first and
-  unpacks only those, so the table stays packed in memory at run time too.
+  unpacks only those, so the table stays packed in memory at run time too. This body runs on
+  every call, so it unpacks elementwise, without the per-code byte Gather (slow in ORT on
+  uint8 along an inner axis): whole-byte units of the bitstream (1 byte for 2/4/8 bits,
+  3 bytes = 8 codes for 3 bits) become an int32 word, shifted and masked per code.
 * ``TopKRoute(logits; k)``: softmax over each row's top-k logits scattered into zeros
   (dense routing weights ``[..., E]``).
 """
@@ -78,30 +81,26 @@ def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, g
 def QGather(ids: INT64, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, group_size: int) -> FLOAT:
     """Rows ``ids`` of ``dequant(qweight [V, K/G, G*bits/8], scales [V, K/G], zeros [V, K/G])``."""
     nbits = op.Constant(value_int=bits)
-    gsize = op.Constant(value_int=group_size)
     zero64 = op.Constant(value_int=0)
     one64 = op.Constant(value_int=1)
-    seven64 = op.Constant(value_int=7)
+    two64 = op.Constant(value_int=2)
     eight64 = op.Constant(value_int=8)
     flat = op.Reshape(ids, op.Constant(value_ints=[-1]))
-    offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)
-    lo_idx = op.Div(offsets, eight64)
-    hi_idx = op.Add(lo_idx, one64)
-    in_byte = op.Mod(offsets, eight64)
-    shift_lo = op.Cast(in_byte, to=2)                           # uint8 [G]
-    shift_hi = op.Cast(op.Sub(seven64, in_byte), to=2)
-    one8 = op.Cast(one64, to=2)
-    one32 = op.Cast(one64, to=12)
-    mask = op.Cast(op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32), to=2)
-    rows = op.Pad(op.Gather(qweight, flat, axis=0), op.Constant(value_ints=[0, 0, 0, 0, 0, 1]))  # [T, K/G, bytes+1]
-    lo = op.Gather(rows, lo_idx, axis=2)                        # [T, K/G, G]
-    hi = op.Gather(rows, hi_idx, axis=2)
-    window = op.BitwiseOr(op.BitShift(lo, shift_lo, direction="RIGHT"),
-                          op.BitShift(op.BitShift(hi, shift_hi, direction="LEFT"), one8, direction="LEFT"))
-    codes = op.BitwiseAnd(window, mask)
+    # whole-byte units of the bitstream: 1 byte (2, 4, 8 bits) or 3 bytes = 8 codes (3 bits)
+    unit_bytes = op.Add(op.Mul(op.Mod(nbits, two64), two64), one64)
+    unit_codes = op.Div(op.Mul(unit_bytes, eight64), nbits)
+    byte_weight = op.Cast(op.BitShift(op.Cast(one64, to=12), op.Cast(op.Mul(op.Range(zero64, unit_bytes, one64), eight64), to=12),
+                                      direction="LEFT"), to=6)                      # int32 [1, 256, 65536][:unit_bytes]
+    code_shift = op.Cast(op.Mul(op.Range(zero64, unit_codes, one64), nbits), to=12)  # uint32 [0, b, 2b, ...]
+    mask = op.Sub(op.BitShift(op.Cast(one64, to=12), op.Cast(nbits, to=12), direction="LEFT"), op.Cast(one64, to=12))
+    rows = op.Gather(qweight, flat, axis=0)                                        # [T, K/G, G*bits/8]
+    units = op.Reshape(rows, op.Concat(op.Constant(value_ints=[-1]), op.Reshape(unit_bytes, op.Constant(value_ints=[1])), axis=0))
+    word = op.Cast(op.ReduceSum(op.Mul(op.Cast(units, to=6), byte_weight), op.Constant(value_ints=[-1]), keepdims=1), to=12)
+    codes = op.BitwiseAnd(op.BitShift(word, code_shift, direction="RIGHT"), mask)  # uint32 [units, unit_codes]
     z = op.Unsqueeze(op.Gather(zeros, flat, axis=0), op.Constant(value_ints=[-1]))   # [T, K/G, 1]
     s = op.Unsqueeze(op.Gather(scales, flat, axis=0), op.Constant(value_ints=[-1]))
-    w = op.Mul(op.Sub(op.CastLike(codes, scales), z), s)
+    grouped = op.Reshape(op.CastLike(codes, scales), op.Concat(op.Shape(z, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
+    w = op.Mul(op.Sub(grouped, z), s)                                               # [T, K/G, G]
     return op.Reshape(w, op.Concat(op.Shape(ids), op.Constant(value_ints=[-1]), axis=0))
 
 
