@@ -16,6 +16,10 @@ reused as they are:
 
 3-bit nodes (no ORT kernel) and any node whose weights are not initializers keep the portable
 function. ``TopKRoute`` stays the portable function on every target.
+
+Exact GELUs, which torch.onnx writes as ``x * 0.5 * (1 + Erf(x / sqrt 2))`` and ONNX Runtime's
+session optimizer leaves unfused, become one ``com.microsoft.Gelu`` node each (ONNX Runtime's
+own ``FusionGelu`` pattern matcher).
 """
 from __future__ import annotations
 
@@ -150,8 +154,26 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused_initializers(graph)
+    gelus = _fuse_gelu(model)
+    if gelus:
+        stats["gelu"] = gelus
     _fix_imports(model)
     return model, dict(sorted(stats.items()))
+
+
+def _fuse_gelu(model: onnx.ModelProto) -> int:
+    """Erf-based GELU subgraphs -> ``com.microsoft.Gelu`` in place; returns how many."""
+    from onnxruntime.transformers.fusion_gelu import FusionGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    before = sum(n.op_type == "Erf" for n in model.graph.node)
+    FusionGelu(wrapped).apply()
+    fused = before - sum(n.op_type == "Erf" for n in model.graph.node)
+    if fused:
+        wrapped.prune_graph(allow_remove_graph_inputs=False)
+        wrapped.topological_sort()
+    return fused
 
 
 def _group_sum_nodes(x: str, k_blocks: int, group: int, out: str, name: str, graph: onnx.GraphProto,

@@ -194,6 +194,21 @@ def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     assert manifest["sizes"]["packed_codes"] > 0
 
 
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
+def test_ort_targets_fuse_every_exact_gelu(portable, model, target):
+    """Each erf GELU (backbone FFNs, experts, head) becomes one com.microsoft.Gelu; outputs unchanged."""
+    erfs = sum(n.op_type == "Erf" for n in portable.graph.node)
+    assert erfs > 0
+    proto, stats = fuse(copy.deepcopy(portable), target)
+    assert stats["gelu"] == erfs
+    assert not any(n.op_type == "Erf" for n in proto.graph.node)
+    assert sum(n.op_type == "Gelu" and n.domain == "com.microsoft" for n in proto.graph.node) == erfs
+    assert [i.name for i in proto.graph.input] == [i.name for i in portable.graph.input]
+    onnx.checker.check_model(proto, full_check=True)
+    feed = {k: v.numpy() for k, v in lower.make_inputs(model, 3, 11, lengths=[11, 7, 3], seed=2).items()}
+    np.testing.assert_allclose(_session(proto).run(None, feed)[0], _session(portable).run(None, feed)[0], atol=1e-5)
+
+
 def test_runtime_reads_the_export(model, cached_export, tmp_path):
     runtime = pytest.importorskip("mpismoe_edge.runtime.session")
     out = tmp_path / "out"
