@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="leave glibc's malloc policy as it is: faster training, higher resident memory (see README)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -86,7 +88,8 @@ def _train(args) -> int:
     backbone, tokenizer_json = load_backbone(backbone_path)
     torch.manual_seed(args.seed)  # the side network's initial weights, so that --seed fixes the whole run
     model = build_model(backbone, config, tokenizer_json, progress=not args.quiet)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                      return_freed_memory=not args.keep_freed_memory)
     result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(json.dumps({"out": args.out, "final": result["final"], "train_seconds": round(result["train_seconds"], 1),
                       "trainable_params": result["trainable_params"]}))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import JsonConfig
 from .data import Dataset
+from .memory import return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .runtime.text import TextEncoder
 
@@ -32,6 +33,7 @@ class TrainConfig(JsonConfig):
     patience: int = 2         # epochs without improvement before stopping early
     seed: int = 0
     threads: int | None = None
+    return_freed_memory: bool = True  # glibc: give freed activations back to the system (see memory.py)
 
 
 def make_tokenizer(tokenizer_json: str, max_length: int) -> TextEncoder:
@@ -133,6 +135,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.return_freed_memory:
+        return_freed_memory()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
