@@ -71,7 +71,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if n_bytes == 1:  # 2, 4, 8 bits: codes never cross a byte, stay in uint8
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        codes = (packed.unsqueeze(-1) >> shifts) & mask
+        codes = (packed.unsqueeze(-1) >> shifts).bitwise_and_(mask)
     else:  # 3 bits: 8 codes in a 24-bit word
         b = packed.reshape(*lead, nb // n_bytes, n_bytes).to(torch.int32)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
@@ -93,8 +93,9 @@ def unpack_codes(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Float weight ``[N, K]`` from the packed layout."""
+    """Float weight ``[N, K]`` from the packed layout (one float temporary: this runs on every
+    forward of a packed layer)."""
     n, k_blocks, _ = qweight.shape
-    codes = unpack_bits(qweight, bits, group_size)  # [N, k_blocks, G]
-    w = (codes.to(scales.dtype) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+    w = unpack_bits(qweight, bits, group_size).to(scales.dtype)  # [N, k_blocks, G]
+    w.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
     return w.reshape(n, k_blocks * group_size)

@@ -131,7 +131,7 @@ def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) ->
     for e, expert in enumerate(experts):
         idx = torch.nonzero(w[:, e] > 0).squeeze(-1)
         if idx.numel():
-            out = out.index_add(0, idx, expert(flat[idx]) * w[idx, e : e + 1])
+            out.index_add_(0, idx, expert(flat[idx]) * w[idx, e : e + 1])  # in place: no copy of out per expert
     return out.reshape(x.shape)
 
 
