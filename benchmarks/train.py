@@ -14,10 +14,16 @@ runs in its own subprocess so that its memory is its own. Two memory figures per
   backbone's modeling code and the data already loaded). It adds what the C allocator keeps
   after frees, and the float backbone held while it is quantized.
 
-``--preload`` runs every method under another allocator (LD_PRELOAD), e.g. jemalloc, which
-returns freed memory to the system where glibc's malloc keeps it.
+Every method's process first calls ``mpismoe_edge.memory.return_freed_memory`` (what
+``mpismoe-train`` does), so that glibc gives freed activations back to the system for all of
+them alike; ``--keep-freed-memory`` leaves glibc's default policy. ``--preload`` runs every
+method under another allocator (LD_PRELOAD), e.g. jemalloc.
 
-    python benchmarks/train.py [--epochs 3] [--n-train 4000] [--n-test 2000] [--probe-steps 8] [--preload LIB]
+``--seeds 0 1 2`` trains every method once per seed (the split, initialisation, batch order and
+GNP-IQ noise follow the seed) and reports the mean accuracy and each seed's; the tensor probe
+runs once per method, at the first seed.
+
+    python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--probe-steps 8] [--preload LIB]
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -64,7 +71,10 @@ def _prepare(args):
     import torch
 
     from mpismoe_edge.data import load_default
+    from mpismoe_edge.memory import return_freed_memory
 
+    if not args.keep_freed_memory:
+        return_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
@@ -107,7 +117,8 @@ def _run_one(method: str, args) -> dict:
         start = time.perf_counter()
         model, tok = _build(method, train_ds, args)
         if method in ("lst", "mp-ismoe"):
-            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs)
+            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
+                               return_freed_memory=not args.keep_freed_memory)
             res = train(model, train_ds, test_ds, tcfg, os.path.join(args.workdir, method), progress=False)
             acc, params = res["final"]["accuracy"], res["trainable_params"]
         else:
@@ -221,12 +232,14 @@ def main() -> None:
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--side-lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
     p.add_argument("--workdir", default="runs/bench-train")
+    p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's default malloc policy (RSS keeps freed memory)")
     p.add_argument("--preload", help="a malloc library for every method's processes (LD_PRELOAD), "
                                      "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the one seed of a --one/--probe child
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -238,31 +251,47 @@ def main() -> None:
         if not os.path.isfile(args.preload):
             p.error(f"--preload: no such file {args.preload}")
         env["LD_PRELOAD"] = args.preload
+    passthrough = sys.argv[1:]
+
+    def child(mode: str, method: str, seed: int) -> dict:
+        cmd = [sys.executable, __file__, mode, method, "--seed", str(seed), *passthrough]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     rows = []
     for method in args.methods:
-        row = {}
-        for mode in ("--probe", "--one"):
-            cmd = [sys.executable, __file__, mode, method, *sys.argv[1:]]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            row.update(json.loads(out.strip().splitlines()[-1]))
+        row = child("--probe", method, args.seeds[0])
+        runs = []
+        for seed in args.seeds:
+            runs.append(child("--one", method, seed))
+            print(f"# done {method} seed {seed}: {runs[-1]}", file=sys.stderr, flush=True)
+        row.update(method=method, trainable_params=runs[0]["trainable_params"],
+                   accuracies=[r["accuracy"] for r in runs], accuracy=statistics.mean(r["accuracy"] for r in runs),
+                   peak_mb=max(r["peak_mb"] for r in runs), seconds=statistics.median(r["seconds"] for r in runs))
         rows.append(row)
-        print(f"# done {method}: {rows[-1]}", file=sys.stderr, flush=True)
     ref = {r["method"]: r for r in rows}
 
     def ratio(r, key, base):
         return f"{r[key] / ref[base][key]:.2f}x" if base in ref else "-"
 
-    print("| method | accuracy | peak live tensors (MB) | vs full FT | vs LST | peak RSS (MB) | vs full FT | vs LST "
-          "| model tensors (MB) | trainable params | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"| method | accuracy (mean of seeds {seeds}) | per seed | peak live tensors (MB) | vs full FT | vs LST "
+          "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | time (s, median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['accuracy']:.4f} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
+        per = " / ".join(f"{100 * a:.2f}" for a in r["accuracies"])
+        print(f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
               f"| {ratio(r, 'tensor_peak_mb', 'lst')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb', 'full-ft')} "
               f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | {r['seconds']:.0f} |")
     if "mp-ismoe" in ref and "lst" in ref:
         m, l = ref["mp-ismoe"], ref["lst"]
-        print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points, "
+        paired = " / ".join(f"{100 * (a - b):+.2f}" for a, b in zip(m["accuracies"], l["accuracies"]))
+        print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points (per seed {paired}), "
               f"live tensors {m['tensor_peak_mb'] / l['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / l['peak_mb']:.2f}x")
+    if "mp-ismoe" in ref and "full-ft" in ref:
+        m, f = ref["mp-ismoe"], ref["full-ft"]
+        print(f"MP-ISMoE vs full FT: accuracy {100 * (m['accuracy'] - f['accuracy']):+.2f} points, "
+              f"live tensors {m['tensor_peak_mb'] / f['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / f['peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":
