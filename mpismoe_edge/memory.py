@@ -3,9 +3,10 @@
 glibc serves blocks above its mmap threshold (128 KiB at start) with mmap and gives them back on
 free, but each such free raises the threshold to that block's size (up to 32 MiB). After a few
 training steps a step's activations come from the heap instead, and freed heap memory mostly
-stays resident: on MP-ISMoE's training (1,000 tweets, one epoch) peak RSS was 632 MB over the
-starting point against ~180 MB of live tensors. Setting the thresholds explicitly turns that
-adaptation off, so freed activations go back to the system.
+stays resident. Setting the thresholds explicitly turns that adaptation off, so freed
+activations go back to the system, at the price of fresh pages for each large allocation: on
+MP-ISMoE's training (1,000 tweets, one epoch, 2 threads) peak RSS above the starting point went
+from 585 to 299 MB and the training time from 20 to 29 s.
 """
 from __future__ import annotations
 
