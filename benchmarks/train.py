@@ -14,9 +14,10 @@ runs in its own subprocess so that its memory is its own. Two memory figures per
   backbone's modeling code and the data already loaded). It adds what the C allocator keeps
   after frees, and the float backbone held while it is quantized.
 
-Every method's process first calls ``mpismoe_edge.memory.return_freed_memory`` (what
-``mpismoe-train`` does), so that glibc gives freed activations back to the system for all of
-them alike; ``--keep-freed-memory`` leaves glibc's default policy. ``--preload`` runs every
+Every method's process first calls ``mpismoe_edge.memory.return_freed_memory`` and, after each
+training step, ``release_free_pages`` (what ``mpismoe-train`` does), so that glibc gives freed
+activations and heap holes back to the system for all of them alike; ``--keep-freed-memory``
+leaves glibc's default policy. ``--preload`` runs every
 method under another allocator (LD_PRELOAD), e.g. jemalloc.
 
 ``--seeds 0 1 2`` trains every method once per seed (the split, initialisation, batch order and
@@ -194,6 +195,7 @@ class _Classifier:
 def _train_plain(model, tok, train_ds, test_ds, args, lr):
     import torch
 
+    from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.train import batch_order, encode, predict, token_lengths
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -214,6 +216,8 @@ def _train_plain(model, tok, train_ds, test_ds, args, lr):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
+            if not args.keep_freed_memory:
+                release_free_pages()
         preds = predict(model, tok, test_ds.texts, names).argmax(-1)
         best = max(best, (preds == torch.tensor(test_ds.targets)).float().mean().item())
     return best, sum(p.numel() for p in params)

@@ -7,25 +7,49 @@ stays resident. Setting the thresholds explicitly turns that adaptation off, so 
 activations go back to the system, at the price of fresh pages for each large allocation: on
 MP-ISMoE's training (1,000 tweets, one epoch, 2 threads) peak RSS above the starting point went
 from 585 to 299 MB and the training time from 20 to 29 s.
+
+Blocks below the threshold still come from the heap, and a training step's thousands of small
+tensors leave it fragmented: free pages between live blocks stay resident and pile up over the
+steps. :func:`release_free_pages` (``malloc_trim``) hands those pages back; ``train()`` calls it
+after every step. Measured on MP-ISMoE's first 60 steps on the tweets (2 threads): resident
+memory between steps 207 -> 128 MB above the start, peak 298 -> 244 MB; the call takes ~10 ms.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def return_freed_memory(threshold: int = 128 * 1024) -> bool:
     """Have glibc's malloc return freed blocks of ``threshold`` bytes and more to the system
     (fixed mmap and trim thresholds, no top pad). False where malloc is not glibc's."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(opt, value) == 1 for opt, value in
                ((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold), (_M_TOP_PAD, 0)))
+
+
+def release_free_pages() -> bool:
+    """Give the free pages inside glibc's heaps back to the system now (``malloc_trim(0)``).
+    False where malloc is not glibc's."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

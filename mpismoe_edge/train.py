@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import JsonConfig
 from .data import Dataset
-from .memory import return_freed_memory
+from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .runtime.text import TextEncoder
 
@@ -33,7 +33,7 @@ class TrainConfig(JsonConfig):
     patience: int = 2         # epochs without improvement before stopping early
     seed: int = 0
     threads: int | None = None
-    return_freed_memory: bool = True  # glibc: give freed activations back to the system (see memory.py)
+    return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
 
 
 def make_tokenizer(tokenizer_json: str, max_length: int) -> TextEncoder:
@@ -171,6 +171,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            if cfg.return_freed_memory:
+                release_free_pages()  # the step's small tensors left holes in the heap
             bar.set_postfix(loss=f"{task_loss.item():.3f}")
         metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size)
         metrics["epoch"] = epoch + 1

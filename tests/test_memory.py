@@ -64,3 +64,27 @@ def test_return_freed_memory_gives_freed_blocks_back_to_the_system():
     kept_default, kept_on = _resident_after_churn("off"), _resident_after_churn("on")
     assert kept_on < 40           # only the 32 live blocks stay resident
     assert kept_default > 56      # glibc's own policy keeps the holes (so the setting is what matters)
+
+
+_HOLES = textwrap.dedent("""
+    import sys, torch
+    from mpismoe_edge.memory import release_free_pages, return_freed_memory
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    assert return_freed_memory()
+    base = rss()
+    blocks = [torch.ones(16 * 1024) for _ in range(2048)]   # 2048 x 64 KiB: below the mmap threshold, on the heap
+    del blocks[::2]                                          # 64 MiB of holes between live blocks
+    if sys.argv[1] == "on":
+        assert release_free_pages()
+    print((rss() - base) / 2**20)
+""")
+
+
+@linux_only
+def test_release_free_pages_gives_heap_holes_back_to_the_system():
+    run = lambda mode: float(subprocess.run([sys.executable, "-c", _HOLES, mode], capture_output=True, text=True,
+                                            check=True).stdout.strip().splitlines()[-1])
+    kept_without, kept_with = run("off"), run("on")
+    assert kept_without > 120     # the holes stay resident: freeing alone does not return them
+    assert kept_with < 80         # the 64 MiB of live blocks (and their headers) stay
