@@ -192,8 +192,10 @@ def gnpiq_quantize(
     check_weight(weight, bits, group_size, name)
     w = as_groups(weight, group_size)
     gen = torch.Generator().manual_seed(seed)
-    parts = [_quantize_rows(w[a:a + _CHUNK_ROWS], bits, iters, restarts, noise, shrinks, gen)
-             for a in range(0, w.shape[0], _CHUNK_ROWS)]
+    parts = []
+    for a in range(0, w.shape[0], _CHUNK_ROWS):
+        q, s, z = _quantize_rows(w[a:a + _CHUNK_ROWS], bits, iters, restarts, noise, shrinks, gen)
+        parts.append((q.to(torch.uint8), s, z))  # a byte per code, not four: large tables (embeddings) stay small
     q, s, z = (torch.cat(t) for t in zip(*parts))
     return from_groups(q, s, z, weight.shape, bits, group_size)
 
