@@ -15,10 +15,10 @@ runs in its own subprocess so that its memory is its own. Two memory figures per
   after frees, and the float backbone held while it is quantized.
 
 Every method's process first calls ``mpismoe_edge.memory.return_freed_memory`` and, after each
-training step, ``release_free_pages`` (what ``mpismoe-train`` does), so that glibc gives freed
-activations and heap holes back to the system for all of them alike; ``--keep-freed-memory``
-leaves glibc's default policy. ``--preload`` runs every
-method under another allocator (LD_PRELOAD), e.g. jemalloc.
+training step, ``release_free_pages``, with oneDNN's kernel cache capped (``bound_kernel_cache``),
+which is what ``mpismoe-train`` does: glibc gives freed activations and heap holes back to the
+system for all of them alike. ``--keep-freed-memory`` leaves the defaults of glibc and oneDNN.
+``--preload`` runs every method under another allocator (LD_PRELOAD), e.g. jemalloc.
 
 ``--seeds 0 1 2`` trains every method once per seed (the split, initialisation, batch order and
 GNP-IQ noise follow the seed) and reports the mean accuracy and each seed's; the tensor probe
@@ -72,9 +72,10 @@ def _prepare(args):
     import torch
 
     from mpismoe_edge.data import load_default
-    from mpismoe_edge.memory import return_freed_memory
+    from mpismoe_edge.memory import bound_kernel_cache, return_freed_memory
 
     if not args.keep_freed_memory:
+        bound_kernel_cache()
         return_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -240,7 +241,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
     p.add_argument("--workdir", default="runs/bench-train")
-    p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's default malloc policy (RSS keeps freed memory)")
+    p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc policy and oneDNN's kernel cache as they are")
     p.add_argument("--preload", help="a malloc library for every method's processes (LD_PRELOAD), "
                                      "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the one seed of a --one/--probe child

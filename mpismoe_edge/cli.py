@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="leave glibc's malloc policy as it is: faster training, higher resident memory (see README)")
+                   help="leave glibc's malloc policy and oneDNN's kernel cache as they are: faster training, higher resident memory (see README)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.keep_freed_memory:
+        from .memory import bound_kernel_cache
+
+        bound_kernel_cache()  # before any torch computation, or oneDNN ignores it
     try:
         return _train(args)
     except (ValueError, FileNotFoundError) as exc:

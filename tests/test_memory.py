@@ -1,5 +1,6 @@
 """Training-process memory: no lingering weight-file mapping, freed activations go back."""
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,3 +89,14 @@ def test_release_free_pages_gives_heap_holes_back_to_the_system():
     kept_without, kept_with = run("off"), run("on")
     assert kept_without > 120     # the holes stay resident: freeing alone does not return them
     assert kept_with < 80         # the 64 MiB of live blocks (and their headers) stay
+
+
+def test_bound_kernel_cache_caps_onednn_unless_the_environment_says_otherwise(monkeypatch):
+    from mpismoe_edge.memory import ONEDNN_CACHE_ENV, bound_kernel_cache
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    bound_kernel_cache(16)
+    assert os.environ[ONEDNN_CACHE_ENV] == "16"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "1024")
+    bound_kernel_cache(16)
+    assert os.environ[ONEDNN_CACHE_ENV] == "1024"
