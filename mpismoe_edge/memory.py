@@ -35,31 +35,33 @@ _M_MMAP_THRESHOLD = -3
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc with ``mallopt`` and ``malloc_trim`` typed, loaded once; None elsewhere."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
         return None
+    return libc
 
 
 def return_freed_memory(threshold: int = 128 * 1024) -> bool:
     """Have glibc's malloc return freed blocks of ``threshold`` bytes and more to the system
     (fixed mmap and trim thresholds, no top pad). False where malloc is not glibc's."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
+    libc = _libc()
+    if libc is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(opt, value) == 1 for opt, value in
+    return all(libc.mallopt(opt, value) == 1 for opt, value in
                ((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold), (_M_TOP_PAD, 0)))
 
 
 def release_free_pages() -> bool:
     """Give the free pages inside glibc's heaps back to the system now (``malloc_trim(0)``).
     False where malloc is not glibc's."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is None:
+    libc = _libc()
+    if libc is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    libc.malloc_trim(0)
     return True
 
 

@@ -55,14 +55,15 @@ _CHURN = textwrap.dedent("""
 """)
 
 
-def _resident_after_churn(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
+def _resident_after(script: str, mode: str) -> float:
+    """The MB that ``script`` (run in a fresh interpreter with ``mode``) prints last."""
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 @linux_only
 def test_return_freed_memory_gives_freed_blocks_back_to_the_system():
-    kept_default, kept_on = _resident_after_churn("off"), _resident_after_churn("on")
+    kept_default, kept_on = _resident_after(_CHURN, "off"), _resident_after(_CHURN, "on")
     assert kept_on < 40           # only the 32 live blocks stay resident
     assert kept_default > 56      # glibc's own policy keeps the holes (so the setting is what matters)
 
@@ -84,9 +85,7 @@ _HOLES = textwrap.dedent("""
 
 @linux_only
 def test_release_free_pages_gives_heap_holes_back_to_the_system():
-    run = lambda mode: float(subprocess.run([sys.executable, "-c", _HOLES, mode], capture_output=True, text=True,
-                                            check=True).stdout.strip().splitlines()[-1])
-    kept_without, kept_with = run("off"), run("on")
+    kept_without, kept_with = _resident_after(_HOLES, "off"), _resident_after(_HOLES, "on")
     assert kept_without > 120     # the holes stay resident: freeing alone does not return them
     assert kept_with < 80         # the 64 MiB of live blocks (and their headers) stay
 
