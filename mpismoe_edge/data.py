@@ -42,18 +42,44 @@ def default_corpus_path() -> Path:
     return path
 
 
-def load_default(n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The fixed seeded split of the tweets corpus: ``n_train`` train and ``n_test`` test rows."""
+def _default_rows(seed: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """The tweets corpus (text, sentiment), one row per distinct text (its first), and its
+    seeded shuffle. The file repeats ~900 texts (retweets); kept twice, a text could land in
+    both train and test."""
     with default_corpus_path().open(encoding="latin-1", newline="") as f:
-        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(f) if r["sentiment"] in DEFAULT_LABELS and r["text"].strip()]
+        first: dict[str, str] = {}
+        for r in csv.DictReader(f):
+            if r["sentiment"] in DEFAULT_LABELS and r["text"].strip():
+                first.setdefault(r["text"], r["sentiment"])
+    rows = list(first.items())
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
+    return rows, order
+
+
+def _take(rows: list[tuple[str, str]], sel: list[int]) -> Dataset:
+    ids = {name: i for i, name in enumerate(DEFAULT_LABELS)}
+    return Dataset([rows[i][0] for i in sel], [ids[rows[i][1]] for i in sel], list(DEFAULT_LABELS))
+
+
+def load_default(n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The fixed seeded split of the tweets corpus: ``n_train`` train and ``n_test`` test rows."""
+    rows, order = _default_rows(seed)
     if n_train + n_test > len(rows):
         raise ValueError(f"asked for {n_train}+{n_test} rows; the default corpus has {len(rows)}")
-    ids = {name: i for i, name in enumerate(DEFAULT_LABELS)}
-    def take(sel: list[int]) -> Dataset:
-        return Dataset([rows[i][0] for i in sel], [ids[rows[i][1]] for i in sel], list(DEFAULT_LABELS))
-    return take(order[:n_train]), take(order[n_train : n_train + n_test])
+    return _take(rows, order[:n_train]), _take(rows, order[n_train : n_train + n_test])
+
+
+def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> Dataset:
+    """Held-out tweets for choosing the best epoch and settings, so that the test split only
+    reports: the ``n_val`` rows after the train and test rows of the same shuffle (disjoint from
+    both; ``load_default``'s split stays as it is)."""
+    rows, order = _default_rows(seed)
+    if n_val < 1:
+        raise ValueError(f"n_val must be >= 1, got {n_val}")
+    if n_train + n_test + n_val > len(rows):
+        raise ValueError(f"asked for {n_train}+{n_test}+{n_val} rows; the default corpus has {len(rows)}")
+    return _take(rows, order[n_train + n_test : n_train + n_test + n_val])
 
 
 def _read_rows(path: Path) -> list[dict]:
