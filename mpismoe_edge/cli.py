@@ -23,11 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpismoe-train", description=__doc__)
     p.add_argument("--backbone", help="local Hugging Face encoder directory (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--data", help="training CSV/JSONL with text,label columns (default: bundled tweets, 3-class)")
-    p.add_argument("--eval-data", help="evaluation CSV/JSONL (required with --data)")
+    p.add_argument("--eval-data", help="validation CSV/JSONL: picks the best epoch, stops early (required with --data)")
+    p.add_argument("--test-data", help="test CSV/JSONL, scored once by the final model (optional with --data)")
     p.add_argument("--task", choices=["classification", "regression"], default="classification")
     p.add_argument("-o", "--out", default="runs/mpismoe", help="output directory (model.pt, metrics.json, last.pt)")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=1000, help="validation rows of the bundled data (disjoint from train and test)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--bits", type=int, default=4, help="backbone bit width (2/3/4/8); 0 keeps it fp32")
     p.add_argument("--group-size", type=int, default=64)
@@ -69,7 +71,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import torch
 
-    from .data import load_default, load_file
+    from .data import load_default, load_default_validation, load_file
     from .model import build_model, load_backbone
     from .train import train
 
@@ -78,8 +80,12 @@ def _train(args) -> int:
             raise ValueError("--data needs --eval-data")
         train_ds = load_file(args.data, task=args.task)
         eval_ds = load_file(args.eval_data, task=args.task, labels=train_ds.labels or None)
+        test_ds = load_file(args.test_data, task=args.task, labels=train_ds.labels or None) if args.test_data else None
     else:
-        train_ds, eval_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+        if args.test_data:
+            raise ValueError("--test-data needs --data (the bundled data has its own test split)")
+        train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+        eval_ds = load_default_validation(args.n_val, args.n_train, args.n_test, seed=args.seed)
     quant = None
     if args.bits:
         bits_map = json.loads(args.bits_map) if args.bits_map else {}
@@ -94,8 +100,8 @@ def _train(args) -> int:
     model = build_model(backbone, config, tokenizer_json, progress=not args.quiet)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                       return_freed_memory=not args.keep_freed_memory)
-    result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet)
-    print(json.dumps({"out": args.out, "final": result["final"], "train_seconds": round(result["train_seconds"], 1),
+    result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet, test_data=test_ds)
+    print(json.dumps({"out": args.out, "validation": result["final"], "test": result.get("test"), "train_seconds": round(result["train_seconds"], 1),
                       "trainable_params": result["trainable_params"]}))
     return 0
 

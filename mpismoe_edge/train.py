@@ -127,10 +127,13 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig, out_dir: str | Path,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train the side network; write ``out_dir/model.pt`` (experts packed) and ``metrics.json``."""
-    check_compatible(model, train_data)
-    check_compatible(model, eval_data)
+          resume: bool = False, progress: bool = True, test_data: Dataset | None = None) -> dict:
+    """Train the side network; write ``out_dir/model.pt`` (experts packed) and ``metrics.json``.
+
+    ``eval_data`` chooses the best epoch and stops early; ``test_data``, when given, is only
+    scored once, by the final model (``result["test"]``), so that no choice sees it."""
+    for data in (train_data, eval_data, *([test_data] if test_data is not None else [])):
+        check_compatible(model, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -196,6 +199,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     save_checkpoint(model, out / "model.pt")
     result = {"history": state["history"], "final": final, "train_seconds": time.perf_counter() - start,
               "trainable_params": sum(p.numel() for p in params), "train_config": cfg.to_dict()}
+    if test_data is not None:
+        result["test"] = evaluate(model, tok, test_data, cfg.eval_batch_size)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "metrics.json")

@@ -119,3 +119,20 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
         states.append(read_checkpoint(tmp_path / run / "model.pt")["state_dict"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_test_data_is_scored_only_by_the_final_model(tmp_path):
+    from mpismoe_edge.train import evaluate, make_tokenizer
+
+    test = Dataset(TEXTS[:6], LABELS[:6], ["neg", "neu", "pos"])
+    result = train(tiny_model(), DATA, DATA, _cfg(), tmp_path, progress=False, test_data=test)
+    saved = load_checkpoint(tmp_path / "model.pt")
+    expected = evaluate(saved, make_tokenizer(saved.tokenizer_json, saved.config.max_length), test)
+    assert result["test"] == pytest.approx(expected)
+    assert "test" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_cli_refuses_test_data_without_training_data(tmp_path, tiny_jsonl, capsys):
+    code = train_main(["--backbone", str(tmp_path), "--test-data", str(tiny_jsonl), "-o", str(tmp_path / "o")])
+    assert code == 2 and "--test-data needs --data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
