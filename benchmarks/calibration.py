@@ -33,7 +33,7 @@ from mpismoe_edge.calibration.report import build_report, write_report
 from mpismoe_edge.calibration.sensitivity import apply_bits, measure_sensitivities, text_batches
 from mpismoe_edge.cli import default_backbone_path
 from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
-from mpismoe_edge.data import load_default
+from mpismoe_edge.data import load_default, load_default_validation
 from mpismoe_edge.model import build_model, load_backbone
 from mpismoe_edge.train import TrainConfig, train
 
@@ -50,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=1000, help="validation rows that choose the best epoch (disjoint from train and test)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--samples", type=int, default=256)
@@ -72,6 +73,7 @@ def main() -> None:
     path = default_backbone_path()
     backbone, tokenizer_json = load_backbone(path)
     train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+    val_ds = load_default_validation(args.n_val, args.n_train, args.n_test, seed=args.seed)
     texts = random.Random(args.seed).sample(train_ds.texts, min(args.samples, len(train_ds)))
     # what mpismoe-train builds (bits=3, group 64, GNP-IQ, its seed), with the chosen search effort
     quant = QuantConfig(bits=3, group_size=64, method="gnpiq", seed=args.seed, restarts=args.restarts, iters=args.iters)
@@ -120,8 +122,8 @@ def main() -> None:
         model = build_model(fresh, config, tokenizer_json, progress=False)  # quant=None: already quantized
         model.config.quant = dataclasses.replace(quant, bits_map=run["bits_map"])
         tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
-        result = train(model, train_ds, test_ds, tcfg, out / name, progress=False)
-        run["accuracy"] = result["final"]["accuracy"]
+        result = train(model, train_ds, val_ds, tcfg, out / name, progress=False, test_data=test_ds)  # val picks the epoch
+        run["accuracy"] = result["test"]["accuracy"]
         run["train_s"] = time.perf_counter() - t
         print(f"{name}: accuracy {run['accuracy']:.4f} ({run['train_s']:.0f} s)", flush=True)
 

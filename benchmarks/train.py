@@ -1,7 +1,9 @@
 """Full fine-tuning vs LoRA vs LST vs MP-ISMoE on the default task (MiniLM-L6, tweets, 3 classes).
 
-Every method sees the same split, seed, batch order, tokenizer, epochs and evaluation. Each
-runs in its own subprocess so that its memory is its own. Two memory figures per method:
+Every method sees the same split, seed, batch order, tokenizer, epochs and evaluation: a
+validation split (``--n-val`` tweets, disjoint from train and test) chooses each run's best
+epoch, and the test split is scored only by the model of that epoch. Each method runs in its
+own subprocess so that its memory is its own. Two memory figures per method:
 
 * **peak live tensors** (torch profiler, ``profile_memory``): the bytes of the model's own
   tensors (parameters and buffers) plus the peak of net tensor allocations over
@@ -24,7 +26,7 @@ system for all of them alike. ``--keep-freed-memory`` leaves the defaults of gli
 GNP-IQ noise follow the seed) and reports the mean accuracy and each seed's; the tensor probe
 runs once per method, at the first seed.
 
-    python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--probe-steps 8] [--preload LIB]
+    python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--n-val 1000] [--probe-steps 8] [--preload LIB]
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ class PeakRSS:
 def _prepare(args):
     import torch
 
-    from mpismoe_edge.data import load_default
+    from mpismoe_edge.data import load_default, load_default_validation
     from mpismoe_edge.memory import bound_kernel_cache, return_freed_memory
 
     if not args.keep_freed_memory:
@@ -80,9 +82,10 @@ def _prepare(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)
+    val_ds = load_default_validation(args.n_val, args.n_train, args.n_test, seed=args.seed)
     import peft  # noqa: F401  (code, not training memory: imported before the baseline)
     import transformers.models.bert.modeling_bert  # noqa: F401
-    return train_ds, test_ds
+    return train_ds, val_ds, test_ds
 
 
 def _build(method: str, train_ds, args):
@@ -110,10 +113,10 @@ def _build(method: str, train_ds, args):
 
 
 def _run_one(method: str, args) -> dict:
-    """Build and train ``method``; accuracy, peak RSS, params, seconds."""
+    """Build and train ``method``; test accuracy at the epoch chosen on validation, peak RSS, params, seconds."""
     from mpismoe_edge.train import TrainConfig, train
 
-    train_ds, test_ds = _prepare(args)
+    train_ds, val_ds, test_ds = _prepare(args)
     base = _rss()
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -121,20 +124,20 @@ def _run_one(method: str, args) -> dict:
         if method in ("lst", "mp-ismoe"):
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
                                return_freed_memory=not args.keep_freed_memory)
-            res = train(model, train_ds, test_ds, tcfg, os.path.join(args.workdir, method), progress=False)
-            acc, params = res["final"]["accuracy"], res["trainable_params"]
+            res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds)
+            val, acc, params = res["final"]["accuracy"], res["test"]["accuracy"], res["trainable_params"]
         else:
             lr = args.full_lr if method == "full-ft" else args.lora_lr
-            acc, params = _train_plain(model, tok, train_ds, test_ds, args, lr)
+            val, acc, params = _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr)
         seconds = time.perf_counter() - start
-    return {"method": method, "accuracy": acc, "peak_mb": (mem.peak - base) / 2**20,
+    return {"method": method, "accuracy": acc, "val_accuracy": val, "peak_mb": (mem.peak - base) / 2**20,
             "trainable_params": params, "seconds": seconds}
 
 
 def _probe_one(method: str, args) -> dict:
     """Build ``method`` and measure its training-step tensor memory (a process of its own, so
     that the profiler's own records stay out of the training run's RSS)."""
-    train_ds, _ = _prepare(args)
+    train_ds, _, _ = _prepare(args)
     model, tok = _build(method, train_ds, args)
     return _tensor_peak(model, tok, train_ds, args, aux=method in ("lst", "mp-ismoe"))
 
@@ -193,11 +196,12 @@ class _Classifier:
         return Classifier()
 
 
-def _train_plain(model, tok, train_ds, test_ds, args, lr):
+def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr):
+    """(best validation accuracy, test accuracy at that epoch, trainable params)."""
     import torch
 
     from mpismoe_edge.memory import release_free_pages
-    from mpismoe_edge.train import batch_order, encode, predict, token_lengths
+    from mpismoe_edge.train import batch_order, encode, token_lengths
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +209,7 @@ def _train_plain(model, tok, train_ds, test_ds, args, lr):
     steps = args.epochs * math.ceil(len(train_ds) / args.batch_size)
     warm = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    best = 0.0
+    best, test_acc = -1.0, 0.0
     lengths = token_lengths(tok, train_ds.texts)
     for epoch in range(args.epochs):
         model.train()
@@ -219,9 +223,18 @@ def _train_plain(model, tok, train_ds, test_ds, args, lr):
             sched.step()
             if not args.keep_freed_memory:
                 release_free_pages()
-        preds = predict(model, tok, test_ds.texts, names).argmax(-1)
-        best = max(best, (preds == torch.tensor(test_ds.targets)).float().mean().item())
-    return best, sum(p.numel() for p in params)
+        val = _accuracy(model, tok, val_ds, names)
+        if val > best:  # the test split is scored only at the epoch validation chooses
+            best, test_acc = val, _accuracy(model, tok, test_ds, names)
+    return best, test_acc, sum(p.numel() for p in params)
+
+
+def _accuracy(model, tok, data, names) -> float:
+    import torch
+
+    from mpismoe_edge.train import predict
+
+    return (predict(model, tok, data.texts, names).argmax(-1) == torch.tensor(data.targets)).float().mean().item()
 
 
 def main() -> None:
@@ -230,6 +243,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=1000, help="held-out rows that choose each method's best epoch")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--bits", type=int, default=4)
@@ -272,6 +286,7 @@ def main() -> None:
             print(f"# done {method} seed {seed}: {runs[-1]}", file=sys.stderr, flush=True)
         row.update(method=method, trainable_params=runs[0]["trainable_params"],
                    accuracies=[r["accuracy"] for r in runs], accuracy=statistics.mean(r["accuracy"] for r in runs),
+                   val_accuracy=statistics.mean(r["val_accuracy"] for r in runs),
                    peak_mb=max(r["peak_mb"] for r in runs), seconds=statistics.median(r["seconds"] for r in runs))
         rows.append(row)
     ref = {r["method"]: r for r in rows}
@@ -280,12 +295,12 @@ def main() -> None:
         return f"{r[key] / ref[base][key]:.2f}x" if base in ref else "-"
 
     seeds = ", ".join(map(str, args.seeds))
-    print(f"| method | accuracy (mean of seeds {seeds}) | per seed | peak live tensors (MB) | vs full FT | vs LST "
+    print(f"| method | test accuracy (mean of seeds {seeds}) | per seed | validation accuracy (mean) | peak live tensors (MB) | vs full FT | vs LST "
           "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | time (s, median) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = " / ".join(f"{100 * a:.2f}" for a in r["accuracies"])
-        print(f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
+        print(f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {100 * r['val_accuracy']:.2f} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
               f"| {ratio(r, 'tensor_peak_mb', 'lst')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb', 'full-ft')} "
               f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | {r['seconds']:.0f} |")
     if "mp-ismoe" in ref and "lst" in ref:
