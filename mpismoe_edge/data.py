@@ -44,8 +44,8 @@ def default_corpus_path() -> Path:
 
 def _default_rows(seed: int) -> tuple[list[tuple[str, str]], list[int]]:
     """The tweets corpus (text, sentiment), one row per distinct text (its first), and its
-    seeded shuffle. The file repeats ~900 texts (retweets); kept twice, a text could land in
-    both train and test."""
+    seeded shuffle. ~900 rows of the file repeat an earlier text (retweets); kept, a text
+    could land in both train and test."""
     with default_corpus_path().open(encoding="latin-1", newline="") as f:
         first: dict[str, str] = {}
         for r in csv.DictReader(f):
