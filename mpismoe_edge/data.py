@@ -57,29 +57,33 @@ def _default_rows(seed: int) -> tuple[list[tuple[str, str]], list[int]]:
     return rows, order
 
 
-def _take(rows: list[tuple[str, str]], sel: list[int]) -> Dataset:
+def _split(seed: int, sizes: list[int]) -> list[Dataset]:
+    """Consecutive slices of ``sizes`` rows each from the seeded shuffle of the corpus."""
+    rows, order = _default_rows(seed)
+    if sum(sizes) > len(rows):
+        raise ValueError(f"asked for {'+'.join(map(str, sizes))} rows; the default corpus has {len(rows)}")
     ids = {name: i for i, name in enumerate(DEFAULT_LABELS)}
-    return Dataset([rows[i][0] for i in sel], [ids[rows[i][1]] for i in sel], list(DEFAULT_LABELS))
+    out, start = [], 0
+    for n in sizes:
+        sel = order[start : start + n]
+        out.append(Dataset([rows[i][0] for i in sel], [ids[rows[i][1]] for i in sel], list(DEFAULT_LABELS)))
+        start += n
+    return out
 
 
 def load_default(n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
     """The fixed seeded split of the tweets corpus: ``n_train`` train and ``n_test`` test rows."""
-    rows, order = _default_rows(seed)
-    if n_train + n_test > len(rows):
-        raise ValueError(f"asked for {n_train}+{n_test} rows; the default corpus has {len(rows)}")
-    return _take(rows, order[:n_train]), _take(rows, order[n_train : n_train + n_test])
+    train, test = _split(seed, [n_train, n_test])
+    return train, test
 
 
 def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> Dataset:
     """Held-out tweets for choosing the best epoch and settings, so that the test split only
     reports: the ``n_val`` rows after the train and test rows of the same shuffle (disjoint from
     both; ``load_default``'s split stays as it is)."""
-    rows, order = _default_rows(seed)
     if n_val < 1:
         raise ValueError(f"n_val must be >= 1, got {n_val}")
-    if n_train + n_test + n_val > len(rows):
-        raise ValueError(f"asked for {n_train}+{n_test}+{n_val} rows; the default corpus has {len(rows)}")
-    return _take(rows, order[n_train + n_test : n_train + n_test + n_val])
+    return _split(seed, [n_train, n_test, n_val])[2]
 
 
 def _read_rows(path: Path) -> list[dict]:
