@@ -132,8 +132,9 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
 
     ``eval_data`` chooses the best epoch and stops early; ``test_data``, when given, is only
     scored once, by the final model (``result["test"]``), so that no choice sees it."""
-    for data in (train_data, eval_data, *([test_data] if test_data is not None else [])):
-        check_compatible(model, data)
+    for data in (train_data, eval_data, test_data):
+        if data is not None:
+            check_compatible(model, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
