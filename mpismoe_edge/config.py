@@ -84,6 +84,7 @@ class SideConfig(JsonConfig):
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     dropout: float = 0.1
+    init: str = "pruned"          # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
+from .side.prune import init_from_backbone
 
 CHECKPOINT_FORMAT = "mpismoe-edge/1"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -102,19 +103,24 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:
 
 
 def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
-    """Freeze and quantize ``backbone`` per ``config.quant`` and attach a fresh side network."""
+    """Freeze and quantize ``backbone`` per ``config.quant`` and attach a fresh side network
+    (initialised per ``config.side.init``)."""
     if config.task not in ("classification", "regression"):
         raise ValueError(f"unknown task {config.task!r}; expected 'classification' or 'regression'")
     if config.task == "classification" and len(config.labels) < 2:
         raise ValueError("a classification model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
+    if config.side.init not in ("pruned", "random"):
+        raise ValueError(f"unknown side init {config.side.init!r}; expected 'pruned' or 'random'")
     config.backbone_config = backbone.config.to_dict()
+    model = MPISMoEModel(config, backbone, tokenizer_json)
+    _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
+    if config.side.init == "pruned":
+        init_from_backbone(model.side, backbone)  # from the float weights, before quantization
     if config.quant is not None:
         quantize_model(backbone, config.quant, progress=progress)
     _own_tensors(backbone)
-    model = MPISMoEModel(config, backbone, tokenizer_json)
-    _probe_hidden_states(model)
     return model
 
 

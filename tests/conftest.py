@@ -44,7 +44,12 @@ def tiny_backbone(kind: str = "bert", layers: int = 2, hidden: int = 64):
                            num_attention_heads=2, intermediate_size=2 * hidden)
     else:
         raise ValueError(kind)
-    return tf.AutoModel.from_config(cfg).eval()
+    model = tf.AutoModel.from_config(cfg).eval()
+    with torch.no_grad():  # Hugging Face initialises biases to zero; trained models' are not
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.02)
+    return model
 
 
 def tiny_model(kind: str = "bert", bits: int | None = 4, expert_bits: int | None = 4, labels=("neg", "neu", "pos"), **side):
