@@ -3,7 +3,10 @@
 Every method sees the same split, seed, batch order, tokenizer, epochs and evaluation: a
 validation split (``--n-val`` tweets, disjoint from train and test) chooses each run's best
 epoch, and the test split is scored only by the model of that epoch. Each method runs in its
-own subprocess so that its memory is its own. Two memory figures per method:
+own subprocess so that its memory is its own. Two LST runs: ``lst`` starts its side network
+from random weights, ``lst-pruned`` from slices of the backbone as MP-ISMoE does
+(``SideConfig.init``, side/prune.py); a dense side FFN inherits only 1/8 of the backbone FFN's units.
+Two memory figures per method:
 
 * **peak live tensors** (torch profiler, ``profile_memory``): the bytes of the model's own
   tensors (parameters and buffers) plus the peak of net tensor allocations over
@@ -40,7 +43,8 @@ import sys
 import threading
 import time
 
-METHODS = ["full-ft", "lora", "lst", "mp-ismoe"]
+METHODS = ["full-ft", "lora", "lst", "lst-pruned", "mp-ismoe"]
+SIDE_METHODS = ("lst", "lst-pruned", "mp-ismoe")  # frozen backbone + ladder side network, trained by mpismoe_edge.train
 
 
 def _rss() -> int:
@@ -98,9 +102,9 @@ def _build(method: str, train_ds, args):
     path = default_backbone_path()
     backbone, tok_json = load_backbone(path)
     tok = make_tokenizer(tok_json, args.max_length)
-    if method in ("lst", "mp-ismoe"):
-        if method == "lst":
-            side, quant = SideConfig(dense_ffn=True), None
+    if method in SIDE_METHODS:
+        if method.startswith("lst"):  # LST: fp32 backbone, one dense FFN per side block; side init random or pruned
+            side, quant = SideConfig(dense_ffn=True, init="pruned" if method == "lst-pruned" else "random"), None
         else:
             side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
         cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
@@ -121,7 +125,7 @@ def _run_one(method: str, args) -> dict:
     with PeakRSS() as mem:
         start = time.perf_counter()
         model, tok = _build(method, train_ds, args)
-        if method in ("lst", "mp-ismoe"):
+        if method in SIDE_METHODS:
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
                                return_freed_memory=not args.keep_freed_memory)
             res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds)
@@ -139,7 +143,7 @@ def _probe_one(method: str, args) -> dict:
     that the profiler's own records stay out of the training run's RSS)."""
     train_ds, _, _ = _prepare(args)
     model, tok = _build(method, train_ds, args)
-    return _tensor_peak(model, tok, train_ds, args, aux=method in ("lst", "mp-ismoe"))
+    return _tensor_peak(model, tok, train_ds, args, aux=method in SIDE_METHODS)
 
 
 def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
@@ -308,6 +312,9 @@ def main() -> None:
         paired = " / ".join(f"{100 * (a - b):+.2f}" for a, b in zip(m["accuracies"], l["accuracies"]))
         print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points (per seed {paired}), "
               f"live tensors {m['tensor_peak_mb'] / l['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / l['peak_mb']:.2f}x")
+    if "mp-ismoe" in ref and "lst-pruned" in ref:
+        m, l = ref["mp-ismoe"], ref["lst-pruned"]
+        print(f"MP-ISMoE vs LST with pruned init: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points")
     if "mp-ismoe" in ref and "full-ft" in ref:
         m, f = ref["mp-ismoe"], ref["full-ft"]
         print(f"MP-ISMoE vs full FT: accuracy {100 * (m['accuracy'] - f['accuracy']):+.2f} points, "
