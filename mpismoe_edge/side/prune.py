@@ -1,4 +1,4 @@
-"""Initialise the side network from the float backbone it rides on (LST's pruned init, MoEfied).
+"""Initialise the side network from the backbone it rides on (LST's pruned init, MoEfied).
 
 The side width ``D`` keeps the ``D`` backbone hidden dimensions that weigh most in the
 backbone's feed-forward layers; every down-projection starts as the selection of those
