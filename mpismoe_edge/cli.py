@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import ModelConfig, QuantConfig, SideConfig
+from .config import SIDE_INITS, ModelConfig, QuantConfig, SideConfig
 from .train import TrainConfig
 
 
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-expert", action="store_true")
     p.add_argument("--dense-ffn", action="store_true", help="one dense FFN per side block (LST baseline)")
     p.add_argument("--no-interactive", action="store_true", help="router sees only the side token")
-    p.add_argument("--side-init", choices=["pruned", "random"], default="pruned",
+    p.add_argument("--side-init", choices=SIDE_INITS, default=SideConfig.init,
                    help="side network's start: slices of the backbone (down-projections, FFN units to experts) or random")
     p.add_argument("--expert-bits", type=int, default=None, help="quantization-aware training + packing of experts")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)

@@ -65,6 +65,9 @@ class QuantConfig(JsonConfig):
     seed: int = 0
 
 
+SIDE_INITS = ("pruned", "random")  # SideConfig.init: slices of the backbone (side/prune.py), or random weights
+
+
 @dataclass
 class SideConfig(JsonConfig):
     """The ladder side network and its interactive side mixture-of-experts (ISMoE)."""

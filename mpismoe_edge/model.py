@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, QuantConfig
+from .config import SIDE_INITS, ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
@@ -111,8 +111,8 @@ def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | 
         raise ValueError("a classification model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
-    if config.side.init not in ("pruned", "random"):
-        raise ValueError(f"unknown side init {config.side.init!r}; expected 'pruned' or 'random'")
+    if config.side.init not in SIDE_INITS:
+        raise ValueError(f"unknown side init {config.side.init!r}; expected one of {SIDE_INITS}")
     config.backbone_config = backbone.config.to_dict()
     model = MPISMoEModel(config, backbone, tokenizer_json)
     _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
