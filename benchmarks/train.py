@@ -205,14 +205,11 @@ def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr):
     import torch
 
     from mpismoe_edge.memory import release_free_pages
-    from mpismoe_edge.train import batch_order, encode, token_lengths
+    from mpismoe_edge.train import TrainConfig, batch_order, encode, make_optimizer, token_lengths
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    steps = args.epochs * math.ceil(len(train_ds) / args.batch_size)
-    warm = max(1, int(0.06 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    opt, sched = make_optimizer(params, TrainConfig(lr=lr), args.epochs * math.ceil(len(train_ds) / args.batch_size))
     best, test_acc = -1.0, 0.0
     lengths = token_lengths(tok, train_ds.texts)
     for epoch in range(args.epochs):

@@ -82,6 +82,15 @@ def token_lengths(tok: TextEncoder, texts: list[str]) -> list[int]:
     return [len(e.ids) for e in tok.tokenize(texts)]
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (``cfg.lr``, ``cfg.weight_decay``) with a linear warmup over ``cfg.warmup_ratio`` of
+    ``steps``, then a linear decay to zero at ``steps``; call ``sched.step()`` after each step."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    return opt, sched
+
+
 def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Tensor:
     if model.config.task == "regression":
         return torch.nn.functional.mse_loss(logits.squeeze(-1), torch.tensor(targets, dtype=torch.float32))
@@ -145,10 +154,7 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     torch.manual_seed(cfg.seed)
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(train_data) / cfg.batch_size)
-    warm = max(1, int(cfg.warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    opt, sched = make_optimizer(params, cfg, cfg.epochs * math.ceil(len(train_data) / cfg.batch_size))
     state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_side": None, "bad_epochs": 0}
     last = out / "last.pt"
     if resume and last.is_file():
