@@ -145,10 +145,10 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], args) -> dict:
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
+    if text in VARIANTS:
+        return text, VARIANTS[text]
     name, sep, spec = text.partition("=")
     if not sep:
-        if text in VARIANTS:
-            return text, VARIANTS[text]
         raise SystemExit(f"side_probe: variant {text!r} is neither a known name {sorted(VARIANTS)} nor NAME=JSON")
     try:
         value = json.loads(spec)
