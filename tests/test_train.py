@@ -8,7 +8,7 @@ from conftest import LABELS, TEXTS, tiny_model
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
 from mpismoe_edge.model import load_checkpoint
-from mpismoe_edge.train import TrainConfig, train
+from mpismoe_edge.train import TrainConfig, make_optimizer, train
 
 DATA = Dataset(TEXTS * 4, LABELS * 4, ["neg", "neu", "pos"])
 
@@ -98,6 +98,17 @@ def test_batch_order_covers_every_row_once_and_groups_similar_lengths():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 10
     assert batches == batch_order(lengths, 10, seed=0) and batches != batch_order(lengths, 10, seed=1)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(lr=1.0, warmup_ratio=0.2), steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert opt.param_groups[0]["lr"] == 0.0
 
 
 def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
