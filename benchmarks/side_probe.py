@@ -117,7 +117,7 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], args) -> dict:
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
     side_cfg = SideConfig.from_dict({"expert_bits": 4, **side_fields})
-    tcfg = TrainConfig(epochs=spec.get("epochs", args.epochs), lr=spec.get("lr", 1e-3), seed=args.seed)
+    tcfg = TrainConfig(epochs=spec.get("epochs", args.epochs), seed=args.seed, **({"lr": spec["lr"]} if "lr" in spec else {}))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     backbone, _ = load_backbone(default_backbone_path())  # float: the pruned init reads it, as build_model does

@@ -46,8 +46,8 @@ def default_corpus_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _default_corpus() -> tuple[tuple[str, str], ...]:
     """The tweets corpus (text, sentiment), one row per distinct text (its first), read once per
-    process. ~900 rows of the file repeat an earlier text (retweets); kept, a text could land in
-    both train and test."""
+    process. ~900 rows of the file repeat an earlier text (retweets); were they kept, a text could
+    land in both train and test."""
     with default_corpus_path().open(encoding="latin-1", newline="") as f:
         first: dict[str, str] = {}
         for r in csv.DictReader(f):
