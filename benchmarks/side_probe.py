@@ -4,7 +4,7 @@ The frozen backbone's hidden states do not depend on the side network, so they a
 once per seed and backbone (``q4``: 4-bit GNP-IQ with the seed's noise, as MP-ISMoE in
 benchmarks/train.py; ``fp32``: as LST) and cached in ``--workdir`` (fp16, every layer, ~1.2 GB
 per seed and backbone). Each variant then trains only the side network on them, in about a
-fifth of a full run. Same split, batches, optimizer, schedule and epoch choice as
+third of the time of a full run. Same split, batches, optimizer, schedule and epoch choice as
 benchmarks/train.py: validation chooses the epoch, the test split is scored only at it.
 
 Differences from a full run, so its figures are comparable with each other, not with
@@ -172,13 +172,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     variants = dict(_parse_variant(v) for v in args.variants)
-    from mpismoe_edge.config import SideConfig
+    from mpismoe_edge.config import SIDE_INITS, SideConfig
 
     for name, spec in variants.items():  # a typo fails now, not after an hour of runs
         try:
-            SideConfig.from_dict({k: v for k, v in spec.items() if k not in _RUN_KEYS})
+            cfg = SideConfig.from_dict({k: v for k, v in spec.items() if k not in _RUN_KEYS})
         except (TypeError, ValueError) as e:
             raise SystemExit(f"side_probe: variant {name!r}: {e}") from None
+        if cfg.init not in SIDE_INITS:
+            raise SystemExit(f"side_probe: variant {name!r}: init must be one of {SIDE_INITS}")
         if spec.get("backbone", "q4") not in ("q4", "fp32"):
             raise SystemExit(f"side_probe: variant {name!r}: backbone must be 'q4' or 'fp32'")
     torch.set_num_threads(args.threads)
