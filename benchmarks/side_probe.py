@@ -108,11 +108,11 @@ def _accuracy(side, split: dict) -> float:
     return right / len(order)
 
 
-def _run(name: str, spec: dict, cache: dict, labels: list[str], args) -> dict:
-    """Train one variant's side network on the cached states; (validation, test) at the chosen epoch."""
-    from mpismoe_edge.cli import default_backbone_path
+def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) -> dict:
+    """Train one variant's side network on the cached states; (validation, test) at the chosen epoch.
+    ``backbone`` is the float one: the pruned init reads it, as build_model does; it is not trained."""
     from mpismoe_edge.config import ModelConfig, SideConfig
-    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.model import build_model
     from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
@@ -120,7 +120,6 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], args) -> dict:
     tcfg = TrainConfig(epochs=spec.get("epochs", args.epochs), seed=args.seed, **({"lr": spec["lr"]} if "lr" in spec else {}))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    backbone, _ = load_backbone(default_backbone_path())  # float: the pruned init reads it, as build_model does
     model = build_model(backbone, ModelConfig(labels=labels, max_length=args.max_length, side=side_cfg, quant=None), None, progress=False)
     side = model.side.train()
     params = [p for p in side.parameters() if p.requires_grad]
@@ -184,6 +183,10 @@ def main() -> None:
         if spec.get("backbone", "q4") not in ("q4", "fp32"):
             raise SystemExit(f"side_probe: variant {name!r}: backbone must be 'q4' or 'fp32'")
     torch.set_num_threads(args.threads)
+    from mpismoe_edge.cli import default_backbone_path
+    from mpismoe_edge.model import load_backbone
+
+    backbone, _ = load_backbone(default_backbone_path())  # loaded once (it draws nothing from the RNG)
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in args.seeds:
         args.seed = seed
@@ -192,7 +195,7 @@ def main() -> None:
             cache = _cache(kind, args)
             for name, spec in variants.items():
                 if spec.get("backbone", "q4") == kind:
-                    results[name].append(_run(name, spec, cache, labels, args))
+                    results[name].append(_run(name, spec, cache, labels, backbone, args))
                     print(f"seed {seed} {name}: " + json.dumps(results[name][-1]), file=sys.stderr, flush=True)
             del cache
     _print_table(results, args.seeds, next(iter(variants)))
