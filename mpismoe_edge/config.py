@@ -65,6 +65,7 @@ class QuantConfig(JsonConfig):
     seed: int = 0
 
 
+TASKS = ("classification", "regression", "token-classification")  # ModelConfig.task (Hugging Face pipeline names)
 SIDE_INITS = ("pruned", "random")  # SideConfig.init: slices of the backbone (side/prune.py), or random weights
 
 
@@ -96,7 +97,7 @@ class ModelConfig(JsonConfig):
 
     backbone: str = ""                       # where it came from (provenance only)
     backbone_config: dict[str, Any] = field(default_factory=dict)  # HF config.to_dict()
-    task: str = "classification"             # "classification" | "regression"
+    task: str = "classification"             # one of TASKS
     labels: list[str] = field(default_factory=list)
     max_length: int = 128
     side: SideConfig = field(default_factory=SideConfig)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SIDE_INITS, ModelConfig, QuantConfig
+from .config import SIDE_INITS, TASKS, ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
@@ -30,7 +30,8 @@ def _num_layers(cfg) -> int:
 
 
 class MPISMoEModel(nn.Module):
-    """Frozen backbone + ladder side network with ISMoE; ``forward`` returns task logits."""
+    """Frozen backbone + ladder side network with ISMoE; ``forward`` returns task logits
+    (``[batch, outputs]``; ``[batch, seq, labels]`` for token classification)."""
 
     def __init__(self, config: ModelConfig, backbone: nn.Module, tokenizer_json: str | None = None):
         super().__init__()
@@ -38,7 +39,8 @@ class MPISMoEModel(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.tokenizer_json = tokenizer_json
         bcfg = backbone.config
-        self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side)
+        self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side,
+                                      token_level=config.task == "token-classification")
         accepted = inspect.signature(backbone.forward).parameters
         self._backbone_inputs = ["pixel_values"] if "pixel_values" in accepted else [n for n in TEXT_INPUTS if n in accepted]
 
@@ -105,10 +107,10 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:
 def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
     """Freeze and quantize ``backbone`` per ``config.quant`` and attach a fresh side network
     (initialised per ``config.side.init``)."""
-    if config.task not in ("classification", "regression"):
-        raise ValueError(f"unknown task {config.task!r}; expected 'classification' or 'regression'")
-    if config.task == "classification" and len(config.labels) < 2:
-        raise ValueError("a classification model needs at least 2 labels")
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; expected one of {', '.join(TASKS)}")
+    if config.task != "regression" and len(config.labels) < 2:
+        raise ValueError(f"a {config.task} model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
     if config.side.init not in SIDE_INITS:

@@ -52,14 +52,15 @@ def tiny_backbone(kind: str = "bert", layers: int = 2, hidden: int = 64):
     return model
 
 
-def tiny_model(kind: str = "bert", bits: int | None = 4, expert_bits: int | None = 4, labels=("neg", "neu", "pos"), **side):
+def tiny_model(kind: str = "bert", bits: int | None = 4, expert_bits: int | None = 4, labels=("neg", "neu", "pos"),
+               task: str = "classification", **side):
     """A tiny MP-ISMoE model (quantized backbone, QAT experts) with a real tokenizer."""
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model
 
     side_cfg = SideConfig(reduction=4, num_heads=2, num_experts=4, top_k=2, expert_bits=expert_bits, **side)
     quant = QuantConfig(bits=bits, group_size=32, method="rtn") if bits else None
-    config = ModelConfig(backbone=f"tiny-{kind}", labels=list(labels), max_length=16, side=side_cfg, quant=quant)
+    config = ModelConfig(backbone=f"tiny-{kind}", task=task, labels=list(labels), max_length=16, side=side_cfg, quant=quant)
     tok_json = None if kind == "vit" else tiny_tokenizer().to_str()
     return build_model(tiny_backbone(kind), config, tok_json, progress=False)
 

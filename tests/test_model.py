@@ -248,3 +248,23 @@ def test_checkpoint_of_a_backbone_without_pooler_loads(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)),
                                model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+
+
+def test_token_classification_gives_logits_per_token():
+    model = tiny_model(task="token-classification", labels=("O", "B-X", "I-X")).eval()
+    ids, mask = _batch(2, 6)
+    assert model(ids, mask).shape == (2, 6, 3)
+
+
+def test_token_logits_do_not_depend_on_padding():
+    model = tiny_model(task="token-classification", labels=("O", "B-X", "I-X")).eval()
+    ids, _ = _batch(1, 5)
+    alone = model(ids, torch.ones_like(ids))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded, mask)[:, :5], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="unknown task 'ner'"):
+        tiny_model(task="ner")

@@ -59,10 +59,14 @@ class SideBlock(nn.Module):
 
 
 class LadderSideNetwork(nn.Module):
-    """Side blocks over the chosen backbone layers, pooled, upsampled and fed to a task head."""
+    """Side blocks over the chosen backbone layers, upsampled and fed to a task head: mean-pooled
+    for sequence tasks (logits ``[batch, outputs]``), per token when ``token_level`` (logits
+    ``[batch, seq, outputs]``)."""
 
-    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig, packed: bool = False):
+    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig, packed: bool = False,
+                 token_level: bool = False):
         super().__init__()
+        self.token_level = token_level
         dim = backbone_dim // cfg.reduction
         self.layers = list(cfg.layers) if cfg.layers else list(range(1, num_layers + 1))
         bad = [i for i in self.layers if not 1 <= i <= num_layers]
@@ -80,6 +84,8 @@ class LadderSideNetwork(nn.Module):
         for i, block in zip(self.layers, self.blocks):
             h = block(h, hidden_states[i], mask)
         h = self.norm(h)
+        if self.token_level:
+            return self.head(self.drop(nn.functional.gelu(self.up(h))))
         if mask is None:
             pooled = h.mean(1)
         else:
