@@ -67,6 +67,11 @@ class TextEncoder:
         """Token ids per text, truncated to ``max_length`` (special tokens included)."""
         return self._tok.encode_batch(texts)
 
+    def tokenize_words(self, words: list[list[str]]) -> list[Encoding]:
+        """Like :meth:`tokenize` for texts already split into words (token classification);
+        ``Encoding.word_ids`` then index those words."""
+        return self._tok.encode_batch(words, is_pretokenized=True)
+
     def pad(self, encs: list[Encoding]) -> Batch:
         """Pad a group of encodings to its longest member."""
         n = len(encs)
