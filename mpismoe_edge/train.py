@@ -41,10 +41,43 @@ def make_tokenizer(tokenizer_json: str, max_length: int) -> TextEncoder:
     return TextEncoder(Tokenizer.from_str(tokenizer_json), max_length)
 
 
-def encode(tok: TextEncoder, texts: list[str], input_names: list[str]) -> dict[str, torch.Tensor]:
-    """Tokenize and right-pad a batch to its longest text; only the tensors the model takes."""
-    arrays = tok.encode(texts).arrays()
+def _tokenize(tok: TextEncoder, texts: list[str] | list[list[str]]) -> list:
+    return tok.tokenize_words(texts) if texts and isinstance(texts[0], list) else tok.tokenize(texts)
+
+
+def _feed(tok: TextEncoder, encs: list, input_names: list[str]) -> dict[str, torch.Tensor]:
+    arrays = tok.pad(encs).arrays()
     return {k: torch.from_numpy(arrays[k]) for k in input_names if k in arrays}
+
+
+def encode(tok: TextEncoder, texts: list[str] | list[list[str]], input_names: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenize and right-pad a batch to its longest text; only the tensors the model takes.
+    Texts may be strings or lists of words (token classification)."""
+    return _feed(tok, _tokenize(tok, texts), input_names)
+
+
+def word_targets(encs: list, tags: list[list[int]]) -> torch.Tensor:
+    """``[batch, seq]`` token targets from word tags: each word's tag on its first sub-token,
+    -100 (ignored by the loss) on its other sub-tokens, special tokens and padding. Words cut
+    off by truncation are not scored."""
+    out = torch.full((len(encs), max(1, max(len(e.ids) for e in encs))), -100, dtype=torch.long)
+    for b, (enc, word_tags) in enumerate(zip(encs, tags)):
+        prev = None
+        for t, w in enumerate(enc.word_ids):
+            if w is not None and w != prev:
+                out[b, t] = word_tags[w]
+            prev = w
+    return out
+
+
+def _batch(model: MPISMoEModel, tok: TextEncoder, data: Dataset, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs and targets of rows ``idx``."""
+    encs = _tokenize(tok, [data.texts[j] for j in idx])
+    targets = [data.targets[j] for j in idx]
+    if model.config.task == "token-classification":
+        return _feed(tok, encs, model.input_names), word_targets(encs, targets)
+    dtype = torch.float32 if model.config.task == "regression" else torch.long
+    return _feed(tok, encs, model.input_names), torch.tensor(targets, dtype=dtype)
 
 
 def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
@@ -57,9 +90,14 @@ def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
     emb = int(getattr(model.backbone.config, "vocab_size", vocab))
     if vocab > emb:
         raise ValueError(f"tokenizer vocabulary ({vocab}) does not match the backbone's embeddings ({emb} rows)")
-    if model.config.task == "classification":
+    token_task = model.config.task == "token-classification"
+    if token_task != isinstance(data.texts[0], list):
+        kind = "texts split into words" if isinstance(data.texts[0], list) else "plain texts"
+        raise ValueError(f"a {model.config.task} model cannot train on {kind}")
+    if model.config.task != "regression":
         n = len(model.config.labels)
-        bad = [t for t in data.targets if not 0 <= int(t) < n]
+        ids = [t for row in data.targets for t in row] if token_task else data.targets
+        bad = [t for t in ids if not 0 <= int(t) < n]
         if bad:
             raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
 
@@ -78,8 +116,8 @@ def batch_order(lengths: list[int], size: int, seed: int, window: int = 32) -> l
     return batches
 
 
-def token_lengths(tok: TextEncoder, texts: list[str]) -> list[int]:
-    return [len(e.ids) for e in tok.tokenize(texts)]
+def token_lengths(tok: TextEncoder, texts: list[str] | list[list[str]]) -> list[int]:
+    return [len(e.ids) for e in _tokenize(tok, texts)]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -91,34 +129,67 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, steps: in
     return opt, sched
 
 
-def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: list) -> torch.Tensor:
+def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     if model.config.task == "regression":
-        return torch.nn.functional.mse_loss(logits.squeeze(-1), torch.tensor(targets, dtype=torch.float32))
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets, dtype=torch.long))
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), targets, reduction=reduction)
+    if model.config.task == "token-classification":
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction=reduction)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Logits for ``texts`` in eval mode (batched by length, returned in input order)."""
+def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str],
+            batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
+    """Logits for ``texts`` in eval mode (batched by length, returned in input order):
+    ``[len(texts), outputs]``, or for token-level logits a list with one ``[tokens, labels]``
+    tensor per text (its real tokens, special tokens included)."""
     was = model.training
     model.eval()
     lengths = token_lengths(tok, texts)
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out = torch.empty(0)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        logits = model(**encode(tok, [texts[j] for j in idx], input_names))
+        feed = encode(tok, [texts[j] for j in idx], input_names)
+        logits = model(**feed)
+        if logits.ndim == 3:
+            for b, j in enumerate(idx):
+                rows[j] = logits[b, : lengths[j]]
+            continue
         if not out.numel():
             out = logits.new_empty(len(texts), logits.shape[-1])
         out[idx] = logits
     model.train(was)
-    return out
+    return out if out.numel() else rows
+
+
+@torch.no_grad()
+def _evaluate_tokens(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: int) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    lengths = token_lengths(tok, data.texts)
+    order = sorted(range(len(data)), key=lambda i: lengths[i])
+    loss = right = total = 0.0
+    for i in range(0, len(order), batch_size):
+        feed, targets = _batch(model, tok, data, order[i : i + batch_size])
+        logits = model(**feed)
+        scored = targets != -100
+        loss += _loss(model, logits, targets, reduction="sum").item()
+        right += (logits.argmax(-1)[scored] == targets[scored]).sum().item()
+        total += scored.sum().item()
+    model.train(was)
+    return {"loss": loss / max(total, 1), "accuracy": right / max(total, 1)}
 
 
 def evaluate(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy (classification) or MSE (regression), plus the loss."""
+    """Accuracy (classification; for token classification over words, each scored at its first
+    sub-token) or MSE (regression), plus the loss."""
+    if model.config.task == "token-classification":
+        return _evaluate_tokens(model, tok, data, batch_size)
+    dtype = torch.float32 if model.config.task == "regression" else torch.long
     logits = predict(model, tok, data.texts, model.input_names, batch_size)
-    loss = _loss(model, logits, data.targets).item()
+    loss = _loss(model, logits, torch.tensor(data.targets, dtype=dtype)).item()
     if model.config.task == "regression":
         return {"loss": loss, "mse": loss}
     acc = (logits.argmax(-1) == torch.tensor(data.targets)).float().mean().item()
@@ -172,9 +243,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         batches = batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for idx in bar:
-            texts, targets = [train_data.texts[j] for j in idx], [train_data.targets[j] for j in idx]
-            logits = model(**encode(tok, texts, model.input_names))
-            task_loss = _loss(model, logits, targets)
+            feed, targets = _batch(model, tok, train_data, idx)
+            task_loss = _loss(model, model(**feed), targets)
             loss = task_loss + model.aux_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,116 @@
+"""Token classification: word tags from JSONL, scored on each word's first sub-token."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from mpismoe_edge.cli import train_main
+from mpismoe_edge.data import Dataset, load_file
+from mpismoe_edge.model import load_checkpoint
+from mpismoe_edge.train import TrainConfig, evaluate, make_tokenizer, predict, train, word_targets
+
+TAGS = ["O", "NEG", "POS"]
+POLARITY = {"good": 2, "great": 2, "love": 2, "happy": 2, "bad": 1, "awful": 1, "hate": 1, "sad": 1}
+SENTENCES = ["i love this movie", "this car is awful", "we hate slow cars", "a great film",
+             "they think it was bad", "very happy", "really sad film", "the good car was fast"]
+WORDS = [s.split() for s in SENTENCES]
+DATA = Dataset(WORDS * 4, [[POLARITY.get(w, 0) for w in ws] for ws in WORDS] * 4, TAGS)
+
+
+def _model(**kw):
+    return tiny_model(task="token-classification", labels=TAGS, **kw)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_word_tags_land_on_the_first_sub_token_only():
+    tok = make_tokenizer(tiny_tokenizer().to_str(), 16)
+    encs = tok.tokenize_words([["i", "zzq", "love"]])
+    assert encs[0].tokens == ["[CLS]", "i", "z", "##z", "##q", "love", "[SEP]"]
+    assert word_targets(encs, [[0, 1, 2]]).tolist() == [[-100, 0, 1, -100, -100, 2, -100]]
+
+
+def test_truncated_words_are_not_scored():
+    tok = make_tokenizer(tiny_tokenizer().to_str(), 4)
+    encs = tok.tokenize_words([["i", "love", "this", "movie"]])
+    assert word_targets(encs, [[1, 2, 1, 2]]).tolist() == [[-100, 1, 2, -100]]
+
+
+def test_jsonl_words_and_tag_names_load_as_ids(tmp_path):
+    path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i", "love", "it"], "tags": ["O", "POS", "O"]},
+                                                 {"tokens": ["bad"], "tags": ["NEG"]}])
+    ds = load_file(path, task="token-classification")
+    assert ds.texts == [["i", "love", "it"], ["bad"]]
+    assert ds.labels == ["NEG", "O", "POS"] and ds.targets == [[1, 2, 1], [0]]
+
+
+def test_a_tag_count_that_differs_from_the_word_count_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i", "love"], "tags": ["O"]}])
+    with pytest.raises(ValueError, match="row 1: 'tags' must be a list with one tag per word"):
+        load_file(path, task="token-classification")
+
+
+def test_an_unknown_tag_names_its_row(tmp_path):
+    path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i"], "tags": ["O"]}, {"tokens": ["a", "b"], "tags": ["O", "X"]}])
+    with pytest.raises(ValueError, match="row 2: label 'X' out of range"):
+        load_file(path, task="token-classification", labels=["O", "POS"])
+
+
+def test_token_classification_csv_is_refused(tmp_path):
+    path = tmp_path / "ner.csv"
+    path.write_text("tokens,tags\ni love,O POS\n")
+    with pytest.raises(ValueError, match="must be JSONL"):
+        load_file(path, task="token-classification")
+
+
+def test_plain_texts_are_refused_by_a_token_model(tmp_path):
+    with pytest.raises(ValueError, match="cannot train on plain texts"):
+        train(_model(), Dataset(SENTENCES, [0] * 8, TAGS), DATA, TrainConfig(epochs=1), tmp_path, progress=False)
+
+
+def test_words_are_refused_by_a_sequence_model(tmp_path):
+    with pytest.raises(ValueError, match="cannot train on texts split into words"):
+        train(tiny_model(), DATA, DATA, TrainConfig(epochs=1), tmp_path, progress=False)
+
+
+def test_the_side_network_learns_word_tags(tmp_path):
+    model = _model(expert_bits=None)
+    tok = make_tokenizer(model.tokenizer_json, 16)
+    before = evaluate(model, tok, DATA)["accuracy"]
+    cfg = TrainConfig(epochs=15, batch_size=8, lr=5e-3, warmup_ratio=0.1, patience=20)
+    result = train(model, DATA, DATA, cfg, tmp_path, progress=False)
+    assert before < 0.9 and result["final"]["accuracy"] >= 0.95
+
+
+def test_predict_gives_one_logit_row_per_real_token():
+    model = _model().eval()
+    tok = make_tokenizer(model.tokenizer_json, 16)
+    out = predict(model, tok, ["i love it", "bad"], model.input_names)
+    assert [t.shape for t in out] == [(5, 3), (3, 3)]
+
+
+def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys):
+    rows = [{"tokens": ws, "tags": [TAGS[POLARITY.get(w, 0)] for w in ws]} for ws in WORDS]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    from conftest import tiny_backbone
+    backbone_dir = tmp_path / "backbone"
+    tiny_backbone().save_pretrained(backbone_dir)
+    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(backbone_dir)
+    code = train_main(["--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data),
+                       "--task", "token-classification", "--epochs", "1", "--bits", "4", "--quant-method", "rtn",
+                       "--group-size", "32", "--reduction", "4", "--experts", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0
+    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert model.config.task == "token-classification" and model.config.labels == sorted(TAGS)
+    ids = torch.tensor([[2, 10, 11, 3]])
+    assert model(ids, torch.ones_like(ids)).shape == (1, 4, 3)
+
+
+def test_cli_token_task_without_data_exits_2(capsys):
+    assert train_main(["--task", "token-classification", "--quiet"]) == 2
+    assert "needs --data" in capsys.readouterr().err
