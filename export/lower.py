@@ -4,7 +4,8 @@ The model contract (what :func:`to_onnx` needs from an ``nn.Module``):
 
 * ``forward(**inputs)`` takes the tensors named by ``model.input_names`` (default: the text
   inputs ``input_ids``/``attention_mask``/``token_type_ids`` its ``forward`` accepts) as
-  keyword arguments and returns the logits tensor ``[batch, num_outputs]``;
+  keyword arguments and returns the logits tensor: ``[batch, num_outputs]``, or
+  ``[batch, seq, num_labels]`` for token classification (one row per token, padding included);
 * quantized Linear layers call ``torch.ops.mpismoe.qmatmul``, quantized embeddings
   ``torch.ops.mpismoe.qgather``, and routers call
   ``torch.ops.mpismoe.topk_route`` (both become ``ai.mpismoe`` nodes);
@@ -17,7 +18,8 @@ Export goes through ``torch.onnx.export(dynamo=True)`` with a custom translation
 emits plain ``ai.mpismoe`` nodes (the exporter's version converter would inline a function
 handed to it directly); the model-local functions from :mod:`.functions` are attached
 afterwards, so each op stays one node a runtime may replace, with a standard-ONNX body any
-runtime can inline. Batch and sequence axes stay dynamic.
+runtime can inline. Batch and sequence axes stay dynamic (the inputs' and, for per-token
+logits, the output's).
 """
 from __future__ import annotations
 
