@@ -8,7 +8,9 @@ blank lines are skipped; ``-`` reads stdin). The whole file is checked before an
 a line that is not UTF-8, not a JSON object, or lacks a string "text" is an error naming its line
 number. Errors go to stderr as ``error: ...`` with exit status 2; warnings as ``warning: ...``.
 Each output line is the prediction (see ``Predictor.predict``) plus "index" (0-based position
-among the inputs) and, for --input, "line" (1-based line number in the file).
+among the inputs) and, for --input, "line" (1-based line number in the file); for a
+token-classification model the prediction is {"words": [{"word", "start", "end", "label",
+"score"}, ...], "truncated"}, all of a text's words on its one line.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(numpy + onnxruntime + tokenizers only); prints JSON lines.")
     p.add_argument("model_dir", help="exported directory (model.onnx, tokenizer.json, manifest.json)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    src.add_argument("--text", action="append", help="a text to run the model on (repeatable)")
     src.add_argument("--input", help="JSONL file with a \"text\" field per line ('-' for stdin)")
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--batch-size", type=int, default=32)

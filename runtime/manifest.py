@@ -20,7 +20,7 @@ SUPPORTED_MAJOR = 1
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "token-classification")
 DEFAULT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

@@ -5,6 +5,9 @@ numpy only::
 
     report = compare_logits(torch_logits, onnx_logits, labels=y, atol=1e-3, min_agreement=0.99)
     print(report.summary()); assert report.passed
+
+For ``task="token-classification"`` the logits are one ``[tokens, labels]`` array per text (real
+tokens only, as ``Predictor.predict_logits`` returns them); they are compared token by token.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ from typing import Sequence
 
 import numpy as np
 
+TASKS = ("classification", "regression", "token-classification")
+
 
 @dataclass
 class ParityReport:
     n: int
     max_abs_diff: float
     mean_abs_diff: float
-    label_agreement: float | None      # fraction of rows whose argmax agrees (classification)
+    label_agreement: float | None      # fraction of rows (texts, or tokens) whose argmax agrees
     reference_accuracy: float | None   # vs the given labels, when labels are given
     candidate_accuracy: float | None
     atol: float | None
@@ -27,13 +32,17 @@ class ParityReport:
     max_accuracy_drop: float | None
     passed: bool
     failures: list[str] = field(default_factory=list)
+    tokens: int | None = None          # token classification: real tokens compared (n counts texts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.tokens is None:  # sequence tasks: the report has no token count
+            del d["tokens"]
+        return d
 
     def summary(self) -> str:
-        parts = [f"n={self.n}", f"max_abs_diff={self.max_abs_diff:.3g}",
-                 f"mean_abs_diff={self.mean_abs_diff:.3g}"]
+        parts = [f"n={self.n}"] + ([f"tokens={self.tokens}"] if self.tokens is not None else [])
+        parts += [f"max_abs_diff={self.max_abs_diff:.3g}", f"mean_abs_diff={self.mean_abs_diff:.3g}"]
         if self.label_agreement is not None:
             parts.append(f"label_agreement={self.label_agreement:.4f}")
         if self.reference_accuracy is not None:
@@ -50,6 +59,25 @@ def _as_logits(x, name: str) -> np.ndarray:
     if a.ndim not in (1, 2) or a.shape[0] == 0:
         raise ValueError(f"{name} must have shape [n] or [n, classes] with n > 0, got {list(a.shape)}")
     return a.astype(np.float64)
+
+
+def _token_logits(reference, candidate) -> tuple[np.ndarray, np.ndarray, int]:
+    """Both sides' per-text ``[tokens_i, labels]`` logits, checked pair by pair, as two
+    ``[tokens, labels]`` arrays (texts concatenated); also the number of texts."""
+    sides = []
+    for name, x in (("reference", reference), ("candidate", candidate)):
+        is_list = isinstance(x, (list, tuple, np.ndarray))
+        rows = [_as_logits(r, f"{name}[{i}]") for i, r in enumerate(x)] if is_list else []
+        if not rows or any(r.ndim != 2 for r in rows):
+            raise ValueError(f"{name} must be a non-empty list of [tokens, labels] arrays, one per text")
+        sides.append(rows)
+    ref, cand = sides
+    if len(ref) != len(cand):
+        raise ValueError(f"reference has {len(ref)} texts, candidate {len(cand)}")
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        if r.shape != c.shape:
+            raise ValueError(f"shape mismatch at text {i}: reference {list(r.shape)} vs candidate {list(c.shape)}")
+    return np.concatenate(ref), np.concatenate(cand), len(ref)
 
 
 def max_abs_diff(reference, candidate) -> float:
@@ -102,12 +130,24 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
     Passes when max |diff| <= ``atol`` (skip with None), the argmax agreement is at least
     ``min_agreement`` (classification; skip with None), no value is NaN/inf, and, when labels
     and ``max_accuracy_drop`` are given, candidate accuracy >= reference accuracy - drop.
+
+    token-classification: ``reference`` and ``candidate`` hold one ``[tokens_i, labels]`` array
+    per text (real tokens only); diffs and the argmax agreement are over all their tokens, and
+    ``n`` counts texts, ``tokens`` tokens. Gold labels are not taken for this task.
     """
-    if task not in ("classification", "regression"):
-        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-    a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    tokens = None
+    if task == "token-classification":
+        if labels is not None:
+            raise ValueError("gold labels are not supported for token-classification (compare without them)")
+        a, b, n = _token_logits(reference, candidate)
+        tokens = int(a.shape[0])
+    else:
+        a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
+        if a.shape != b.shape:
+            raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
+        n = int(a.shape[0])
     failures = []
     for name, x in (("reference", a), ("candidate", b)):
         if not np.isfinite(x).all():
@@ -120,7 +160,7 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
         failures.append(f"max_abs_diff {mad:.3g} > atol {atol:g}")
 
     agree = ref_acc = cand_acc = None
-    if task == "classification" and a.ndim == 2:
+    if task != "regression" and a.ndim == 2:
         agree = label_agreement(a, b)
         if min_agreement is not None and agree < min_agreement:
             failures.append(f"label agreement {agree:.4f} < {min_agreement:g}")
@@ -128,7 +168,8 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
             ref_acc, cand_acc = accuracy(a, labels, label_names), accuracy(b, labels, label_names)
             if max_accuracy_drop is not None and cand_acc < ref_acc - max_accuracy_drop:
                 failures.append(f"accuracy dropped {ref_acc - cand_acc:.4f} > {max_accuracy_drop:g}")
-    return ParityReport(n=int(a.shape[0]), max_abs_diff=mad, mean_abs_diff=mean,
+    return ParityReport(n=n, max_abs_diff=mad, mean_abs_diff=mean,
                         label_agreement=agree, reference_accuracy=ref_acc,
                         candidate_accuracy=cand_acc, atol=atol, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop, passed=not failures, failures=failures)
+                        max_accuracy_drop=max_accuracy_drop, passed=not failures, failures=failures,
+                        tokens=tokens)

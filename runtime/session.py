@@ -1,4 +1,5 @@
-"""The edge predictor: an exported directory -> labels and probabilities.
+"""The edge predictor: an exported directory -> labels and probabilities (per text, or per word
+for token classification).
 
 Imports only numpy, onnxruntime and tokenizers. One :class:`Predictor` may be used from many
 threads at once: ONNX Runtime's ``InferenceSession.run`` is thread safe, and the tokenizer is
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Encoding
 
 from .manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, load_manifest, require_file
 from .text import TextEncoder, check_texts, was_truncated
@@ -238,7 +240,8 @@ class Predictor:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         return batch_size
 
-    def _logits_and_flags(self, texts, batch_size: int | None) -> tuple[np.ndarray, list[bool]]:
+    def _logits_and_encodings(self, texts, batch_size: int | None) -> tuple[np.ndarray | list[np.ndarray],
+                                                                            list[Encoding]]:
         texts = check_texts(texts)
         bs = self._batch_size(batch_size)
         encs = self.encoder.tokenize(texts)
@@ -250,39 +253,100 @@ class Predictor:
             arrays = self.encoder.pad([encs[i] for i in idx]).arrays()
             feed = {n: arrays[n].astype(dt, copy=False) for n, (dt, _) in self._inputs.items()}
             chunks.append((idx, self._run(feed)))
-        first = chunks[0][1]
-        logits = np.empty((len(texts),) + first.shape[1:], dtype=np.float32)
-        for idx, out in chunks:
-            logits[idx] = out
-        flags = [was_truncated(e) for e in encs]
-        n_cut = sum(flags)
+        if self.task == "token-classification":
+            logits = self._per_text(chunks, encs)
+        else:
+            first = chunks[0][1]
+            logits = np.empty((len(texts),) + first.shape[1:], dtype=np.float32)
+            for idx, out in chunks:
+                logits[idx] = out
+        n_cut = sum(was_truncated(e) for e in encs)
         if n_cut:
             warnings.warn(f"{n_cut} of {len(texts)} text(s) exceeded max_length={self.max_length} "
                           f"tokens and were truncated", TruncationWarning, stacklevel=3)
-        return logits, flags
+        return logits, encs
 
-    def predict_logits(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """Logits [len(texts), num_outputs] in input order (float32)."""
-        return self._logits_and_flags(texts, batch_size)[0]
+    @staticmethod
+    def _per_text(chunks: list[tuple[list[int], np.ndarray]], encs: list[Encoding]) -> list[np.ndarray]:
+        """Per-token logits of padded chunks -> one ``[tokens, labels]`` array per text (chunks
+        differ in sequence length, so they cannot share one array)."""
+        rows: list[np.ndarray] = [np.empty(0, np.float32)] * len(encs)
+        for idx, out in chunks:
+            seq = max(1, max(len(encs[i].ids) for i in idx))  # as TextEncoder.pad
+            if out.ndim != 3 or out.shape[:2] != (len(idx), seq):
+                raise ValueError(f"a token-classification model must return logits [batch, seq, labels] "
+                                 f"([{len(idx)}, {seq}, labels] here), got {list(out.shape)}")
+            for i, row in zip(idx, out):
+                rows[i] = row[:len(encs[i].ids)].copy()
+        return rows
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """Logits in input order (float32).
+
+        classification, regression: one array ``[len(texts), num_outputs]``.
+        token-classification: a list with one array ``[tokens_i, num_labels]`` per text: the
+        logits of its real tokens (special tokens included, no padding), in tokenizer order.
+        """
+        return self._logits_and_encodings(texts, batch_size)[0]
 
     def predict(self, texts: Sequence[str], batch_size: int | None = None) -> list[dict]:
         """One dict per text.
 
         classification: {"label", "probabilities": {label: p}, "truncated"}
         regression:     {"score", "truncated"} (score is a list when the model has several outputs)
+        token-classification: {"words": [{"word", "start", "end", "label", "score"}, ...],
+            "truncated"}, one entry per word as the tokenizer's pre-tokenizer splits the text, labelled by its
+            first sub-word token (``score``: that label's probability there); ``start``/``end``
+            are character offsets into the text and ``word == text[start:end]``. Words wholly cut
+            off by truncation are absent; one cut in the middle keeps its full span.
         """
-        logits, flags = self._logits_and_flags(texts, batch_size)
+        texts = check_texts(texts)
+        logits, encs = self._logits_and_encodings(texts, batch_size)
+        flags = [was_truncated(e) for e in encs]
+        if self.task == "token-classification":
+            labels = self._label_names(logits[0].shape[-1])
+            return [{"words": _words(text, enc, _softmax(rows), labels), "truncated": cut}
+                    for text, enc, rows, cut in zip(texts, encs, logits, flags)]
         if logits.ndim == 1:
             logits = logits[:, None]
         if self.task == "regression":
             return [{"score": float(row[0]) if row.size == 1 else row.tolist(), "truncated": cut}
                     for row, cut in zip(logits.reshape(len(flags), -1), flags)]
-        labels = self.labels or [str(i) for i in range(logits.shape[-1])]
-        if len(labels) != logits.shape[-1]:
-            raise ValueError(f"model returns {logits.shape[-1]} logits but the manifest lists "
-                             f"{len(labels)} labels")
+        labels = self._label_names(logits.shape[-1])
         probs = _softmax(logits)
         return [{"label": labels[int(p.argmax())],
                  "probabilities": {lab: float(v) for lab, v in zip(labels, p)},
                  "truncated": cut}
                 for p, cut in zip(probs, flags)]
+
+    def _label_names(self, n: int) -> list[str]:
+        labels = self.labels or [str(i) for i in range(n)]
+        if len(labels) != n:
+            raise ValueError(f"model returns {n} logits but the manifest lists {len(labels)} labels")
+        return labels
+
+
+def _words(text: str, enc: Encoding, probs: np.ndarray, labels: list[str]) -> list[dict]:
+    """The words of ``enc`` (by ``word_ids``; special tokens have none), each labelled by its
+    first sub-word token, with its character span in ``text``."""
+    spans: dict[int, list[int]] = {}  # word id -> [first token, end offset], in word order
+    for t, (w, (_, end)) in enumerate(zip(enc.word_ids, enc.offsets)):
+        if w is None:
+            continue
+        if w in spans:
+            spans[w][1] = end
+        else:
+            spans[w] = [t, end]
+    if spans and enc.overflowing:  # the last word may go on past max_length
+        last = next(reversed(spans))
+        for over in enc.overflowing:
+            for w, (_, end) in zip(over.word_ids, over.offsets):
+                if w == last:
+                    spans[last][1] = end
+    words = []
+    for first, end in spans.values():
+        start = enc.offsets[first][0]
+        k = int(probs[first].argmax())
+        words.append({"word": text[start:end], "start": start, "end": end, "label": labels[k],
+                      "score": float(probs[first, k])})
+    return words

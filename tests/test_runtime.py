@@ -187,6 +187,16 @@ def test_regression_task(tmp_path):
     assert all(set(r) == {"score", "truncated"} and isinstance(r["score"], float) for r in res)
 
 
+def test_token_classification_needs_per_token_logits(tmp_path):
+    out = build_model_dir(tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "task": "token-classification"}))
+    p = Predictor.from_dir(out)
+    assert p.task == "token-classification"
+    with pytest.raises(ValueError, match=r"must return logits \[batch, seq, labels\] \(\[1, 4, labels\] here\), got \[1, 3\]"):
+        p.predict(["good phone"])
+
+
 def test_graph_optimization_and_threads_agree(model_dir, predictor):
     p = Predictor.from_dir(model_dir, threads=1, graph_optimization="disable")
     np.testing.assert_allclose(p.predict_logits(TEXTS), predictor.predict_logits(TEXTS), atol=1e-6)

@@ -81,3 +81,37 @@ def test_regression():
     r = compare_logits(ref, ref + 1e-5, task="regression", atol=1e-4)
     assert r.passed and r.label_agreement is None and r.reference_accuracy is None
     assert not compare_logits(ref, ref + 1e-2, task="regression", atol=1e-4).passed
+
+
+TOKEN_REF = [RNG.normal(size=(n, 3)).astype(np.float32) for n in (4, 9, 2)]  # one [tokens, labels] per text
+
+
+def test_token_classification_compares_every_token():
+    r = compare_logits(TOKEN_REF, [x.copy() for x in TOKEN_REF], task="token-classification")
+    assert r.passed and r.n == 3 and r.tokens == 15 and r.label_agreement == 1.0
+    assert "tokens=15" in r.summary() and r.to_dict()["tokens"] == 15
+
+
+def test_token_classification_agreement_is_per_token():
+    cand = [x.copy() for x in TOKEN_REF]
+    cand[1][0] = 0.0
+    cand[1][0, (TOKEN_REF[1][0].argmax() + 1) % 3] = 100.0  # one token of one text picks another label
+    r = compare_logits(TOKEN_REF, cand, task="token-classification", atol=None, min_agreement=0.99)
+    assert r.label_agreement == pytest.approx(14 / 15)
+    assert not r.passed and any("agreement" in f for f in r.failures)
+
+
+def test_token_classification_input_errors():
+    with pytest.raises(ValueError, match="shape mismatch at text 1"):
+        compare_logits(TOKEN_REF, [TOKEN_REF[0], TOKEN_REF[1][:-1], TOKEN_REF[2]], task="token-classification")
+    with pytest.raises(ValueError, match="3 texts, candidate 2"):
+        compare_logits(TOKEN_REF, TOKEN_REF[:2], task="token-classification")
+    with pytest.raises(ValueError, match=r"list of \[tokens, labels\] arrays"):
+        compare_logits(REF, REF, task="token-classification")
+    with pytest.raises(ValueError, match="gold labels"):
+        compare_logits(TOKEN_REF, TOKEN_REF, labels=[0, 1, 2], task="token-classification")
+
+
+def test_sequence_reports_have_no_token_count():
+    assert "tokens" not in compare_logits(REF, REF).to_dict()
+    assert "tokens" not in compare_logits(REF, REF).summary()
