@@ -15,7 +15,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def tiny_tokenizer() -> Tokenizer:
     """A BERT-style WordPiece tokenizer over a small word list plus single letters."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + letters + ["##" + c for c in letters])}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + WORDS + letters + ["##" + c for c in letters]))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=50))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
