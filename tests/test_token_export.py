@@ -18,8 +18,7 @@ from mpismoe_edge.runtime.text import TextEncoder
 from conftest import tiny_model, tiny_tokenizer
 
 TAGS = ["O", "B-X", "I-X"]
-# "qqb" is out of vocabulary: q ##q ##b. (Avoid ##y/##z: tiny_tokenizer gives them ids past the
-# backbone's embedding table.)
+# "qqb" is out of vocabulary: q ##q ##b.
 TEXTS = ["i love qqb movies", "ok", "self driving cars are really fast", "the film was fine"]
 
 
