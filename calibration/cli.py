@@ -85,8 +85,13 @@ def _check_same_layers(old: torch.nn.Module, new: torch.nn.Module, names: Sequen
 
 @torch.no_grad()
 def _predictions(model: torch.nn.Module, batches) -> torch.Tensor:
-    """Predicted class per text (sign of the output for regression)."""
-    out = torch.cat([model(**batch) for batch in batches])
+    """Predicted class per text (sign of the output for regression; per real token for token
+    classification)."""
+    outs = []
+    for batch in batches:
+        out = model(**batch)
+        outs.append(out[batch["attention_mask"].bool()] if out.ndim == 3 else out)
+    out = torch.cat(outs)
     return out.argmax(-1) if out.shape[-1] > 1 else out.squeeze(-1) > 0
 
 
@@ -167,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"calibrated {len(report['layers'])} layers: {report['total_mb']:.3f} MB of {report['budget_mb']:.3f} MB "
           f"(min {report['min_mb']:.3f}), {report['avg_bits']:.3f} average bits, widths "
           + ", ".join(f"{w}b x{n}" for w, n in counts.items())
-          + f"; predictions unchanged on {100 * report['prediction_agreement']:.1f}% of calibration texts")
+          + f"; {100 * report['prediction_agreement']:.1f}% of predictions on calibration texts unchanged"
+          " (per token for token classification)")
     print(f"wrote {args.output}" + (f" and {args.report_dir}/calibration.{{json,png}}" if args.report_dir else ""))
     return 0
 

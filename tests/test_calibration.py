@@ -359,3 +359,18 @@ def test_cli_needs_a_budget(checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         _run_cli(capsys, checkpoint / "model.pt", "-o", checkpoint / "x.pt")
     assert exc.value.code == 2
+
+
+def test_cli_calibrates_a_token_classification_checkpoint(checkpoint, tmp_path, capsys):
+    from mpismoe_edge.config import ModelConfig, SideConfig
+    from mpismoe_edge.model import build_model, save_checkpoint
+    from transformers import AutoModel
+
+    config = ModelConfig(backbone=str(checkpoint / "backbone"), task="token-classification", labels=["O", "X"], max_length=16,
+                         side=SideConfig(num_experts=2, top_k=1, num_heads=2), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
+    model = build_model(AutoModel.from_pretrained(checkpoint / "backbone"), config, tiny_tokenizer_json(), progress=False)
+    save_checkpoint(model, tmp_path / "model.pt")
+    rc, stdout, err = _run_cli(capsys, tmp_path / "model.pt", "--avg-bits", "3", "-o", tmp_path / "calibrated.pt",
+                               "--data", checkpoint / "train.jsonl", "--samples", "24", "--batch-size", "4")
+    assert rc == 0, err
+    assert "% of predictions on calibration texts unchanged" in stdout
