@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", help="test CSV/JSONL, scored once by the final model (optional with --data)")
     p.add_argument("--task", choices=TASKS, default="classification",
                    help="token-classification reads JSONL with 'tokens' (words) and 'tags' (one per word)")
+    p.add_argument("--text-column", help="column of --data holding the texts (default 'text'; 'tokens' for token-classification)")
+    p.add_argument("--label-column", help="column of --data holding the labels (default 'label'; 'tags' for token-classification, "
+                   "e.g. 'ner_tags' in a Hugging Face CoNLL export)")
     p.add_argument("-o", "--out", default="runs/mpismoe", help="output directory (model.pt, metrics.json, last.pt)")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=2000)
@@ -81,9 +84,10 @@ def _train(args) -> int:
     if args.data:
         if not args.eval_data:
             raise ValueError("--data needs --eval-data")
-        train_ds = load_file(args.data, task=args.task)
-        eval_ds = load_file(args.eval_data, task=args.task, labels=train_ds.labels or None)
-        test_ds = load_file(args.test_data, task=args.task, labels=train_ds.labels or None) if args.test_data else None
+        columns = {"task": args.task, "text_column": args.text_column, "label_column": args.label_column}
+        train_ds = load_file(args.data, **columns)
+        eval_ds = load_file(args.eval_data, labels=train_ds.labels or None, **columns)
+        test_ds = load_file(args.test_data, labels=train_ds.labels or None, **columns) if args.test_data else None
     else:
         if args.task != "classification":
             raise ValueError(f"the bundled data is 3-class sentiment; --task {args.task} needs --data and --eval-data")

@@ -114,3 +114,13 @@ def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys):
 def test_cli_token_task_without_data_exits_2(capsys):
     assert train_main(["--task", "token-classification", "--quiet"]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_cli_reads_the_columns_it_is_told(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "conll.jsonl", [{"tokens": ["i", "love", "it"], "ner_tags": [0, 2, 0]}])
+    args = ["--data", str(data), "--eval-data", str(data), "--task", "token-classification", "--quiet",
+            "--backbone", str(tmp_path / "missing")]
+    assert train_main(args) == 2
+    assert "column 'tags' missing (found ['ner_tags', 'tokens'])" in capsys.readouterr().err
+    assert train_main(args + ["--label-column", "ner_tags"]) == 2
+    assert "no Hugging Face model at" in capsys.readouterr().err  # the data was read; the backbone is next
