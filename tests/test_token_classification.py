@@ -124,3 +124,19 @@ def test_cli_reads_the_columns_it_is_told(tmp_path, capsys):
     assert "column 'tags' missing (found ['ner_tags', 'tokens'])" in capsys.readouterr().err
     assert train_main(args + ["--label-column", "ner_tags"]) == 2
     assert "no Hugging Face model at" in capsys.readouterr().err  # the data was read; the backbone is next
+
+
+def test_the_real_minilm_tokenizer_tags_each_given_word_once():
+    from pathlib import Path
+
+    from mpismoe_edge.cli import default_backbone_path
+    from mpismoe_edge.runtime.text import TextEncoder
+
+    try:
+        path = Path(default_backbone_path()) / "tokenizer.json"
+    except FileNotFoundError:
+        pytest.skip("the bundled MiniLM is not installed")
+    (enc,) = TextEncoder(path, 64).tokenize_words([["@united", "flights", "#DeflateGate"]])
+    targets = word_targets([enc], [[1, 0, 2]])[0].tolist()
+    # the pre-tokenizer splits '@united' and '#DeflateGate' further; each given word is still one word
+    assert [(enc.tokens[i], t) for i, t in enumerate(targets) if t != -100] == [("@", 1), ("flights", 0), ("#", 2)]
