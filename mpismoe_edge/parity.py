@@ -71,6 +71,9 @@ def _token_texts(path: str, rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value}")
         from .model import load_checkpoint
         from .runtime import Predictor
         from .runtime.parity import compare_logits

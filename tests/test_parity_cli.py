@@ -38,3 +38,9 @@ def test_parity_refuses_data_without_text(tiny_checkpoint, exported, tmp_path, c
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     assert main([str(tiny_checkpoint), str(exported), "--data", str(bad)]) == 2
     assert "'text' column" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--limit"])
+def test_parity_refuses_a_non_positive_size_with_exit_2(tiny_checkpoint, exported, tiny_jsonl, capsys, flag):
+    assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), flag, "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} must be a positive integer, got 0"
