@@ -84,14 +84,13 @@ class LadderSideNetwork(nn.Module):
         for i, block in zip(self.layers, self.blocks):
             h = block(h, hidden_states[i], mask)
         h = self.norm(h)
-        if self.token_level:
-            return self.head(self.drop(nn.functional.gelu(self.up(h))))
-        if mask is None:
-            pooled = h.mean(1)
-        else:
-            m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.head(self.drop(nn.functional.gelu(self.up(pooled))))
+        if not self.token_level:  # masked mean pool
+            if mask is None:
+                h = h.mean(1)
+            else:
+                m = mask.unsqueeze(-1).to(h.dtype)
+                h = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.head(self.drop(nn.functional.gelu(self.up(h))))
 
     def moe_layers(self) -> list[ISMoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, ISMoE)]
