@@ -70,14 +70,18 @@ def word_targets(encs: list, tags: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def _targets(model: MPISMoEModel, encs: list, targets: list) -> torch.Tensor:
+    """The loss's targets for rows tokenized as ``encs``: class ids, regression values, or for
+    token classification ``word_targets``."""
+    if model.config.task == "token-classification":
+        return word_targets(encs, targets)
+    return torch.tensor(targets, dtype=torch.float32 if model.config.task == "regression" else torch.long)
+
+
 def _batch(model: MPISMoEModel, tok: TextEncoder, data: Dataset, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs and targets of rows ``idx``."""
     encs = _tokenize(tok, [data.texts[j] for j in idx])
-    targets = [data.targets[j] for j in idx]
-    if model.config.task == "token-classification":
-        return _feed(tok, encs, model.input_names), word_targets(encs, targets)
-    dtype = torch.float32 if model.config.task == "regression" else torch.long
-    return _feed(tok, encs, model.input_names), torch.tensor(targets, dtype=dtype)
+    return _feed(tok, encs, model.input_names), _targets(model, encs, [data.targets[j] for j in idx])
 
 
 def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
@@ -138,47 +142,49 @@ def _loss(model: MPISMoEModel, logits: torch.Tensor, targets: torch.Tensor, redu
 
 
 @torch.no_grad()
+def _logits_by_length(model: torch.nn.Module, tok: TextEncoder, texts: list[str] | list[list[str]], input_names: list[str],
+                      batch_size: int) -> list[tuple[list[int], list, torch.Tensor]]:
+    """``(row indices, their encodings, logits)`` per batch of similar-length texts, in eval mode
+    (each text tokenized once)."""
+    was = model.training
+    model.eval()
+    encs = _tokenize(tok, texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    out = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = [encs[j] for j in idx]
+        out.append((idx, batch, model(**_feed(tok, batch, input_names))))
+    model.train(was)
+    return out
+
+
 def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str],
             batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
     """Logits for ``texts`` in eval mode (batched by length, returned in input order):
     ``[len(texts), outputs]``, or for token-level logits a list with one ``[tokens, labels]``
     tensor per text (its real tokens, special tokens included)."""
-    was = model.training
-    model.eval()
-    lengths = token_lengths(tok, texts)
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    out = torch.empty(0)
+    out = None
     rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        feed = encode(tok, [texts[j] for j in idx], input_names)
-        logits = model(**feed)
+    for idx, encs, logits in _logits_by_length(model, tok, texts, input_names, batch_size):
         if logits.ndim == 3:
-            for b, j in enumerate(idx):
-                rows[j] = logits[b, : lengths[j]]
+            for b, (j, enc) in enumerate(zip(idx, encs)):
+                rows[j] = logits[b, : len(enc.ids)]
             continue
-        if not out.numel():
+        if out is None:
             out = logits.new_empty(len(texts), logits.shape[-1])
         out[idx] = logits
-    model.train(was)
-    return out if out.numel() else rows
+    return rows if out is None else out
 
 
-@torch.no_grad()
 def _evaluate_tokens(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: int) -> dict[str, float]:
-    was = model.training
-    model.eval()
-    lengths = token_lengths(tok, data.texts)
-    order = sorted(range(len(data)), key=lambda i: lengths[i])
     loss = right = total = 0.0
-    for i in range(0, len(order), batch_size):
-        feed, targets = _batch(model, tok, data, order[i : i + batch_size])
-        logits = model(**feed)
+    for idx, encs, logits in _logits_by_length(model, tok, data.texts, model.input_names, batch_size):
+        targets = _targets(model, encs, [data.targets[j] for j in idx])
         scored = targets != -100
         loss += _loss(model, logits, targets, reduction="sum").item()
         right += (logits.argmax(-1)[scored] == targets[scored]).sum().item()
         total += scored.sum().item()
-    model.train(was)
     return {"loss": loss / max(total, 1), "accuracy": right / max(total, 1)}
 
 
@@ -187,9 +193,8 @@ def evaluate(model: MPISMoEModel, tok: TextEncoder, data: Dataset, batch_size: i
     sub-token) or MSE (regression), plus the loss."""
     if model.config.task == "token-classification":
         return _evaluate_tokens(model, tok, data, batch_size)
-    dtype = torch.float32 if model.config.task == "regression" else torch.long
     logits = predict(model, tok, data.texts, model.input_names, batch_size)
-    loss = _loss(model, logits, torch.tensor(data.targets, dtype=dtype)).item()
+    loss = _loss(model, logits, _targets(model, [], data.targets)).item()
     if model.config.task == "regression":
         return {"loss": loss, "mse": loss}
     acc = (logits.argmax(-1) == torch.tensor(data.targets)).float().mean().item()
