@@ -38,12 +38,13 @@ def _texts_and_labels(path: str | None, limit: int, labels: list[str],
         test = load_default()[1]
         return test.texts[:limit], None if token_task else list(test.targets[:limit])
     rows = _read_rows(Path(path))[:limit]
-    if token_task:
-        return _token_texts(path, rows), None
+    if token_task and rows and "text" not in rows[0] and "tokens" in rows[0]:
+        return _joined_words(path, rows), None
     if not rows or "text" not in rows[0]:
-        raise ValueError(f"{path}: parity data needs a non-empty 'text' column")
+        alternative = " (or 'tokens')" if token_task else ""
+        raise ValueError(f"{path}: parity data needs a non-empty 'text'{alternative} column")
     texts = [str(r["text"]) for r in rows]
-    if "label" not in rows[0] or not labels:
+    if token_task or "label" not in rows[0] or not labels:  # per-word tags are not compared
         return texts, None
     index = {name: i for i, name in enumerate(labels)}
     ids = []
@@ -55,17 +56,13 @@ def _texts_and_labels(path: str | None, limit: int, labels: list[str],
     return texts, ids
 
 
-def _token_texts(path: str, rows: list[dict]) -> list[str]:
-    """A token-classification model's parity texts: the 'text' column, or else the words of a
-    'tokens' column (the training JSONL) joined by spaces; per-word tags are not compared."""
-    if rows and "text" not in rows[0] and "tokens" in rows[0]:
-        for n, r in enumerate(rows, 1):
-            if not isinstance(r.get("tokens"), list):
-                raise ValueError(f"{path}: row {n}: 'tokens' must be a list of words")
-        return [" ".join(map(str, r["tokens"])) for r in rows]
-    if not rows or "text" not in rows[0]:
-        raise ValueError(f"{path}: parity data needs a non-empty 'text' (or 'tokens') column")
-    return [str(r["text"]) for r in rows]
+def _joined_words(path: str, rows: list[dict]) -> list[str]:
+    """The training JSONL of a token-classification model as parity texts: each row's words
+    joined by spaces."""
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r.get("tokens"), list):
+            raise ValueError(f"{path}: row {n}: 'tokens' must be a list of words")
+    return [" ".join(map(str, r["tokens"])) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
