@@ -363,10 +363,10 @@ def test_cli_jsonl(model_dir, tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not valid UTF-8"),
     (b'{"text": "ok"}\n["text"]\n', "line 2: expected a JSON object"),
-    (b'{"text": "ok"}\n\n{"txt": "x"}\n', "line 3: \"text\" field"),
-    (b'{"text": 5}\n', "line 1: \"text\" field"),
+    (b'{"text": "ok"}\n\n{"txt": "x"}\n', "line 3: 'text' missing"),
+    (b'{"text": 5}\n', "line 1: 'text' must be a string, got int"),
     (b'{"text": "ok"\n', "line 1: not valid JSON"),
-    (b"\n\n", "holds no inputs"),
+    (b"\n\n", "holds no rows"),
 ])
 def test_cli_bad_jsonl(model_dir, tmp_path, content, message):
     f = tmp_path / "in.jsonl"
@@ -381,7 +381,7 @@ def test_cli_errors(model_dir, tmp_path):
     r = run_cli(tmp_path / "missing", "--text", "x")
     assert r.returncode == 2 and b"error: " in r.stderr and b"Traceback" not in r.stderr
     r = run_cli(model_dir, "--input", tmp_path / "nope.jsonl")
-    assert r.returncode == 2 and b"cannot read" in r.stderr
+    assert r.returncode == 2 and b"data file not found" in r.stderr
     r = run_cli(model_dir, "--text", "x", "--batch-size", "0")
     assert r.returncode == 2 and b"--batch-size must be a positive integer" in r.stderr
     r = run_cli(model_dir)  # neither --text nor --input: argparse usage error

@@ -124,7 +124,7 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
     for run, global_seed in (("a", 123), ("b", 456)):
         torch.manual_seed(global_seed)  # whatever the process did before must not matter
         code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
-                           "-o", str(tmp_path / run), "--epochs", "1", "--group-size", "32", "--quant-method", "rtn",
+                           "-o", str(tmp_path / run), "--epochs", "1", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
                            "--quiet"])
         assert code == 0
         states.append(read_checkpoint(tmp_path / run / "model.pt")["state_dict"])
