@@ -118,7 +118,7 @@ def main() -> None:
         t = time.perf_counter()
         fresh, _ = load_backbone(path)
         apply_bits(fresh, quantized, run["bits_map"])
-        config = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=SideConfig(), quant=None)
+        config = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=SideConfig(expert_bits=None), quant=None)
         model = build_model(fresh, config, tokenizer_json, progress=False)  # quant=None: already quantized
         model.config.quant = dataclasses.replace(quant, bits_map=run["bits_map"])
         tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)

@@ -104,7 +104,7 @@ def _build(method: str, train_ds, args):
     tok = make_tokenizer(tok_json, args.max_length)
     if method in SIDE_METHODS:
         if method.startswith("lst"):  # LST: fp32 backbone, one dense FFN per side block; side init random or pruned
-            side, quant = SideConfig(dense_ffn=True, init="pruned" if method == "lst-pruned" else "random"), None
+            side, quant = SideConfig(dense_ffn=True, expert_bits=None, init="pruned" if method == "lst-pruned" else "random"), None
         else:
             side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
         cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)

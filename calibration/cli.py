@@ -95,20 +95,6 @@ def _predictions(model: torch.nn.Module, batches) -> torch.Tensor:
     return out.argmax(-1) if out.shape[-1] > 1 else out.squeeze(-1) > 0
 
 
-def _load_texts(path, samples: int, seed: int) -> list[str]:
-    import csv
-
-    from mpismoe_edge.data import load_texts
-
-    try:
-        return load_texts(path, limit=samples, seed=seed)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file; calibrating a text model needs texts "
-                         "(CSV or JSONL with a 'text' column), not binary data such as images") from None
-    except csv.Error as exc:
-        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
-
-
 def run(args: argparse.Namespace) -> dict:
     from mpismoe_edge.config import QuantConfig
     from mpismoe_edge.model import load_checkpoint, load_float_backbone, save_checkpoint
@@ -124,7 +110,9 @@ def run(args: argparse.Namespace) -> dict:
     model = load_checkpoint(args.model)
     if model.tokenizer_json is None or "input_ids" not in model.input_names:
         raise ValueError(f"{args.model}: calibration needs a text model with a tokenizer; this backbone takes {model.input_names}")
-    texts = _load_texts(args.data, args.samples, args.seed)
+    from mpismoe_edge.data import load_texts
+
+    texts = load_texts(args.data, limit=args.samples, seed=args.seed)  # ValueError naming the file and line
     quant = model.config.quant or QuantConfig()
     try:
         backbone = load_float_backbone(model.config)

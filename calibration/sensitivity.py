@@ -243,15 +243,13 @@ def apply_bits(model: nn.Module, quantized: dict[str, dict[int, GroupQuant]], bi
     that bits map (the quantizer is deterministic), without quantizing again."""
     for name, bits in bits_map.items():
         lin = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        qlin = QuantLinear.from_quantized(quantized[name][bits], lin.bias).to(lin.weight.device)
-        setattr(model.get_submodule(parent) if parent else model, child, qlin)
+        model.set_submodule(name, QuantLinear.from_quantized(quantized[name][bits], lin.bias).to(lin.weight.device))
 
 
 def text_batches(tokenizer_json: str, texts: Sequence[str], max_length: int, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
     """Backbone inputs for ``texts`` with the model's own tokenizer: truncated to ``max_length``,
     padded per batch to its longest text."""
-    from mpismoe_edge.model import TEXT_INPUTS
+    from mpismoe_edge.runtime.spec import TEXT_INPUTS
     from mpismoe_edge.train import encode, make_tokenizer
 
     tok = make_tokenizer(tokenizer_json, max_length)

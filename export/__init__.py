@@ -8,9 +8,9 @@ Importing this package is cheap; torch is imported by the submodules that need i
 """
 from __future__ import annotations
 
-__all__ = ["TARGETS", "ParityError", "export_model"]
+from mpismoe_edge.runtime.spec import TARGETS  # torch-free
 
-TARGETS = ("portable", "ort-cpu", "ort-cuda")
+__all__ = ["TARGETS", "ParityError", "export_model"]
 
 
 def __getattr__(name):

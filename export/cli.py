@@ -10,8 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-TARGETS = ("portable", "ort-cpu", "ort-cuda")
-MIN_OPSET = 18  # keep in sync with functions.MIN_OPSET (checked again there)
+from mpismoe_edge.runtime.spec import DEFAULT_TARGET, MIN_OPSET, TARGETS
 
 
 class UsageError(Exception):
@@ -27,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpismoe-export", description="Export an MP-ISMoE checkpoint to ONNX, validated against PyTorch.")
     p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
     p.add_argument("-o", "--output", required=True, help="output directory (created or replaced atomically)")
-    p.add_argument("--target", default="portable", choices=TARGETS,
+    p.add_argument("--target", default=DEFAULT_TARGET, choices=TARGETS,
                    help="portable: ai.mpismoe functions of standard ONNX ops (any runtime); "
                         "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (default: portable)")
     p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",

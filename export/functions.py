@@ -33,9 +33,10 @@ from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, INT64, UINT8
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
+from mpismoe_edge.runtime.spec import MIN_OPSET  # noqa: F401  (BitwiseAnd needs 18; re-exported)
+
 DOMAIN = "ai.mpismoe"
 DOMAIN_VERSION = 1
-MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
 
 mpismoe = Opset(DOMAIN, DOMAIN_VERSION)
 TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])

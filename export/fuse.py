@@ -31,6 +31,7 @@ import torch
 from onnx import numpy_helper
 
 from mpismoe_edge.quant.pack import pack_bits
+from mpismoe_edge.runtime.spec import TARGETS
 
 from . import functions as F
 
@@ -41,7 +42,6 @@ TARGET_BITS = {
     # CUDA MatMulNBits kernels exist for 4 and 8 bits; 2-bit nodes keep the portable function.
     "ort-cuda": frozenset({4, 8}),
 }
-TARGETS = tuple(TARGET_BITS)
 ZERO_POINT_MODES = ("auto", "float")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (input type), 1 fp32, 2 fp16, 3 bf16, 4 int8
 

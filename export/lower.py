@@ -32,11 +32,10 @@ import onnx
 import torch
 from torch import nn
 
+from mpismoe_edge.runtime.spec import IMAGE_INPUTS, OUTPUT_NAME, TEXT_INPUTS
+
 from . import functions as F
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-IMAGE_INPUTS = ("pixel_values",)
-OUTPUT_NAME = "logits"
 MAX_IR_VERSION = 13  # the newest IR onnxruntime 1.31 reads (onnx 1.23 writes 14 by default)
 MIN_IR_VERSION = 10
 

@@ -14,8 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-FORMAT = "mpismoe-edge-onnx/1"
-EXPORT_FILES = {"model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json"}
+from mpismoe_edge.runtime.spec import EXPORT_FILES, FORMAT, FORMAT_PREFIX, MANIFEST_FILE
 
 
 class OutputError(ValueError):
@@ -30,14 +29,14 @@ def check_target(out: Path) -> None:
         entries = {p.name for p in out.iterdir()}
         if not entries:
             return
-        if "manifest.json" not in entries or entries - EXPORT_FILES:
+        if MANIFEST_FILE not in entries or entries - EXPORT_FILES:
             raise OutputError(f"{out} exists and is not an mpismoe-edge export; refusing to replace it "
                               "(choose a new or empty directory)")
         try:
-            fmt = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("format", "")
+            fmt = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("format", "")
         except (OSError, ValueError, AttributeError):
             fmt = ""
-        if not str(fmt).startswith("mpismoe-edge-onnx/"):
+        if not str(fmt).startswith(FORMAT_PREFIX):
             raise OutputError(f"{out} holds a manifest.json that is not an mpismoe-edge export; refusing to replace it")
 
 

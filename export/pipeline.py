@@ -11,14 +11,14 @@ from typing import Callable
 import onnx
 from torch import nn
 
+from mpismoe_edge.runtime.spec import DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE, TARGETS, TOKENIZER_FILE
+
 from . import functions as F
-from .fuse import ACCURACY_LEVELS, TARGETS, fuse
+from .fuse import ACCURACY_LEVELS, fuse
 from .lower import OUTPUT_NAME, input_names, to_onnx
-from .output import FORMAT, commit, staging_dir
+from .output import commit, staging_dir
 from .validate import DEFAULT_ATOL, check_parity
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 # protobuf refuses messages over 2 GiB; stay clear of it with the weights in a side file
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -150,8 +150,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         tokenizer_json = getattr(model, "tokenizer_json", None)
         if tokenizer_json:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-            files.append("tokenizer.json")
+            (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+            files.append(TOKENIZER_FILE)
         parity = None
         if validate:
             t1 = time.perf_counter()
@@ -162,7 +162,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
                 raise ParityError(f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}",
                                   parity)
         manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity, accuracy_level)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         commit(tmp, out_dir)
-    log(f"wrote {out_dir} ({', '.join(files + ['manifest.json'])}) in {time.perf_counter() - t0:.1f}s")
+    log(f"wrote {out_dir} ({', '.join(files + [MANIFEST_FILE])}) in {time.perf_counter() - t0:.1f}s")
     return manifest

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpismoe_edge.runtime.parity import abs_diff
+
 from .lower import OUTPUT_NAME, input_names, make_inputs
 
 DEFAULT_ATOL = 1e-4
@@ -94,9 +96,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, atol: float = DEFAULT_
             if r.shape != o.shape:
                 diffs[name] = float("inf")
             else:
-                r, o = _real_tokens(r, feed), _real_tokens(o, feed)
-                d = np.abs(r.astype(np.float64) - o.astype(np.float64))
-                diffs[name] = float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
+                diffs[name] = abs_diff(_real_tokens(r, feed), _real_tokens(o, feed))[0]
         worst = max(worst, *diffs.values())
         entry = {"batch": case.batch, "seq": case.seq, "padded": case.padded, "max_abs_diff": diffs}
         results.append(entry)

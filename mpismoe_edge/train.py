@@ -18,6 +18,7 @@ from .config import JsonConfig
 from .data import Dataset
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
+from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
 from .runtime.text import TextEncoder
 
 
@@ -232,7 +233,7 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, cfg.epochs * math.ceil(len(train_data) / cfg.batch_size))
     state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_side": None, "bad_epochs": 0}
-    last = out / "last.pt"
+    last = out / LAST_CHECKPOINT_FILE
     if resume and last.is_file():
         saved = torch.load(last, map_location="cpu", weights_only=True)
         model.side.load_state_dict(saved["side"])
@@ -278,12 +279,12 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     if model.config.side.expert_bits is not None:
         model.pack_experts()
     final = evaluate(model, tok, eval_data, cfg.eval_batch_size)
-    save_checkpoint(model, out / "model.pt")
+    save_checkpoint(model, out / CHECKPOINT_FILE)
     result = {"history": state["history"], "final": final, "train_seconds": time.perf_counter() - start,
               "trainable_params": sum(p.numel() for p in params), "train_config": cfg.to_dict()}
     if test_data is not None:
         result["test"] = evaluate(model, tok, test_data, cfg.eval_batch_size)
-    tmp = out / "metrics.json.tmp"
+    tmp = out / (METRICS_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    os.replace(tmp, out / METRICS_FILE)
     return result

@@ -20,38 +20,14 @@ import os
 import sys
 import warnings
 
-
-class InputError(ValueError):
-    pass
+from . import records
+from .checks import positive_int
 
 
 def read_jsonl(path: str) -> list[tuple[int, str]]:
-    """[(line_number, text)] from a JSONL file; raises InputError naming the bad line."""
-    name = "<stdin>" if path == "-" else path
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    except OSError as e:
-        raise InputError(f"cannot read {name}: {e.strerror or e}") from None
-    items = []
-    for no, raw in enumerate(data.splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name} line {no}: not valid UTF-8 (byte {e.start})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{name} line {no}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{name} line {no}: expected a JSON object with a \"text\" field")
-        if not isinstance(obj.get("text"), str):
-            raise InputError(f"{name} line {no}: \"text\" field missing or not a string")
-        items.append((no, obj["text"]))
-    if not items:
-        raise InputError(f"{name} holds no inputs")
-    return items
+    """[(line_number, text)] from a JSONL file ('-': stdin), each line's string "text" field."""
+    rows = records.read_jsonl(path)
+    return list(zip((no for no, _ in rows), records.texts(rows, "<stdin>" if path == "-" else path)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name: str, value):
-    if value is not None and value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value}")
-
-
 def _run(args) -> int:
-    _positive("--batch-size", args.batch_size)
-    _positive("--threads", args.threads)
+    positive_int("--batch-size", args.batch_size)
+    positive_int("--threads", args.threads, optional=True)
     if args.input is not None:
         items = read_jsonl(args.input)
     else:
@@ -116,7 +87,7 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (InputError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # ORT's own exception types do not derive from RuntimeError

@@ -15,13 +15,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT_PREFIX = "mpismoe-edge-onnx/"
-SUPPORTED_MAJOR = 1
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
-TASKS = ("classification", "regression", "token-classification")
-DEFAULT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from .spec import (DEFAULT_TARGET, FORMAT_MAJOR, FORMAT_PREFIX, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAME, TASKS,
+                   TEXT_INPUTS, TOKENIZER_FILE)
+
+__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "MANIFEST_FILE", "Manifest", "load_manifest", "parse_manifest", "require_file"]
 
 
 @dataclass(frozen=True)
@@ -60,11 +57,11 @@ def load_manifest(model_dir: str | Path) -> Manifest:
 def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
     fmt = raw.get("format")
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
-        raise ValueError(f"{source}: 'format' must be '{FORMAT_PREFIX}{SUPPORTED_MAJOR}', got {fmt!r}")
+        raise ValueError(f"{source}: 'format' must be '{FORMAT_PREFIX}{FORMAT_MAJOR}', got {fmt!r}")
     major = fmt[len(FORMAT_PREFIX):].split(".")[0]
-    if major != str(SUPPORTED_MAJOR):
+    if major != str(FORMAT_MAJOR):
         raise ValueError(f"{source}: unsupported format {fmt!r}; this runtime reads "
-                         f"{FORMAT_PREFIX}{SUPPORTED_MAJOR}")
+                         f"{FORMAT_PREFIX}{FORMAT_MAJOR}")
 
     task = raw.get("task", "classification")
     if task not in TASKS:
@@ -80,13 +77,13 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"{source}: 'max_length' must be an integer >= 2, got {max_length!r}")
 
-    inputs = raw.get("inputs", list(DEFAULT_INPUTS))
-    outputs = raw.get("outputs", ["logits"])
+    inputs = raw.get("inputs", list(TEXT_INPUTS))
+    outputs = raw.get("outputs", [OUTPUT_NAME])
     for key, val in (("inputs", inputs), ("outputs", outputs)):
         if not isinstance(val, list) or not val or not all(isinstance(x, str) for x in val):
             raise ValueError(f"{source}: '{key}' must be a non-empty list of names")
 
     opset = raw.get("opset")
     return Manifest(task=task, labels=labels, max_length=max_length, inputs=tuple(inputs),
-                    outputs=tuple(outputs), target=str(raw.get("target", "portable")),
+                    outputs=tuple(outputs), target=str(raw.get("target", DEFAULT_TARGET)),
                     opset=opset if isinstance(opset, int) else None, raw=raw)

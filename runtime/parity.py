@@ -16,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .manifest import TASKS
+from .records import label_ids
+from .spec import TASKS
 
 
 @dataclass
@@ -80,13 +81,23 @@ def _token_logits(reference, candidate) -> tuple[np.ndarray, np.ndarray, int]:
     return np.concatenate(ref), np.concatenate(cand), len(ref)
 
 
-def max_abs_diff(reference, candidate) -> float:
-    """Largest |reference - candidate|; inf if either holds NaN/inf."""
-    a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
+def abs_diff(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(max, mean) of |reference - candidate| in float64, for arrays of one shape; both are inf
+    when either side holds NaN or inf, and 0 for empty arrays."""
+    a, b = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf"), float("inf")
+    if a.size == 0:
+        return 0.0, 0.0
     d = np.abs(a - b)
-    return float(d.max()) if np.isfinite(d).all() else float("inf")
+    return float(d.max()), float(d.mean())
+
+
+def max_abs_diff(reference, candidate) -> float:
+    """Largest |reference - candidate| of two logit arrays; inf if either holds NaN/inf."""
+    return abs_diff(_as_logits(reference, "reference"), _as_logits(candidate, "candidate"))[0]
 
 
 def label_agreement(reference, candidate) -> float:
@@ -98,17 +109,14 @@ def label_agreement(reference, candidate) -> float:
 
 
 def labels_to_indices(labels: Sequence, label_names: Sequence[str] | None = None) -> np.ndarray:
-    """Gold labels (ints, or strings looked up in ``label_names``) -> int64 class indices."""
-    out = []
-    index = {str(n): i for i, n in enumerate(label_names)} if label_names is not None else {}
+    """Gold labels -> int64 class indices: by ``records.label_ids`` when ``label_names`` are
+    given; without them every label must be an integer class index."""
+    if label_names is not None:
+        return np.asarray(label_ids(list(labels), label_names), dtype=np.int64)
     for i, y in enumerate(labels):
-        if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
-            out.append(int(y))
-        elif isinstance(y, str) and y in index:
-            out.append(index[y])
-        else:
-            raise ValueError(f"label #{i} ({y!r}) is not a class index or one of {list(index) or 'no names'}")
-    return np.asarray(out, dtype=np.int64)
+        if not (isinstance(y, (int, np.integer)) and not isinstance(y, bool)):
+            raise ValueError(f"label #{i}: label {y!r} is not a class index (pass label_names to map names)")
+    return np.asarray([int(y) for y in labels], dtype=np.int64)
 
 
 def accuracy(logits, labels: Sequence, label_names: Sequence[str] | None = None) -> float:
@@ -148,14 +156,9 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
         if a.shape != b.shape:
             raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
         n = int(a.shape[0])
-    failures = []
-    for name, x in (("reference", a), ("candidate", b)):
-        if not np.isfinite(x).all():
-            failures.append(f"{name} logits contain NaN or inf")
-    finite = not failures
-    d = np.abs(a - b)
-    mad = float(d.max()) if finite else float("inf")
-    mean = float(d.mean()) if finite else float("inf")
+    failures = [f"{name} logits contain NaN or inf" for name, x in (("reference", a), ("candidate", b))
+                if not np.isfinite(x).all()]
+    mad, mean = abs_diff(a, b)
     if atol is not None and not mad <= atol:
         failures.append(f"max_abs_diff {mad:.3g} > atol {atol:g}")
 

@@ -16,7 +16,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding
 
-from .manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, load_manifest, require_file
+from .checks import positive_int
+from .manifest import Manifest, load_manifest, require_file
+from .spec import MODEL_FILE, TEXT_INPUTS, TOKENIZER_FILE
 from .text import TextEncoder, check_texts, was_truncated
 
 CPU = "CPUExecutionProvider"
@@ -28,7 +30,6 @@ GRAPH_OPTIMIZATION = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _ORT_DTYPES = {
     "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32),
     "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -51,9 +52,7 @@ def _session_options(threads: int | None, graph_optimization: str, quiet: bool) 
                          f"got {graph_optimization!r}")
     so = ort.SessionOptions()
     so.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if positive_int("threads", threads, optional=True) is not None:
         so.intra_op_num_threads = threads
     if quiet:
         so.log_severity_level = 4
@@ -130,8 +129,7 @@ class Predictor:
 
     def __init__(self, session: ort.InferenceSession, encoder: TextEncoder, manifest: Manifest,
                  provider: str, batch_size: int = DEFAULT_BATCH_SIZE):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         self.session, self.encoder, self.manifest = session, encoder, manifest
         self.provider, self.batch_size = provider, batch_size
         self._inputs = {i.name: (_ORT_DTYPES.get(i.type), list(i.shape)) for i in session.get_inputs()}
@@ -234,11 +232,7 @@ class Predictor:
 
     # ---- text -------------------------------------------------------------------------------
     def _batch_size(self, batch_size: int | None) -> int:
-        if batch_size is None:
-            return self.batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return batch_size
+        return self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
 
     def _logits_and_encodings(self, texts, batch_size: int | None) -> tuple[np.ndarray | list[np.ndarray],
                                                                             list[Encoding]]:

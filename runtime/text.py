@@ -20,7 +20,6 @@ class Batch:
     input_ids: np.ndarray       # int64 [batch, seq]
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_type_ids: np.ndarray  # int64 [batch, seq]
-    truncated: list[bool]       # per text: was it cut to max_length?
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
@@ -84,7 +83,7 @@ class TextEncoder:
             ids[i, :k] = e.ids
             mask[i, :k] = 1
             types[i, :k] = e.type_ids
-        return Batch(ids, mask, types, [was_truncated(e) for e in encs])
+        return Batch(ids, mask, types)
 
     def encode(self, texts: list[str]) -> Batch:
         return self.pad(self.tokenize(texts))

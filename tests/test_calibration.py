@@ -293,7 +293,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     tiny_bert().save_pretrained(root / "backbone")
     config = ModelConfig(backbone=str(root / "backbone"), labels=["neg", "pos"], max_length=16,
-                         side=SideConfig(num_experts=2, top_k=1, num_heads=2), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
+                         side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
     from transformers import AutoModel
     model = build_model(AutoModel.from_pretrained(root / "backbone"), config, tiny_tokenizer_json(), progress=False)
     save_checkpoint(model, root / "model.pt")
@@ -350,8 +350,8 @@ def test_cli_bad_input_exit_2_writes_nothing(checkpoint, capsys, case):
     rc, _, err = _run_cli(capsys, checkpoint / "model.pt", *budget, "-o", out, "--data", data, "--report-dir", rep)
     assert rc == 2
     assert err.strip().splitlines()[-1].startswith("error: ")
-    assert {"budget": "minimum of 0.", "no_text_column": "'text' column", "binary": "not a UTF-8 text file",
-            "empty": "text", "missing": "not found"}[case] in err
+    assert {"budget": "minimum of 0.", "no_text_column": "line 2: 'text' missing", "binary": "not valid UTF-8",
+            "empty": "holds no rows", "missing": "not found"}[case] in err
     assert not out.exists() and not rep.exists()
 
 
@@ -367,7 +367,7 @@ def test_cli_calibrates_a_token_classification_checkpoint(checkpoint, tmp_path, 
     from transformers import AutoModel
 
     config = ModelConfig(backbone=str(checkpoint / "backbone"), task="token-classification", labels=["O", "X"], max_length=16,
-                         side=SideConfig(num_experts=2, top_k=1, num_heads=2), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
+                         side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
     model = build_model(AutoModel.from_pretrained(checkpoint / "backbone"), config, tiny_tokenizer_json(), progress=False)
     save_checkpoint(model, tmp_path / "model.pt")
     rc, stdout, err = _run_cli(capsys, tmp_path / "model.pt", "--avg-bits", "3", "-o", tmp_path / "calibrated.pt",

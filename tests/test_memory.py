@@ -31,7 +31,7 @@ def test_build_model_releases_the_memory_mapped_weight_file(tmp_path, bits):
     if not _mapped(weights):
         pytest.skip("this transformers version copies weights instead of mapping the file")
     quant = QuantConfig(bits=bits, group_size=32, method="rtn") if bits else None
-    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2), quant=quant)
+    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None), quant=quant)
     model = build_model(backbone, config, tok_json, progress=False)
     del backbone
     gc.collect()

@@ -179,7 +179,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_backbone_without_hidden_states_is_refused():
-    from mpismoe_edge.config import ModelConfig
+    from mpismoe_edge.config import ModelConfig, SideConfig
     from mpismoe_edge.model import build_model
 
     class NoStates(torch.nn.Module):
@@ -192,7 +192,7 @@ def test_backbone_without_hidden_states_is_refused():
             return type("O", (), {"hidden_states": None})()
 
     with pytest.raises(ValueError, match="no hidden_states"):
-        build_model(NoStates(), ModelConfig(labels=["a", "b"], quant=None))
+        build_model(NoStates(), ModelConfig(labels=["a", "b"], side=SideConfig(expert_bits=None), quant=None))
 
 
 def test_sparse_expert_dispatch_equals_the_dense_mixture():
@@ -240,7 +240,7 @@ def test_checkpoint_of_a_backbone_without_pooler_loads(tmp_path):
 
     backbone = tiny_backbone()
     backbone.pooler = None  # what BertModel(add_pooling_layer=False) builds
-    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2),
+    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None),
                          quant=QuantConfig(group_size=32, method="rtn"))
     model = build_model(backbone, config, tiny_tokenizer().to_str(), progress=False).eval()
     save_checkpoint(model, tmp_path / "m.pt")
@@ -266,5 +266,5 @@ def test_token_logits_do_not_depend_on_padding():
 
 
 def test_unknown_task_is_refused():
-    with pytest.raises(ValueError, match="unknown task 'ner'"):
+    with pytest.raises(ValueError, match="ModelConfig.task must be one of .*, got 'ner'"):
         tiny_model(task="ner")

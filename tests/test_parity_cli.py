@@ -37,7 +37,7 @@ def test_parity_refuses_data_without_text(tiny_checkpoint, exported, tmp_path, c
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     assert main([str(tiny_checkpoint), str(exported), "--data", str(bad)]) == 2
-    assert "'text' column" in capsys.readouterr().err
+    assert "bad.jsonl line 1: 'text' missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--limit"])

@@ -50,13 +50,13 @@ def test_jsonl_words_and_tag_names_load_as_ids(tmp_path):
 
 def test_a_tag_count_that_differs_from_the_word_count_is_refused(tmp_path):
     path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i", "love"], "tags": ["O"]}])
-    with pytest.raises(ValueError, match="row 1: 'tags' must be a list with one tag per word"):
+    with pytest.raises(ValueError, match="ner.jsonl line 1: 'tags' must be a list with one tag per word"):
         load_file(path, task="token-classification")
 
 
-def test_an_unknown_tag_names_its_row(tmp_path):
+def test_an_unknown_tag_names_its_line(tmp_path):
     path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i"], "tags": ["O"]}, {"tokens": ["a", "b"], "tags": ["O", "X"]}])
-    with pytest.raises(ValueError, match="row 2: label 'X' out of range"):
+    with pytest.raises(ValueError, match=r"ner.jsonl line 2: label 'X' is neither one of \['O', 'POS'\] nor a class id in \[0, 2\)"):
         load_file(path, task="token-classification", labels=["O", "POS"])
 
 
@@ -121,7 +121,7 @@ def test_cli_reads_the_columns_it_is_told(tmp_path, capsys):
     args = ["--data", str(data), "--eval-data", str(data), "--task", "token-classification", "--quiet",
             "--backbone", str(tmp_path / "missing")]
     assert train_main(args) == 2
-    assert "column 'tags' missing (found ['ner_tags', 'tokens'])" in capsys.readouterr().err
+    assert "conll.jsonl line 1: 'tags' missing (the row has ['ner_tags', 'tokens'])" in capsys.readouterr().err
     assert train_main(args + ["--label-column", "ner_tags"]) == 2
     assert "no Hugging Face model at" in capsys.readouterr().err  # the data was read; the backbone is next
 
@@ -129,7 +129,7 @@ def test_cli_reads_the_columns_it_is_told(tmp_path, capsys):
 def test_the_real_minilm_tokenizer_tags_each_given_word_once():
     from pathlib import Path
 
-    from mpismoe_edge.cli import default_backbone_path
+    from mpismoe_edge.model import default_backbone_path
     from mpismoe_edge.runtime.text import TextEncoder
 
     try:

@@ -7,13 +7,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import QUANT_METHODS as METHODS
 from ..config import QuantConfig
 from .gnpiq import gnpiq_quantize
 from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .rtn import GroupQuant, check_weight, rtn_quantize
-
-METHODS = ("gnpiq", "rtn")
 
 
 def bits_for(name: str, config: QuantConfig) -> int:
@@ -80,8 +79,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True)
     for name, layer in tqdm(layers.items(), desc="quantize", disable=not progress, leave=False):
         new[name] = _packed(quantize_weight(layer.weight, bits_for(name, config), config, name), layer)
     for name, qlin in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, qlin)
+        model.set_submodule(name, qlin)
     return {name: q.bits for name, q in new.items()}
 
 
@@ -109,6 +107,5 @@ def load_quantized_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
         else:
             raise ValueError(f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear or Embedding")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
     model.load_state_dict(state_dict)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from ..config import BITS as SUPPORTED_BITS  # noqa: F401  (the widths the layout packs)
 
 
 def _unit(bits: int) -> tuple[int, int]:

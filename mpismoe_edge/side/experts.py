@@ -31,22 +31,20 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return ((q - zero[:, None]) * scale[:, None]).reshape(w.shape)
 
 
-def _linear(i: int, o: int, bits: int | None, group_size: int, packed: bool) -> nn.Module:
+def _linear(i: int, o: int, bits: int | None, group_size: int) -> nn.Module:
     if bits is None:
         return nn.Linear(i, o)
     check_weight(torch.zeros(o, i), bits, group_size, name=f"expert Linear({i}->{o})")
-    if packed:
-        return QuantLinear(i, o, bits, group_size)
     return FakeQuantLinear(i, o, bits, group_size)
 
 
 class Expert(nn.Module):
     """Two-layer GELU FFN."""
 
-    def __init__(self, dim: int, hidden: int, bits: int | None = None, group_size: int = 16, packed: bool = False):
+    def __init__(self, dim: int, hidden: int, bits: int | None = None, group_size: int = 16):
         super().__init__()
-        self.fc1 = _linear(dim, hidden, bits, group_size, packed)
-        self.fc2 = _linear(hidden, dim, bits, group_size, packed)
+        self.fc1 = _linear(dim, hidden, bits, group_size)
+        self.fc2 = _linear(hidden, dim, bits, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(nn.functional.gelu(self.fc1(x)))
@@ -54,9 +52,9 @@ class Expert(nn.Module):
 
 @torch.no_grad()
 def pack_expert_linears(module: nn.Module, quant: QuantConfig) -> None:
-    """Replace every FakeQuantLinear under ``module`` with a packed GNP-IQ QuantLinear."""
+    """Replace every FakeQuantLinear under ``module`` with a packed QuantLinear, quantized by
+    the backbone's method (``quant.method``, GNP-IQ or RTN) at the expert's own group size."""
     for name, child in list(module.named_modules()):
         if isinstance(child, FakeQuantLinear):
             q = quantize_weight(child.weight, child.bits, QuantConfig(**{**quant.to_dict(), "group_size": child.group_size}), name)
-            parent, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, QuantLinear.from_quantized(q, child.bias))
+            module.set_submodule(name, QuantLinear.from_quantized(q, child.bias))

@@ -41,13 +41,13 @@ class SideAttention(nn.Module):
 class SideBlock(nn.Module):
     """Gated ladder input, self-attention, then the (IS)MoE feed-forward layer."""
 
-    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig, packed: bool = False):
+    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
         super().__init__()
         self.down = nn.Linear(backbone_dim, dim)
         self.gate = nn.Parameter(torch.zeros(()))
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = SideAttention(dim, cfg.num_heads, cfg.dropout)
-        self.ffn = (DenseFFN if cfg.dense_ffn else ISMoE)(dim, backbone_dim, cfg, packed)
+        self.ffn = (DenseFFN if cfg.dense_ffn else ISMoE)(dim, backbone_dim, cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, bb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +63,7 @@ class LadderSideNetwork(nn.Module):
     for sequence tasks (logits ``[batch, outputs]``), per token when ``token_level`` (logits
     ``[batch, seq, outputs]``)."""
 
-    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig, packed: bool = False,
+    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig,
                  token_level: bool = False):
         super().__init__()
         self.token_level = token_level
@@ -73,7 +73,7 @@ class LadderSideNetwork(nn.Module):
         if bad:
             raise ValueError(f"side layers {bad} out of range: the backbone has layers 1..{num_layers}")
         self.embed_down = nn.Linear(backbone_dim, dim)
-        self.blocks = nn.ModuleList(SideBlock(dim, backbone_dim, cfg, packed) for _ in self.layers)
+        self.blocks = nn.ModuleList(SideBlock(dim, backbone_dim, cfg) for _ in self.layers)
         self.norm = nn.LayerNorm(dim)
         self.up = nn.Linear(dim, backbone_dim)
         self.head = nn.Linear(backbone_dim, num_outputs)

@@ -23,17 +23,16 @@ class ISMoE(nn.Module):
     after :meth:`prepare_export` it is two wide matmuls instead of ``2E`` small ones.
     """
 
-    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig, packed: bool = False):
+    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
         super().__init__()
         hidden = cfg.expert_ratio * dim
-        make = lambda: Expert(dim, hidden, cfg.expert_bits, cfg.expert_group_size, packed)  # noqa: E731
+        make = lambda: Expert(dim, hidden, cfg.expert_bits, cfg.expert_group_size)  # noqa: E731
         self.router = InteractiveRouter(dim, backbone_dim, cfg.num_experts, cfg.top_k, cfg.salient_tau, cfg.interactive)
         self.experts = nn.ModuleList(make() for _ in range(cfg.num_experts))
         self.shared = make() if cfg.shared_expert else None
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_load = torch.zeros(cfg.num_experts)
-        self.track_load = False  # count tokens per expert in eval too (training always does)
         self._stack: _Stack | None = None
 
     def prepare_export(self) -> None:
@@ -79,7 +78,7 @@ class ISMoE(nn.Module):
         if self.training:
             self.aux_loss = load_balance_loss(logits, weights, mask)
             self.z_loss = z_loss(logits, mask)
-        if self.training or self.track_load:
+        if self.training:
             with torch.no_grad():
                 keep = (weights > 0).float() if mask is None else (weights > 0).float() * mask.unsqueeze(-1)
                 self.last_load = keep.reshape(-1, weights.shape[-1]).sum(0)
@@ -138,9 +137,9 @@ def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) ->
 class DenseFFN(nn.Module):
     """One dense FFN in place of the experts: the Ladder Side-Tuning baseline."""
 
-    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig, packed: bool = False):
+    def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
         super().__init__()
-        self.ffn = Expert(dim, cfg.expert_ratio * dim, cfg.expert_bits, cfg.expert_group_size, packed)
+        self.ffn = Expert(dim, cfg.expert_ratio * dim, cfg.expert_bits, cfg.expert_group_size)
 
     def forward(self, x, bb_token, bb_hidden, mask):
         return self.ffn(x)

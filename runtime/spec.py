@@ -1,0 +1,41 @@
+"""What training, export and the runtime share: one definition of each name and number.
+
+The torch-free runtime owns these facts, so the training and export sides import them from here
+instead of keeping copies (this module imports nothing but the standard library).
+"""
+from __future__ import annotations
+
+import enum
+import typing
+
+# ---- tasks (Hugging Face pipeline names) ---------------------------------------------------
+TaskName = typing.Literal["classification", "regression", "token-classification"]
+TASKS: tuple[str, ...] = typing.get_args(TaskName)
+# The same names as an enum (``Task.TOKEN_CLASSIFICATION == "token-classification"``).
+Task = enum.Enum("Task", {name.upper().replace("-", "_"): name for name in TASKS}, type=str)
+
+# ---- graph inputs and outputs --------------------------------------------------------------
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+IMAGE_INPUTS = ("pixel_values",)
+OUTPUT_NAME = "logits"
+
+# ---- export targets and the ONNX opset -----------------------------------------------------
+TargetName = typing.Literal["portable", "ort-cpu", "ort-cuda"]
+TARGETS: tuple[str, ...] = typing.get_args(TargetName)
+DEFAULT_TARGET: str = "portable"
+MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
+
+# ---- the exported directory ----------------------------------------------------------------
+FORMAT_PREFIX = "mpismoe-edge-onnx/"
+FORMAT_MAJOR = 1
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_MAJOR}"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"        # external weights, when the model is large
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+EXPORT_FILES = frozenset({MODEL_FILE, DATA_FILE, TOKENIZER_FILE, MANIFEST_FILE})
+
+# ---- the training run's directory ----------------------------------------------------------
+CHECKPOINT_FILE = "model.pt"
+LAST_CHECKPOINT_FILE = "last.pt"     # resumable state of the last epoch
+METRICS_FILE = "metrics.json"
