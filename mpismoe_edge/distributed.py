@@ -35,6 +35,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (``RANK``; 0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def join(device: torch.device) -> World:
     """This process's :class:`World`; joins the launcher's process group first when there is one
     (NCCL for CUDA devices, gloo otherwise) and is not yet joined."""
@@ -78,3 +83,9 @@ def wrap(module: torch.nn.Module, world: World, device: torch.device) -> torch.n
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -45,7 +45,7 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     threads: int | None = None
     return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
-    device: str = "cpu"       # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
+    device: str = "auto"      # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
     precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the forward pass (device.py)
 
     def __post_init__(self):
@@ -189,12 +189,14 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         if state["bad_epochs"] >= cfg.patience:
             break
         model.train()
+        epoch_start = time.perf_counter()
         train_epoch(forward, batches(epoch), opt, sched, params, task, aux_loss=model.aux_loss, grad_clip=cfg.grad_clip,
                     device=device, precision=cfg.precision, scaler=scaler if scaler.is_enabled() else None, world=world,
                     after_step=release_free_pages if cfg.return_freed_memory else None,  # the step's small tensors left holes in the heap
                     desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=show)
+        seconds = time.perf_counter() - epoch_start
         metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
-        metrics["epoch"] = epoch + 1
+        metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
         state["history"].append(metrics)
         if _score(metrics) > state["best_score"]:
             state["best_score"], state["bad_epochs"] = _score(metrics), 0
@@ -203,7 +205,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         if show:
-            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+                       + f" ({seconds:.1f} s)")
         if world.is_main:
             saved = {"side": model.side.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state}
             if scaler.is_enabled():
