@@ -89,8 +89,10 @@ def _train(args) -> int:
 
     from .data import load_default, load_default_validation, load_file
     from .model import build_model, load_backbone
+    from .device import resolve_device
     from .train import train
 
+    resolve_device(args.device)  # a device this machine lacks fails now, before any loading
     if args.data:
         if not args.eval_data:
             raise ValueError("--data needs --eval-data")
