@@ -74,15 +74,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, world: World, device: torch.device, sparse: bool) -> torch.nn.Module:
     """``module`` in ``DistributedDataParallel`` when there are several ranks (parameters
-    broadcast from rank 0; experts no token reached on a rank are allowed), else itself."""
+    broadcast from rank 0), else itself. ``sparse``: some parameters may get no gradient in a
+    step (experts no token of this rank was routed to)."""
     if world.size == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=sparse)
 
 
 def leave() -> None:

@@ -158,7 +158,7 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
     task = model.config.task
     params = [p for p in model.parameters() if p.requires_grad]
-    side = distributed.wrap(model.side, world, device)
+    side = distributed.wrap(model.side, world, device, sparse=bool(model.side.moe_layers()))
     opt, sched = make_optimizer(params, cfg, cfg.epochs * math.ceil(len(train_data) / cfg.batch_size))
     scaler = grad_scaler(device, cfg.precision)
     state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_side": None, "bad_epochs": 0}
