@@ -58,7 +58,7 @@ def _cache(kind: str, args) -> dict:
     from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig
     from mpismoe_edge.model import build_model, load_backbone
-    from mpismoe_edge.train import encode, make_tokenizer
+    from mpismoe_edge.inference import encode, make_tokenizer
 
     path = os.path.join(args.workdir, f"{kind}-seed{args.seed}-{args.n_train}-{args.n_val}-{args.n_test}-len{args.max_length}.pt")
     if os.path.exists(path):
@@ -113,7 +113,8 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     ``backbone`` is the float one: the pruned init reads it, as build_model does; it is not trained."""
     from mpismoe_edge.config import ModelConfig, SideConfig
     from mpismoe_edge.model import build_model
-    from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    from mpismoe_edge.train import TrainConfig, make_optimizer
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
     side_cfg = SideConfig.from_dict({"expert_bits": 4, **side_fields})
@@ -128,15 +129,10 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     lengths = [s.shape[1] for s in train["states"]]
     best_val, test = -1.0, 0.0
     for epoch in range(tcfg.epochs):
-        for idx in tqdm(batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch), desc=f"{name} seed {args.seed} epoch {epoch + 1}", leave=False):
-            hs, mask = _batch([train["states"][j] for j in idx])
-            logits = side(hs, mask)
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([train["targets"][j] for j in idx])) + model.aux_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            opt.step()
-            sched.step()
+        batches = (Batch(_batch([train["states"][j] for j in idx]), torch.tensor([train["targets"][j] for j in idx]))
+                   for idx in batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch))
+        train_epoch(lambda inputs: side(*inputs), batches, opt, sched, params, "classification", aux_loss=model.aux_loss,
+                    grad_clip=tcfg.grad_clip, desc=f"{name} seed {args.seed} epoch {epoch + 1}")
         val = _accuracy(side, cache["val"])
         if val > best_val:  # the test split is scored only at the epoch validation chooses
             best_val, test = val, _accuracy(side, cache["test"])

@@ -97,7 +97,7 @@ def _build(method: str, train_ds, args):
     from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model, load_backbone
-    from mpismoe_edge.train import make_tokenizer
+    from mpismoe_edge.inference import make_tokenizer
 
     path = default_backbone_path()
     backbone, tok_json = load_backbone(path)
@@ -117,25 +117,35 @@ def _build(method: str, train_ds, args):
 
 
 def _run_one(method: str, args) -> dict:
-    """Build and train ``method``; test accuracy at the epoch chosen on validation, peak RSS, params, seconds."""
+    """Build and train ``method``; test accuracy at the epoch chosen on validation, peak RSS (and
+    on CUDA peak allocated accelerator memory), params, seconds (whole run, and per epoch of steps)."""
+    import torch
+
+    from mpismoe_edge.device import peak_memory, reset_peak_memory, resolve_device
     from mpismoe_edge.train import TrainConfig, train
 
     train_ds, val_ds, test_ds = _prepare(args)
+    device = resolve_device(args.device)
     base = _rss()
+    reset_peak_memory(device)
     with PeakRSS() as mem:
         start = time.perf_counter()
         model, tok = _build(method, train_ds, args)
         if method in SIDE_METHODS:
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
-                               return_freed_memory=not args.keep_freed_memory)
+                               return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
             res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds)
-            val, acc, params = res["final"]["accuracy"], res["test"]["accuracy"], res["trainable_params"]
+            val, acc, params = res.final["accuracy"], res.test["accuracy"], res.trainable_params
+            epochs = [h["seconds"] for h in res.history]
         else:
             lr = args.full_lr if method == "full-ft" else args.lora_lr
-            val, acc, params = _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr)
+            val, acc, params, epochs = _train_plain(model.to(device), tok, train_ds, val_ds, test_ds, args, lr, device)
         seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return {"method": method, "accuracy": acc, "val_accuracy": val, "peak_mb": (mem.peak - base) / 2**20,
-            "trainable_params": params, "seconds": seconds}
+            "cuda_peak_mb": peak_memory(device).get("peak_cuda_allocated_mb"),
+            "trainable_params": params, "seconds": seconds, "epoch_seconds": epochs}
 
 
 def _probe_one(method: str, args) -> dict:
@@ -152,7 +162,8 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mpismoe_edge.train import batch_order, encode, token_lengths
+    from mpismoe_edge.inference import encode, token_lengths
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
 
     names = getattr(model, "input_names", ["input_ids", "attention_mask", "token_type_ids"])
     lengths = token_lengths(tok, train_ds.texts)
@@ -161,16 +172,12 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     model_bytes = sum(storages.values())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    steps = (Batch(encode(tok, [train_ds.texts[j] for j in idx], names), torch.tensor([train_ds.targets[j] for j in idx]))
+             for idx in batches[: args.probe_steps])
     model.train()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for idx in batches[: args.probe_steps]:
-            logits = model(**encode(tok, [train_ds.texts[j] for j in idx], names))
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([train_ds.targets[j] for j in idx]))
-            if aux:
-                loss = loss + model.aux_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_epoch(lambda inputs: model(**inputs), steps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
+                    "classification", aux_loss=model.aux_loss if aux else None, grad_clip=None, progress=False)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type().name == "CPU")
     live = peak = 0
@@ -200,40 +207,39 @@ class _Classifier:
         return Classifier()
 
 
-def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr):
-    """(best validation accuracy, test accuracy at that epoch, trainable params)."""
+def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr, device):
+    """(best validation accuracy, test accuracy at that epoch, trainable params, seconds of each epoch's steps)."""
     import torch
 
     from mpismoe_edge.memory import release_free_pages
-    from mpismoe_edge.train import TrainConfig, batch_order, encode, make_optimizer, token_lengths
+    from mpismoe_edge.inference import encode, token_lengths
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    from mpismoe_edge.train import TrainConfig, make_optimizer
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, TrainConfig(lr=lr), args.epochs * math.ceil(len(train_ds) / args.batch_size))
     best, test_acc = -1.0, 0.0
     lengths = token_lengths(tok, train_ds.texts)
+    epochs = []
     for epoch in range(args.epochs):
         model.train()
-        for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch):
-            logits = model(**encode(tok, [train_ds.texts[j] for j in idx], names))
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([train_ds.targets[j] for j in idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            if not args.keep_freed_memory:
-                release_free_pages()
+        start = time.perf_counter()
+        batches = (Batch(encode(tok, [train_ds.texts[j] for j in idx], names, device), torch.tensor([train_ds.targets[j] for j in idx]))
+                   for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch))
+        train_epoch(lambda inputs: model(**inputs), batches, opt, sched, params, "classification", grad_clip=1.0, device=device,
+                    precision=args.precision, after_step=None if args.keep_freed_memory else release_free_pages, progress=False)
+        epochs.append(time.perf_counter() - start)
         val = _accuracy(model, tok, val_ds, names)
         if val > best:  # the test split is scored only at the epoch validation chooses
             best, test_acc = val, _accuracy(model, tok, test_ds, names)
-    return best, test_acc, sum(p.numel() for p in params)
+    return best, test_acc, sum(p.numel() for p in params), epochs
 
 
 def _accuracy(model, tok, data, names) -> float:
     import torch
 
-    from mpismoe_edge.train import predict
+    from mpismoe_edge.inference import predict
 
     return (predict(model, tok, data.texts, names).argmax(-1) == torch.tensor(data.targets)).float().mean().item()
 
@@ -254,6 +260,8 @@ def main() -> None:
     p.add_argument("--side-lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where every method trains")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of every method's forward")
     p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
     p.add_argument("--workdir", default="runs/bench-train")
     p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc policy and oneDNN's kernel cache as they are")
@@ -288,7 +296,9 @@ def main() -> None:
         row.update(method=method, trainable_params=runs[0]["trainable_params"],
                    accuracies=[r["accuracy"] for r in runs], accuracy=statistics.mean(r["accuracy"] for r in runs),
                    val_accuracy=statistics.mean(r["val_accuracy"] for r in runs),
-                   peak_mb=max(r["peak_mb"] for r in runs), seconds=statistics.median(r["seconds"] for r in runs))
+                   peak_mb=max(r["peak_mb"] for r in runs), seconds=statistics.median(r["seconds"] for r in runs),
+                   epoch_seconds=statistics.median(e for r in runs for e in r["epoch_seconds"]),
+                   cuda_peak_mb=max((r["cuda_peak_mb"] for r in runs if r["cuda_peak_mb"] is not None), default=None))
         rows.append(row)
     ref = {r["method"]: r for r in rows}
 
@@ -296,14 +306,18 @@ def main() -> None:
         return f"{r[key] / ref[base][key]:.2f}x" if base in ref else "-"
 
     seeds = ", ".join(map(str, args.seeds))
+    cuda = all(r["cuda_peak_mb"] is not None for r in rows)
     print(f"| method | test accuracy (mean of seeds {seeds}) | per seed | validation accuracy (mean) | peak live tensors (MB) | vs full FT | vs LST "
-          "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | time (s, median) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | time (s, median) "
+          "| epoch of steps (s, median) | vs LST |" + (" peak CUDA allocated (MB) | vs LST |" if cuda else ""))
+    print("|---" * (15 + 2 * cuda) + "|")
     for r in rows:
         per = " / ".join(f"{100 * a:.2f}" for a in r["accuracies"])
         print(f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {100 * r['val_accuracy']:.2f} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
               f"| {ratio(r, 'tensor_peak_mb', 'lst')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb', 'full-ft')} "
-              f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | {r['seconds']:.0f} |")
+              f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | {r['seconds']:.0f} "
+              f"| {r['epoch_seconds']:.1f} | {ratio(r, 'epoch_seconds', 'lst')} |"
+              + (f" {r['cuda_peak_mb']:.0f} | {ratio(r, 'cuda_peak_mb', 'lst')} |" if cuda else ""))
     if "mp-ismoe" in ref and "lst" in ref:
         m, l = ref["mp-ismoe"], ref["lst"]
         paired = " / ".join(f"{100 * (a - b):+.2f}" for a, b in zip(m["accuracies"], l["accuracies"]))

@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> dict:
     report = build_report(sens, alloc, quant.group_size, checkpoint=str(args.model), output=str(args.output),
                           method=quant.method, samples=len(texts), max_rows=args.max_rows, seed=args.seed,
                           prediction_agreement=agreement)
+    save_checkpoint(model, args.output)  # the calibrated model first: the report is a by-product
     if args.report_dir:
-        write_report(report, args.report_dir)
-    save_checkpoint(model, args.output)
+        report["png"] = write_report(report, args.report_dir)[1] is not None
     return report
 
 
@@ -162,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ", ".join(f"{w}b x{n}" for w, n in counts.items())
           + f"; {100 * report['prediction_agreement']:.1f}% of predictions on calibration texts unchanged"
           " (per token for token classification)")
-    print(f"wrote {args.output}" + (f" and {args.report_dir}/calibration.{{json,png}}" if args.report_dir else ""))
+    files = "" if not args.report_dir else f" and {args.report_dir}/calibration." + ("{json,png}" if report["png"] else "json")
+    print(f"wrote {args.output}{files}")
+    if args.report_dir and not report["png"]:
+        print("note: no calibration.png: the plot needs matplotlib (pip install matplotlib, or the 'bench' extra)", file=sys.stderr)
     return 0
 
 

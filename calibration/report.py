@@ -94,13 +94,25 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], directory: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``calibration.json`` and ``calibration.png`` into ``directory`` (created)."""
+def can_plot() -> bool:
+    """Whether matplotlib (the ``bench`` extra) is installed: the PNG is optional, the JSON is not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_report(report: dict[str, Any], directory: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Write ``calibration.json`` and, when matplotlib is installed, ``calibration.png`` into
+    ``directory`` (created); the PNG's path is None without matplotlib."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     js, png = d / "calibration.json", d / "calibration.png"
     tmp = js.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, js)
+    if not can_plot():
+        return js, None
     plot_report(report, png)
     return js, png

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .config import QUANT_METHODS, SIDE_INITS, TASKS, ModelConfig, QuantConfig, SideConfig
+from .device import DEVICES, PRECISIONS
 from .model import default_backbone_path  # noqa: F401  (its home is model.py; benchmarks import it from here)
 from .train import TrainConfig
 
@@ -45,11 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch.set_num_threads)")
+    p.add_argument("--device", choices=DEVICES, default=TrainConfig.device,
+                   help="where the backbone, the custom ops and the side network run (auto: CUDA when there is one; "
+                        "under torchrun each rank takes GPU LOCAL_RANK)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16/fp16: autocast of the forward pass, the packed backbone dequantized to that dtype")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="leave glibc's malloc policy and oneDNN's kernel cache as they are: faster training, higher resident memory (see README)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p
 
 
@@ -64,6 +70,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from .distributed import leave
+
+        leave()
 
 
 def _train(args) -> int:
@@ -71,8 +81,10 @@ def _train(args) -> int:
 
     from .data import load_default, load_default_validation, load_file
     from .model import build_model, load_backbone
+    from .device import resolve_device
     from .train import train
 
+    resolve_device(args.device)  # a device this machine lacks fails now, before any loading
     if args.data:
         if not args.eval_data:
             raise ValueError("--data needs --eval-data")
@@ -99,12 +111,15 @@ def _train(args) -> int:
     config = ModelConfig(backbone=backbone_path, task=args.task, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
     backbone, tokenizer_json = load_backbone(backbone_path)
     torch.manual_seed(args.seed)  # the side network's initial weights, so that --seed fixes the whole run
-    model = build_model(backbone, config, tokenizer_json, progress=not args.quiet)
+    from .distributed import launched_rank
+
+    model = build_model(backbone, config, tokenizer_json, progress=not args.quiet and launched_rank() == 0)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-                      return_freed_memory=not args.keep_freed_memory)
+                      return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
     result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet, test_data=test_ds)
-    print(json.dumps({"out": args.out, "validation": result["final"], "test": result.get("test"), "train_seconds": round(result["train_seconds"], 1),
-                      "trainable_params": result["trainable_params"]}))
+    if launched_rank() == 0:
+        print(json.dumps({"out": args.out, "validation": result.final, "test": result.test, "train_seconds": round(result.train_seconds, 1),
+                          "trainable_params": result.trainable_params, "world_size": result.world_size, "device": result.device}))
     return 0
 
 

@@ -70,6 +70,13 @@ class MPISMoEModel(nn.Module):
                                       token_type_ids=token_type_ids, pixel_values=pixel_values)
         return self.side(states, attention_mask)
 
+    def predict(self, texts: list[str] | list[list[str]], batch_size: int = 64) -> list:
+        """A label name per text (a number for regression; for token classification a label per
+        word of each text, given as a list of words): ``load_checkpoint("model.pt").predict(["so good"])``."""
+        from .inference import predict_labels
+
+        return predict_labels(self, texts, batch_size)
+
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing plus router z-loss of the last training forward, weighted by the config."""
         cfg = self.config.side

@@ -33,15 +33,21 @@ def _read_bytes(path: str | Path) -> bytes:
         raise ValueError(f"cannot read {p}: {e.strerror or e}") from None
 
 
+def _decode(data: bytes, name: str) -> str:
+    """UTF-8 text (a BOM is dropped); ValueError naming the line and byte that are not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{name} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> list[Row]:
     """One JSON object per non-blank line (``-``: stdin); the whole file is checked first."""
     name = _name(path)
     rows = []
-    for no, raw in enumerate(_read_bytes(path).splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{name} line {no}: not valid UTF-8 (byte {e.start})") from None
+    for no, line in enumerate(_decode(_read_bytes(path), name).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -59,10 +65,7 @@ def read_jsonl(path: str | Path) -> list[Row]:
 def read_csv(path: str | Path) -> list[Row]:
     """The records of a UTF-8 CSV file with a header line; a row's line is where it ends."""
     name = _name(path)
-    try:
-        text = _read_bytes(path).decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: not valid UTF-8 (byte {e.start})") from None
+    text = _decode(_read_bytes(path), name)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:

@@ -26,7 +26,7 @@ BAD_FILES = [
     ("d.jsonl", b'{"text": "ok"\n', "d.jsonl line 1: not valid JSON"),
     ("d.jsonl", b"\n\n", "d.jsonl holds no rows"),
     ("d.csv", b"text,label\n", "d.csv holds no rows"),
-    ("d.csv", b"text\n\x89PNG\x00\xff\n", "d.csv: not valid UTF-8"),
+    ("d.csv", b"text\n\x89PNG\x00\xff\n", "d.csv line 2: not valid UTF-8"),
     ("d.txt", b"hello\n", "unsupported data format '.txt'"),
 ]
 

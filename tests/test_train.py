@@ -154,3 +154,43 @@ def test_cli_refuses_test_data_without_training_data(tmp_path, tiny_jsonl, capsy
     code = train_main(["--backbone", str(tmp_path), "--test-data", str(tiny_jsonl), "-o", str(tmp_path / "o")])
     assert code == 2 and "--test-data needs --data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_returns_a_typed_result_that_metrics_json_mirrors(tmp_path):
+    from mpismoe_edge.train import TrainResult
+
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
+    assert isinstance(result, TrainResult)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_dict()))
+    assert saved["world_size"] == 1 and saved["device"] == "cpu" and saved["peak_rss_mb"] > 0
+    assert result["final"] == result.final  # mapping access, as when train() returned a dict
+
+
+def test_a_trained_model_predicts_label_names_from_texts(tmp_path):
+    train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
+    model = load_checkpoint(tmp_path / "model.pt")
+    labels = model.predict(TEXTS[:3])
+    assert len(labels) == 3 and set(labels) <= {"neg", "neu", "pos"}
+
+
+def test_progress_names_the_work_after_the_last_epoch(tmp_path, capsys):
+    train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=True, test_data=DATA)
+    out = capsys.readouterr()
+    assert "packing the experts" in out.out + out.err
+    assert "final validation" in out.err and "test" in out.err  # the scoring bars
+
+
+def test_cli_accepts_q_for_quiet():
+    from mpismoe_edge.cli import _parser
+
+    assert _parser().parse_args(["-q"]).quiet is True
+
+
+def test_non_utf8_training_file_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("text,label\ngood,pos\ncaf\xe9 ok,neu\n".encode("latin-1"))
+    code = train_main(["--backbone", str(tmp_path), "--data", str(bad), "--eval-data", str(bad), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and f"{bad} line 3: not valid UTF-8 (byte 0xe9" in err
+    assert not (tmp_path / "o").exists()

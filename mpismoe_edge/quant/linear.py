@@ -37,6 +37,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype: the weight is dequantized straight to it
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         y = ops.qmatmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         return y + self.bias if self.bias is not None else y
 

@@ -55,9 +55,9 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n_vals, n_bytes = _unit(bits)
     pad = -codes.shape[-1] % n_vals
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(codes.shape[0], -1, n_vals)
-    shifts = torch.arange(n_vals, dtype=torch.int64) * bits
+    shifts = torch.arange(n_vals, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # disjoint bit ranges: sum == bitwise or
-    byte_shifts = torch.arange(n_bytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(n_bytes, dtype=torch.int64, device=codes.device) * 8
     out = (word >> byte_shifts) & 0xFF
     return out.reshape(codes.shape[0], -1).to(torch.uint8)
 
@@ -70,12 +70,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     *lead, nb = packed.shape
     mask = (1 << bits) - 1
     if n_bytes == 1:  # 2, 4, 8 bits: codes never cross a byte, stay in uint8
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts).bitwise_and_(mask)
     else:  # 3 bits: 8 codes in a 24-bit word
         b = packed.reshape(*lead, nb // n_bytes, n_bytes).to(torch.int32)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-        shifts = torch.arange(n_vals, dtype=torch.int32) * bits
+        shifts = torch.arange(n_vals, dtype=torch.int32, device=packed.device) * bits
         codes = ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
     return codes.reshape(*lead, -1)[..., :length]
 

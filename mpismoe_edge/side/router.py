@@ -22,7 +22,7 @@ from .. import ops
 
 def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float) -> torch.Tensor:
     """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``."""
-    keep = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype)
+    keep = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None else mask.to(hidden.dtype)
     mean = (hidden * keep.unsqueeze(-1)).sum(1, keepdim=True) / keep.sum(1, keepdim=True).unsqueeze(-1).clamp(min=1.0)
     score = (hidden - mean).norm(dim=-1) / (math.sqrt(hidden.shape[-1]) * tau)
     score = score.masked_fill(keep == 0, torch.finfo(score.dtype).min)
@@ -57,7 +57,7 @@ def load_balance_loss(logits: torch.Tensor, weights: torch.Tensor, mask: torch.T
     e = logits.shape[-1]
     probs = logits.softmax(-1).reshape(-1, e)
     picked = (weights > 0).to(probs.dtype).reshape(-1, e)
-    keep = torch.ones(probs.shape[0], 1, dtype=probs.dtype) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
+    keep = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
     n = keep.sum().clamp(min=1.0)
     f = (picked * keep).sum(0) / (n * picked.sum(-1).max().clamp(min=1.0))
     p = (probs * keep).sum(0) / n
