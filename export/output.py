@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 FORMAT = "mpismoe-edge-onnx/1"
-EXPORT_FILES = {"model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json"}
+# top-level entries an export writes: onnx/ (the graph, Hugging Face layout), the HF loader files,
+# our manifest; and model.onnx(.data) of the layout before onnx/, so an old export may be replaced
+EXPORT_FILES = {"onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "manifest.json", "model.onnx", "model.onnx.data"}
 
 
 class OutputError(ValueError):

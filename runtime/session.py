@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding
 
-from .manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, load_manifest, require_file
+from .manifest import TOKENIZER_FILE, Manifest, find_model, load_manifest, require_file
 from .text import TextEncoder, check_texts, was_truncated
 
 CPU = "CPUExecutionProvider"
@@ -150,7 +150,7 @@ class Predictor:
         path = Path(path)
         manifest = load_manifest(path)
         tok_path = require_file(path / TOKENIZER_FILE)
-        model_path = require_file(path / MODEL_FILE)
+        model_path = find_model(path)
         session, used = create_session(model_path, provider, threads, graph_optimization)
         if manifest.target == "ort-cuda" and used != "cuda":
             warnings.warn("model was exported for target 'ort-cuda' but runs on CPU",
