@@ -174,3 +174,51 @@ def test_ort_format_writes_the_operator_config_of_the_graph(exports):
     assert "com.microsoft;1;" in config and "MatMulNBits" in config
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sizes"][f"onnx/{ORT_FILE}"] == (out / "onnx" / ORT_FILE).stat().st_size
+
+
+def _quickstart_export():
+    """The quickstart's real MiniLM export (CI runs scripts/quickstart.sh before the tests)."""
+    import os
+    from pathlib import Path
+
+    out = Path(os.environ.get("MPISMOE_QUICKSTART_EXPORT", Path(__file__).parents[1] / "runs" / "default" / "onnx"))
+    if not (out / "manifest.json").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no quickstart export at {out}; CI runs scripts/quickstart.sh first")
+        pytest.skip(f"no quickstart export at {out} (run scripts/quickstart.sh)")
+    return out
+
+
+@pytest.mark.slow
+def test_real_minilm_export_runs_in_transformers_js_openvino_and_ort_mobile(tmp_path):
+    """The quickstart's 4-bit MiniLM: the same logits and labels in transformers.js's pipeline,
+    OpenVINO (functions inlined) and ONNX Runtime Mobile's .ort, which stays under 1.1x the .onnx."""
+    import onnx
+
+    from mpismoe_edge.export.ort_format import write_ort
+    from mpismoe_edge.export.pipeline import inline_functions
+
+    for client in ("transformers.js", "openvino"):
+        require(client)
+    out = _quickstart_export()
+    texts = ["I love my new self-driving car", "autonomous cars scare me", "the bus was late again today"]
+    predictor = Predictor.from_dir(out)
+    feed = predictor.encoder.encode(texts).arrays()
+    model = find_model(out)
+    ref = run_onnxruntime(model, feed)
+
+    reply = run_js({"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": texts}, tmp_path)
+    np.testing.assert_array_equal(array(reply["input_ids"]), feed["input_ids"])
+    np.testing.assert_allclose(array(reply["logits"]), ref, atol=ATOL, rtol=0)
+    assert [r[0]["label"] for r in reply["pipeline"]] == [p["label"] for p in predictor.predict(texts)]
+
+    inlined = tmp_path / "inlined.onnx"
+    onnx.save(inline_functions(onnx.load(model)), inlined)
+    np.testing.assert_allclose(run_openvino(inlined, feed), ref, atol=ATOL, rtol=0)
+
+    copy = tmp_path / "mobile" / "model.onnx"
+    copy.parent.mkdir()
+    copy.write_bytes(model.read_bytes())
+    ort_path, _ = write_ort(copy)
+    assert ort_path.stat().st_size <= 1.1 * model.stat().st_size
+    np.testing.assert_allclose(run_onnxruntime(ort_path, feed), ref, atol=ATOL, rtol=0)
