@@ -3,9 +3,12 @@
 What ``python -m onnxruntime.tools.convert_onnx_models_to_ort`` does, with one change: the graph
 is saved with optimizations disabled. The converter's default (all, constant folding included)
 folds a portable export's dequantization into float weights (a 4-bit MiniLM became a 3.3x
-larger ``.ort``); unoptimized, the ``.ort`` keeps the packed codes and ONNX Runtime optimizes
-the graph when it loads it (a full build; a minimal build runs the graph as saved). The config
-lists the operators a reduced-operator ONNX Runtime build needs (``--include_ops_by_config``).
+larger ``.ort``); unoptimized, the ``.ort`` keeps the packed codes. ONNX Runtime runs an ``.ort``
+as saved, so a portable export's ``.ort`` dequantizes its weights on every run (slower than the
+``.onnx``, which ORT folds at load); an ort-cpu export's MatMulNBits read the packed codes
+directly, so ``--target ort-cpu --ort-format`` is the mobile build that is both small and fast.
+The config lists the operators a reduced-operator ONNX Runtime build needs
+(``--include_ops_by_config``).
 """
 from __future__ import annotations
 

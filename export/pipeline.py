@@ -86,11 +86,30 @@ def inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     inlined = inline_local_functions(proto)
     inlined.ir_version = proto.ir_version
+    _cast_like_to_cast(inlined)
     used = {n.domain for n in inlined.graph.node}
     keep = [imp for imp in inlined.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
     del inlined.opset_import[:]
     inlined.opset_import.extend(keep)
     return inlined
+
+
+def _cast_like_to_cast(proto: onnx.ModelProto) -> None:
+    """CastLike(x, like) -> Cast(x, to=like's type) where the type is known (in place): inside a
+    function CastLike keeps the body generic; in the graph ONNX Runtime has no CastLike kernel (it
+    expands the op, and warns at load that it cannot constant-fold it)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in proto.graph.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and types.get(node.input[1]):
+            to = types[node.input[1]]
+            del node.input[1:]
+            del node.attribute[:]
+            node.op_type = "Cast"
+            node.attribute.append(onnx.helper.make_attribute("to", to))
 
 
 def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = None) -> list[str]:

@@ -116,7 +116,7 @@ def test_transformers_js_regression_model_returns_the_score_as_its_logit(tmp_pat
     reply = run_js({"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": TEXTS}, tmp_path)
     scores = [r["score"] for r in Predictor.from_dir(out).predict(TEXTS)]
     np.testing.assert_allclose(array(reply["logits"])[:, 0], scores, atol=ATOL, rtol=0)
-    assert [r[0]["label"] for r in reply["pipeline"]] == ["score"] * len(TEXTS)
+    assert [(r[0]["label"], r[0]["score"]) for r in reply["pipeline"]] == [("score", 1.0)] * len(TEXTS)
 
 
 @pytest.mark.parametrize("task,labels", [("classification", ["neg", "neu", "pos"]), ("regression", ["score"]),
@@ -222,3 +222,29 @@ def test_real_minilm_export_runs_in_transformers_js_openvino_and_ort_mobile(tmp_
     ort_path, _ = write_ort(copy)
     assert ort_path.stat().st_size <= 1.1 * model.stat().st_size
     np.testing.assert_allclose(run_onnxruntime(ort_path, feed), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_inline_functions_writes_standard_ops_with_the_same_logits(exports, target):
+    import onnx
+
+    out, inlined = exports(target), exports(target, inline=True)
+    proto = onnx.load(find_model(inlined))
+    assert not proto.functions
+    assert {n.domain for n in proto.graph.node} <= {"", "com.microsoft"}
+    assert "CastLike" not in {n.op_type for n in proto.graph.node}  # ORT has no kernel: it would not fold it
+    assert json.loads((inlined / "manifest.json").read_text())["inlined_functions"] is True
+    feed = _feed(out)
+    np.testing.assert_allclose(run_onnxruntime(find_model(inlined), feed), run_onnxruntime(find_model(out), feed),
+                               atol=1e-6, rtol=0)
+
+
+def test_cli_writes_inlined_graph_and_ort_file(tiny_checkpoint, tmp_path, capsys):
+    from mpismoe_edge.export import cli
+
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_checkpoint), "-o", str(out), "--inline-functions", "--ort-format", "--no-validate", "-q"]) == 0
+    assert {p.name for p in (out / "onnx").iterdir()} == {"model.onnx", ORT_FILE, OPS_CONFIG_FILE}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inlined_functions"] is True and manifest["model"] == "onnx/model.onnx"
+    assert set(manifest["sizes"]) >= {"onnx/model.onnx", f"onnx/{ORT_FILE}", f"onnx/{OPS_CONFIG_FILE}"}
