@@ -257,7 +257,7 @@ def main() -> None:
         export_times[f"{name} (export + validate)"] = time.perf_counter() - t0
         parity[name] = man["parity"]["max_abs_diff"]
         fusion[name] = man["fusion"]
-        rows[name] = folder / "model.onnx"
+        rows[name] = folder / "onnx" / "model.onnx"  # Hugging Face layout (issue 17)
     log("exporting the FP32 backbone alone")
     fp32 = work / "backbone-fp32.onnx"
     export_times["FP32 backbone (torch.onnx)"] = export_fp32_backbone(fp32)

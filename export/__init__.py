@@ -1,9 +1,11 @@
 """export stage of mpismoe-edge: torch model -> ONNX (portable ai.mpismoe functions, or ORT-fused).
 
-``export_model(model, out_dir, target=..., opset=..., atol=...)`` writes a validated directory
-(model.onnx, tokenizer.json, manifest.json) atomically; ``mpismoe-export`` is its CLI. Modules:
-``functions`` (onnxscript bodies of the custom ops), ``lower`` (torch.onnx export),
-``fuse`` (MatMulNBits rewrite), ``validate`` (parity vs PyTorch), ``output`` (atomic dirs).
+``export_model(model, out_dir, target=..., opset=..., atol=...)`` writes a validated directory in
+Hugging Face's ONNX layout (onnx/model.onnx, config.json, tokenizer files) plus manifest.json,
+atomically; ``mpismoe-export`` is its CLI. Modules: ``functions`` (onnxscript bodies of the custom
+ops), ``lower`` (torch.onnx export), ``fuse`` (MatMulNBits rewrite), ``validate`` (parity vs
+PyTorch), ``output`` (atomic dirs), ``hf_layout`` (config.json, tokenizer_config.json),
+``ort_format`` (model.ort for ONNX Runtime Mobile), ``runtimes`` (what each target runs on).
 Importing this package is cheap; torch is imported by the submodules that need it.
 """
 from __future__ import annotations

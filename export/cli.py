@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",
                    help="MatMulNBits compute type on ort-* targets: 0 the input's float type (default), "
                         "4 int8 activations (ORT CPU; faster on int8-dot hardware, looser parity)")
+    p.add_argument("--inline-functions", action="store_true",
+                   help="write the graph with the ai.mpismoe functions inlined, for runtimes that do not read "
+                        "model-local functions (OpenVINO); ONNX Runtime inlines them at load either way")
+    p.add_argument("--ort-format", action="store_true",
+                   help="also write onnx/model.ort and onnx/required_operators.config for ONNX Runtime Mobile "
+                        "(a reduced-operator build); the weights stay packed")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs diff allowed vs PyTorch (default 1e-4)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = export_model(model, out, target=args.target, opset=args.opset, atol=args.atol,
-                                validate=not args.no_validate, accuracy_level=args.accuracy_level, log=log)
+                                validate=not args.no_validate, accuracy_level=args.accuracy_level,
+                                inline=args.inline_functions, ort_format=args.ort_format, log=log)
     except OutputError as e:
         return _fail(str(e), 2)
     except ParityError as e:

@@ -10,8 +10,11 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
   A row of codes is a little-endian bitstream, code ``i`` of a group at bit offset ``i*bits``.
   Because ``bits <= 8`` and the offset ``s`` within a byte is ``< 8``, every code lies in the
   16-bit little-endian word of bytes ``j = (i*bits) // 8`` and ``j + 1``; the body gathers
-  those two bytes per code and takes the 8-bit window ``(lo >> s) | (hi << (8 - s))`` in uint8
-  (BitShift wants unsigned ints), then masks. One body serves 2, 3, 4 and 8 bits (3-bit codes
+  those two bytes per code, joins them into the uint32 word ``lo | hi << 8`` and takes
+  ``(word >> s) & mask`` (BitShift wants unsigned ints). The word is uint32, not uint8 with
+  ``hi << (8 - s)``: that shift overflows a byte, and runtimes disagree on uint8 shifts (ONNX and
+  ONNX Runtime wrap, OpenVINO saturates left shifts and, inside this body, rounded right
+  shifts); the bodies use only op behaviour they agree on (tests/test_portable_ops.py). One body serves 2, 3, 4 and 8 bits (3-bit codes
   cross bytes). Everything is laid out ``[K/G, G, N]`` from the bytes on, so the dequantized
   weight comes out ``[K, N]`` with no float transpose: ONNX Runtime constant-folds this body
   at session load, and its peak memory there is set by the bytes per weight of these steps.
@@ -49,27 +52,24 @@ def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, g
     gsize = op.Constant(value_int=group_size)
     zero64 = op.Constant(value_int=0)
     one64 = op.Constant(value_int=1)
-    seven64 = op.Constant(value_int=7)
     eight64 = op.Constant(value_int=8)
     col = op.Constant(value_ints=[-1, 1])
     offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)   # bit offset of each code in its group
     lo_idx = op.Div(offsets, eight64)                           # byte holding the code's low bits
     hi_idx = op.Add(lo_idx, one64)                              # the next byte (maybe the pad byte)
     in_byte = op.Mod(offsets, eight64)                          # s in [0, 7]
-    shift_lo = op.Reshape(op.Cast(in_byte, to=2), col)          # uint8 [G, 1]
-    shift_hi = op.Reshape(op.Cast(op.Sub(seven64, in_byte), to=2), col)  # 7 - s
-    one8 = op.Cast(one64, to=2)
+    shift = op.Reshape(op.Cast(in_byte, to=12), col)           # uint32 [G, 1]
     one32 = op.Cast(one64, to=12)
-    mask = op.Cast(op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32), to=2)
+    eight32 = op.Cast(eight64, to=12)
+    mask = op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32)
     # Bytes first: pad each group with a zero byte and put N last, so every later tensor is
-    # [K/G, G, N] (the MatMul's [K, N] layout) and the unpacking stays in uint8.
+    # [K/G, G, N] (the MatMul's [K, N] layout).
     padded = op.Transpose(op.Pad(qweight, op.Constant(value_ints=[0, 0, 0, 0, 0, 1])), perm=[1, 2, 0])
     lo = op.Gather(padded, lo_idx, axis=1)
     hi = op.Gather(padded, hi_idx, axis=1)
-    # the 8-bit window at bit s of the 16-bit word lo | hi << 8; shifts stay below 8
-    window = op.BitwiseOr(op.BitShift(lo, shift_lo, direction="RIGHT"),
-                          op.BitShift(op.BitShift(hi, shift_hi, direction="LEFT"), one8, direction="LEFT"))
-    codes = op.BitwiseAnd(window, mask)                        # uint8 [K/G, G, N]
+    # the code at bit s of the 16-bit little-endian word lo | hi << 8 (in uint32: nothing overflows)
+    word = op.BitwiseOr(op.Cast(lo, to=12), op.BitShift(op.Cast(hi, to=12), eight32, direction="LEFT"))
+    codes = op.BitwiseAnd(op.BitShift(word, shift, direction="RIGHT"), mask)   # uint32 [K/G, G, N]
     z = op.Unsqueeze(op.Transpose(zeros, perm=[1, 0]), one64)   # [K/G, 1, N]
     s = op.Unsqueeze(op.Transpose(scales, perm=[1, 0]), one64)
     w = op.Mul(op.Sub(op.CastLike(codes, scales), z), s)

@@ -1,4 +1,6 @@
-"""``export_model``: torch model -> validated ``out/`` (model.onnx, tokenizer.json, manifest.json)."""
+"""``export_model``: torch model -> validated ``out/`` in Hugging Face's ONNX layout
+(onnx/model.onnx, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+plus manifest.json for our runtime; optionally the functions inlined, and onnx/model.ort."""
 from __future__ import annotations
 
 import json
@@ -11,12 +13,14 @@ from typing import Callable
 import onnx
 from torch import nn
 
-from mpismoe_edge.runtime.spec import DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_FILE, TARGETS, TOKENIZER_FILE
+from mpismoe_edge.runtime.spec import DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_DIR, MODEL_FILE, TARGETS, TOKENIZER_FILE
 
 from . import functions as F
+from . import hf_layout as HF
 from .fuse import ACCURACY_LEVELS, fuse
 from .lower import OUTPUT_NAME, input_names, to_onnx
 from .output import commit, staging_dir
+from .runtimes import TARGET_RUNTIMES
 from .validate import DEFAULT_ATOL, check_parity
 
 # protobuf refuses messages over 2 GiB; stay clear of it with the weights in a side file
@@ -74,8 +78,41 @@ def _initializer_bytes(proto: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
+def inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every model-local function replaced by its body (for runtimes that do not
+    read functions, e.g. OpenVINO); ONNX Runtime inlines them at load anyway."""
+    from onnx.inliner import inline_local_functions
+
+    inlined = inline_local_functions(proto)
+    inlined.ir_version = proto.ir_version
+    _cast_like_to_cast(inlined)
+    used = {n.domain for n in inlined.graph.node}
+    keep = [imp for imp in inlined.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(keep)
+    return inlined
+
+
+def _cast_like_to_cast(proto: onnx.ModelProto) -> None:
+    """CastLike(x, like) -> Cast(x, to=like's type) where the type is known (in place): inside a
+    function CastLike keeps the body generic; in the graph ONNX Runtime has no CastLike kernel (it
+    expands the op, and warns at load that it cannot constant-fold it)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in proto.graph.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and types.get(node.input[1]):
+            to = types[node.input[1]]
+            del node.input[1:]
+            del node.attribute[:]
+            node.op_type = "Cast"
+            node.attribute.append(onnx.helper.make_attribute("to", to))
+
+
 def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = None) -> list[str]:
-    """Write ``model.onnx`` (and ``model.onnx.data`` when large); returns the file names."""
+    """Write ``model.onnx`` (and ``model.onnx.data`` when large) into ``folder``; returns the file names."""
     if external is None:
         external = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES
     path = folder / MODEL_FILE
@@ -87,8 +124,31 @@ def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = Non
     return [MODEL_FILE]
 
 
+def write_hf_files(model: nn.Module, folder: Path) -> list[str]:
+    """config.json, and with a tokenizer tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    config = getattr(model, "config", None)
+    task = getattr(config, "task", "classification")
+    labels = list(getattr(config, "labels", []) or [])
+    num_outputs = int(getattr(config, "num_outputs", len(labels) or 1))
+    names = input_names(model)
+    backbone_config = dict(getattr(config, "backbone_config", None) or {})
+    files = [HF.CONFIG_FILE]
+    HF.write_json(folder / HF.CONFIG_FILE, HF.hf_config(backbone_config, task, labels, num_outputs,
+                                                        image="pixel_values" in names))
+    tokenizer_json = getattr(model, "tokenizer_json", None)
+    if tokenizer_json:
+        (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        max_length = int(getattr(config, "max_length", 128) or 128)
+        tok_config = HF.tokenizer_config(tokenizer_json, max_length, names)
+        HF.write_json(folder / HF.TOKENIZER_CONFIG_FILE, tok_config)
+        HF.write_json(folder / HF.SPECIAL_TOKENS_FILE, {k: v for k, v in tok_config.items() if k.endswith("_token")})
+        files += [TOKENIZER_FILE, HF.TOKENIZER_CONFIG_FILE, HF.SPECIAL_TOKENS_FILE]
+    return files
+
+
 def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset: int,
-                   folder: Path, files: list[str], stats: dict, parity: dict | None, accuracy_level: int = 0) -> dict:
+                   folder: Path, files: list[str], stats: dict, parity: dict | None, accuracy_level: int = 0,
+                   inlined: bool = False) -> dict:
     config = getattr(model, "config", None)
     task = getattr(config, "task", "classification")
     labels = list(getattr(config, "labels", []) or []) or None
@@ -104,6 +164,9 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
         "inputs": input_names(model),
         "outputs": [OUTPUT_NAME],
         "target": target,
+        "runtimes": list(TARGET_RUNTIMES[target]),
+        "model": f"{MODEL_DIR}/{MODEL_FILE}",
+        "inlined_functions": inlined,
         "opset": opset,
         "ir_version": proto.ir_version,
         "custom_ops": dict(sorted(ops.items())),
@@ -117,8 +180,13 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
 
 def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
                  atol: float = DEFAULT_ATOL, validate: bool = True, external_data: bool | None = None,
-                 zero_points: str = "auto", accuracy_level: int = 0, log: Callable[[str], None] | None = _stderr) -> dict:
+                 zero_points: str = "auto", accuracy_level: int = 0, inline: bool = False, ort_format: bool = False,
+                 log: Callable[[str], None] | None = _stderr) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
+
+    ``inline``: write the graph with the functions inlined (runtimes that do not read model-local
+    functions, e.g. OpenVINO). ``ort_format``: also write ``onnx/model.ort`` and its
+    ``required_operators.config`` for ONNX Runtime Mobile (:mod:`.ort_format`).
 
     Raises ValueError for bad arguments or an unusable ``out_dir`` (before any work), and
     :class:`ParityError` when validation fails; either way nothing is written.
@@ -146,22 +214,29 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
         if target != "portable":
             proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
             log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
-        files = save_model(proto, tmp, external_data)
-        onnx.checker.check_model(str(tmp / MODEL_FILE))
-        tokenizer_json = getattr(model, "tokenizer_json", None)
-        if tokenizer_json:
-            (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
-            files.append(TOKENIZER_FILE)
+        if inline:
+            proto = inline_functions(proto)
+            log(f"  functions inlined: {len(proto.graph.node)} nodes")
+        (tmp / MODEL_DIR).mkdir()
+        files = [f"{MODEL_DIR}/{name}" for name in save_model(proto, tmp / MODEL_DIR, external_data)]
+        model_path = tmp / MODEL_DIR / MODEL_FILE
+        onnx.checker.check_model(str(model_path))
+        files += write_hf_files(model, tmp)
         parity = None
         if validate:
             t1 = time.perf_counter()
             log(f"validating against PyTorch on ONNX Runtime (atol {atol:g})...")
-            parity = check_parity(model, tmp / MODEL_FILE, atol=atol, log=log)
+            parity = check_parity(model, model_path, atol=atol, log=log)
             log(f"  max abs diff {parity['max_abs_diff']:.3g} in {time.perf_counter() - t1:.1f}s")
             if not parity["passed"]:
                 raise ParityError(f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}",
                                   parity)
-        manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity, accuracy_level)
+        if ort_format:
+            from .ort_format import write_ort
+
+            files += [str(p.relative_to(tmp)) for p in write_ort(model_path)]
+            log(f"  wrote {MODEL_DIR}/model.ort for ONNX Runtime Mobile")
+        manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity, accuracy_level, inline)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         commit(tmp, out_dir)
     log(f"wrote {out_dir} ({', '.join(files + [MANIFEST_FILE])}) in {time.perf_counter() - t0:.1f}s")

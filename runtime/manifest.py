@@ -1,10 +1,14 @@
 """Read and check ``manifest.json`` of an exported model directory.
 
-Directory layout written by ``mpismoe-export``::
+Directory layout written by ``mpismoe-export`` (Hugging Face's ONNX layout plus our manifest)::
 
-    out/model.onnx          (optionally with external data, e.g. model.onnx.data)
+    out/onnx/model.onnx     (optionally with external data, onnx/model.onnx.data; with
+                             --ort-format also onnx/model.ort + onnx/required_operators.config)
     out/tokenizer.json      (Hugging Face ``tokenizers`` format)
+    out/config.json, out/tokenizer_config.json, out/special_tokens_map.json  (for HF loaders)
     out/manifest.json       {"format": "mpismoe-edge-onnx/1", "task": ..., "labels": [...], ...}
+
+Exports made before the Hugging Face layout hold ``out/model.onnx``; :func:`find_model` reads both.
 
 Only the fields the runtime needs are read; the rest (bits per layer, sizes, parity...) is kept
 in :attr:`Manifest.raw` for callers that want it.
@@ -15,10 +19,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .spec import (DEFAULT_TARGET, FORMAT_MAJOR, FORMAT_PREFIX, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAME, TASKS,
-                   TEXT_INPUTS, TOKENIZER_FILE)
+from .spec import (DEFAULT_TARGET, FORMAT_MAJOR, FORMAT_PREFIX, MANIFEST_FILE, MODEL_FILE, MODEL_PATHS, OUTPUT_NAME,
+                   TASKS, TEXT_INPUTS, TOKENIZER_FILE)
 
-__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "MANIFEST_FILE", "Manifest", "load_manifest", "parse_manifest", "require_file"]
+__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "MANIFEST_FILE", "Manifest", "find_model", "load_manifest", "parse_manifest",
+           "require_file"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,15 @@ def require_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent} (expected file {path})")
     return path
+
+
+def find_model(model_dir: str | Path) -> Path:
+    """The ONNX graph of an export directory: ``onnx/model.onnx``, or ``model.onnx`` of the old layout."""
+    model_dir = Path(model_dir)
+    for rel in MODEL_PATHS:
+        if (model_dir / rel).is_file():
+            return model_dir / rel
+    raise FileNotFoundError(f"{MODEL_FILE} not found in {model_dir} (expected file {model_dir / MODEL_PATHS[0]})")
 
 
 def load_manifest(model_dir: str | Path) -> Manifest:

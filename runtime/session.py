@@ -17,8 +17,8 @@ import onnxruntime as ort
 from tokenizers import Encoding
 
 from .checks import positive_int
-from .manifest import Manifest, load_manifest, require_file
-from .spec import MODEL_FILE, TEXT_INPUTS, TOKENIZER_FILE
+from .manifest import Manifest, find_model, load_manifest, require_file
+from .spec import TEXT_INPUTS, TOKENIZER_FILE
 from .text import TextEncoder, check_texts, was_truncated
 
 CPU = "CPUExecutionProvider"
@@ -148,7 +148,7 @@ class Predictor:
         path = Path(path)
         manifest = load_manifest(path)
         tok_path = require_file(path / TOKENIZER_FILE)
-        model_path = require_file(path / MODEL_FILE)
+        model_path = find_model(path)
         session, used = create_session(model_path, provider, threads, graph_optimization)
         if manifest.target == "ort-cuda" and used != "cuda":
             warnings.warn("model was exported for target 'ort-cuda' but runs on CPU",

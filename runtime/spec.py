@@ -31,9 +31,16 @@ FORMAT_MAJOR = 1
 FORMAT = f"{FORMAT_PREFIX}{FORMAT_MAJOR}"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"        # external weights, when the model is large
+MODEL_DIR = "onnx"                   # Hugging Face's ONNX layout keeps the graph under onnx/
+MODEL_PATHS = (f"{MODEL_DIR}/{MODEL_FILE}", MODEL_FILE)  # where the graph is: this layout, then the old one
 TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
-EXPORT_FILES = frozenset({MODEL_FILE, DATA_FILE, TOKENIZER_FILE, MANIFEST_FILE})
+MANIFEST_FILE = "manifest.json"      # ours; the Hugging Face loaders read the three below
+CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# top-level entries an export may hold (model.onnx(.data) of the old layout too, so an old export can be replaced)
+EXPORT_FILES = frozenset({MODEL_DIR, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE,
+                          MANIFEST_FILE, MODEL_FILE, DATA_FILE})
 
 # ---- the training run's directory ----------------------------------------------------------
 CHECKPOINT_FILE = "model.pt"

@@ -23,6 +23,7 @@ def tiny_tokenizer() -> Tokenizer:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIALS)  # as in real Hugging Face tokenizers (decoders skip them)
     return tok
 
 

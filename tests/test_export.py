@@ -163,13 +163,15 @@ def test_forcing_each_expert_matches_torch(portable, model, target):
 def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     out = tmp_path / "out"
     manifest = pipeline.export_model(model, out, target=target, log=None)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "onnx", "special_tokens_map.json",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     par = manifest["parity"]
     assert par["passed"] and par["max_abs_diff"] <= 1e-4
     cases = {(c["batch"], c["padded"]) for c in par["cases"]}
     assert {(1, False), (1, True), (7, False), (7, True)} <= cases
-    proto = onnx.load(out / "model.onnx")
+    proto = onnx.load(out / "onnx" / "model.onnx")
     ops = _ops(proto)
     if target == "portable":
         assert ("com.microsoft", "MatMulNBits") not in ops
@@ -190,7 +192,7 @@ def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     assert manifest["bits"]["backbone.encoder.layer.1.output.dense"] == 8
     assert manifest["bits"]["side.blocks.1.ffn.experts.3.fc2"] == 4
     assert "backbone.pooler.dense" not in manifest["bits"]  # quantized, but unused, so not exported
-    assert manifest["sizes"]["model.onnx"] == (out / "model.onnx").stat().st_size
+    assert manifest["sizes"]["onnx/model.onnx"] == (out / "onnx" / "model.onnx").stat().st_size
     assert manifest["sizes"]["packed_codes"] > 0
 
 
@@ -242,15 +244,15 @@ def test_replaces_previous_export_atomically(model, cached_export, tmp_path):
 def test_external_data(model, cached_export, tmp_path):
     out = tmp_path / "out"
     manifest = pipeline.export_model(model, out, log=None, external_data=True, validate=False)
-    assert (out / "model.onnx.data").is_file() and manifest["sizes"]["model.onnx.data"] > 0
-    graph_only = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert (out / "onnx" / "model.onnx.data").is_file() and manifest["sizes"]["onnx/model.onnx.data"] > 0
+    graph_only = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
     inline = [t.name for t in graph_only.graph.initializer
               if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
     assert inline == []  # every initializer of 1 KiB or more lives in the data file
     feed = lower.make_inputs(model, 2, 7, lengths=[7, 3])
     with torch.no_grad():
         ref = model(**feed).numpy()
-    got = _session(out / "model.onnx").run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    got = _session(out / "onnx" / "model.onnx").run(None, {k: v.numpy() for k, v in feed.items()})[0]
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 

@@ -69,7 +69,7 @@ def test_export_passes_validation_with_padded_cases_and_the_manifest_says_the_ta
 
 
 def test_onnx_logits_have_dynamic_batch_and_sequence_axes(exported):
-    (output,) = onnx.load(exported[0] / "model.onnx").graph.output
+    (output,) = onnx.load(exported[0] / "onnx" / "model.onnx").graph.output
     dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence", len(TAGS)]
 
@@ -80,7 +80,7 @@ def test_onnx_logits_match_torch_on_real_tokens_of_a_padded_batch(model, exporte
     assert len(set(feed["attention_mask"].sum(1))) > 1  # rows of different lengths: padding
     with torch.no_grad():
         ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
-    sess = ort.InferenceSession(str(exported[0] / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(exported[0] / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, feed)
     assert got.shape == ref.shape == feed["input_ids"].shape + (len(TAGS),)
     real = feed["attention_mask"].astype(bool)
