@@ -30,6 +30,7 @@ peak live tensors from the torch profiler over ``--probe-steps`` steps on the lo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
@@ -41,8 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import PeakRSS, _rss  # noqa: E402  (benchmarks/train.py: the one RSS sampler)
+
+def _sibling(name: str):
+    """A module of benchmarks/ by file (no sys.path entry, which would shadow the ``export`` package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).resolve().with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bench_train = _sibling("train")  # benchmarks/train.py: the one RSS sampler
+PeakRSS, _rss = _bench_train.PeakRSS, _bench_train._rss
 
 TASKS = ("tweets", "rotten-tomatoes", "wnut16", "vader-movies")
 BACKBONES = ("minilm", "mpnet")
