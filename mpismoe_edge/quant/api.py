@@ -47,10 +47,13 @@ def selected_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Line
 
 def selected_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     """The layers ``quantize_model`` packs: selected Linears, plus selected ``nn.Embedding``
-    tables when ``config.embeddings`` is set."""
+    tables when ``config.embeddings`` is set and their width is a multiple of the group size
+    (a narrower table, like MPNet's 32 x 12 relative-attention bias, stays float: it is a few
+    hundred numbers and cannot form one group)."""
     layers: dict[str, nn.Module] = dict(selected_linears(model, config))
     if config.embeddings:
-        layers.update((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and _chosen(n, config))
+        layers.update((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and _chosen(n, config)
+                      and m.embedding_dim % config.group_size == 0)
     return layers
 
 

