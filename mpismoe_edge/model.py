@@ -127,12 +127,14 @@ def load_backbone(path: str | os.PathLike | None = None) -> tuple[nn.Module, str
 def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
     """Freeze and quantize ``backbone`` (in place) per ``config.quant`` and attach a fresh side
     network (initialised per ``config.side.init``). ``config`` itself is left as it is: the model
-    holds a copy that also records ``backbone_config``."""
+    holds a copy that also records ``backbone_config`` (and, when ``config.backbone`` is empty,
+    the directory the backbone was loaded from)."""
     if config.task != Task.REGRESSION and len(config.labels) < 2:
         raise ValueError(f"a {config.task} model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
-    config = ModelConfig.from_dict({**config.to_dict(), "backbone_config": backbone.config.to_dict()})
+    config = ModelConfig.from_dict({**config.to_dict(), "backbone_config": backbone.config.to_dict(),
+                                    "backbone": config.backbone or getattr(backbone.config, "name_or_path", "")})
     model = MPISMoEModel(config, backbone, tokenizer_json)
     _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
     if config.side.init == "pruned":

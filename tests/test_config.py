@@ -58,6 +58,29 @@ def test_the_training_cli_defaults_are_the_config_defaults():
     assert (args.bits, args.group_size, args.quant_method) == (QuantConfig.bits, QuantConfig.group_size, QuantConfig.method)
 
 
+def test_plain_mpismoe_train_is_the_quickstarts_command():
+    from mpismoe_edge.cli import _parser
+
+    assert _parser().parse_args([]) == _parser().parse_args(["--expert-bits", "4"])
+
+
+@pytest.mark.parametrize("flag, bits", [([], 4), (["--expert-bits", "0"], None), (["--expert-bits", "8"], 8)])
+def test_the_training_cli_builds_the_expert_bits_it_is_given(monkeypatch, tiny_jsonl, tmp_path, flag, bits):
+    from mpismoe_edge.cli import train_main
+
+    built = []
+
+    def build_model(backbone, config, *args, **kwargs):
+        built.append(config)
+        raise FileNotFoundError("stop once the config is built")
+
+    monkeypatch.setattr("mpismoe_edge.model.load_backbone", lambda path: (None, None))
+    monkeypatch.setattr("mpismoe_edge.model.build_model", build_model)
+    args = ["--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "--backbone", "b", "-o", str(tmp_path / "o"), *flag]
+    assert train_main(args) == 2
+    assert built[0].side.expert_bits == bits
+
+
 def test_build_model_does_not_change_the_callers_config():
     from conftest import tiny_backbone
     from mpismoe_edge.model import build_model

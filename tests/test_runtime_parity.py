@@ -52,27 +52,43 @@ def test_nan_fails_not_raises():
     assert max_abs_diff(REF, cand) == float("inf")
 
 
-def test_shape_and_input_errors():
-    with pytest.raises(ValueError, match="shape mismatch"):
-        compare_logits(REF, REF[:, :2])
-    with pytest.raises(ValueError, match="n > 0"):
-        compare_logits(np.zeros((0, 3)), np.zeros((0, 3)))
-    with pytest.raises(ValueError, match="numeric"):
-        compare_logits(np.array([["a"]]), np.array([["a"]]))
-    with pytest.raises(ValueError, match="task"):
-        compare_logits(REF, REF, task="ranking")
+@pytest.mark.parametrize("reference, candidate, options, message", [
+    (REF, REF[:, :2], {}, r"shape mismatch: reference \[50, 3\] vs candidate \[50, 2\]"),
+    (np.zeros((0, 3)), np.zeros((0, 3)), {}, "n > 0"),
+    (np.array([["a"]]), np.array([["a"]]), {}, "reference must be numeric"),
+    (REF, REF, {"task": "ranking"}, "task must be one of"),
+], ids=["shape", "empty", "strings", "task"])
+def test_inputs_that_cannot_be_compared_are_refused(reference, candidate, options, message):
+    with pytest.raises(ValueError, match=message):
+        compare_logits(reference, candidate, **options)
 
 
-def test_labels_by_name_and_accuracy():
-    names = ["neg", "neu", "pos"]
-    gold_names = [names[i] for i in GOLD]
-    np.testing.assert_array_equal(labels_to_indices(gold_names, names), GOLD)
-    assert accuracy(REF, gold_names, names) == 1.0
-    r = compare_logits(REF, REF, labels=gold_names, label_names=names)
-    assert r.reference_accuracy == 1.0
-    with pytest.raises(ValueError, match="label #0"):
-        labels_to_indices(["other"], names)
-    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+NAMES = ["neg", "neu", "pos"]
+
+
+def test_gold_labels_may_be_names():
+    gold_names = [NAMES[i] for i in GOLD]
+    np.testing.assert_array_equal(labels_to_indices(gold_names, NAMES), GOLD)
+    assert compare_logits(REF, REF, labels=gold_names, label_names=NAMES).reference_accuracy == 1.0
+
+
+def test_accuracy_is_the_fraction_of_rows_whose_argmax_is_the_label():
+    gold = GOLD.copy()
+    gold[:10] = (gold[:10] + 1) % 3
+    assert accuracy(REF, gold) == pytest.approx(40 / 50)
+
+
+@pytest.mark.parametrize("labels, names, message", [
+    (["other"], NAMES, r"label #0: label 'other' is neither one of \['neg', 'neu', 'pos'\]"),
+    (["neg"], None, "label #0: label 'neg' is not a class index"),
+], ids=["unknown-name", "name-without-names"])
+def test_a_label_that_is_no_class_is_refused(labels, names, message):
+    with pytest.raises(ValueError, match=message):
+        labels_to_indices(labels, names)
+
+
+def test_an_id_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         accuracy(REF, [7] * len(REF))
 
 
@@ -101,15 +117,15 @@ def test_token_classification_agreement_is_per_token():
     assert not r.passed and any("agreement" in f for f in r.failures)
 
 
-def test_token_classification_input_errors():
-    with pytest.raises(ValueError, match="shape mismatch at text 1"):
-        compare_logits(TOKEN_REF, [TOKEN_REF[0], TOKEN_REF[1][:-1], TOKEN_REF[2]], task="token-classification")
-    with pytest.raises(ValueError, match="3 texts, candidate 2"):
-        compare_logits(TOKEN_REF, TOKEN_REF[:2], task="token-classification")
-    with pytest.raises(ValueError, match=r"list of \[tokens, labels\] arrays"):
-        compare_logits(REF, REF, task="token-classification")
-    with pytest.raises(ValueError, match="gold labels"):
-        compare_logits(TOKEN_REF, TOKEN_REF, labels=[0, 1, 2], task="token-classification")
+@pytest.mark.parametrize("reference, candidate, options, message", [
+    (TOKEN_REF, [TOKEN_REF[0], TOKEN_REF[1][:-1], TOKEN_REF[2]], {}, "shape mismatch at text 1"),
+    (TOKEN_REF, TOKEN_REF[:2], {}, "3 texts, candidate 2"),
+    (REF, REF, {}, r"list of \[tokens, labels\] arrays"),
+    (TOKEN_REF, TOKEN_REF, {"labels": [0, 1, 2]}, "gold labels are not supported"),
+], ids=["token-count", "text-count", "not-per-text", "gold-labels"])
+def test_token_logits_that_cannot_be_compared_are_refused(reference, candidate, options, message):
+    with pytest.raises(ValueError, match=message):
+        compare_logits(reference, candidate, task="token-classification", **options)
 
 
 def test_sequence_reports_have_no_token_count():
