@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
+from mpismoe_edge.export.hf_layout import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
 from mpismoe_edge.export.ort_format import OPS_CONFIG_FILE, ORT_FILE
 from mpismoe_edge.export.runtimes import NEEDS_INLINED, TARGET_RUNTIMES
 from mpismoe_edge.runtime import Predictor
@@ -149,7 +149,7 @@ def test_transformers_python_reads_the_tokenizer_as_our_runtime_does(exports):
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     enc = tok(TEXTS, padding=True, truncation=True, return_tensors="np")
     feed = _feed(out)
-    assert sorted(enc.keys()) == sorted(feed)  # a feed is by name; HF orders its keys its own way
+    assert sorted(enc.keys()) == sorted(feed)
     for name in feed:
         np.testing.assert_array_equal(enc[name], feed[name])
 

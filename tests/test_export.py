@@ -223,10 +223,12 @@ def test_runtime_reads_the_export(model, cached_export, tmp_path):
 def test_parity_failure_writes_nothing_and_keeps_old_output(model, cached_export, tmp_path):
     out = tmp_path / "out"
     pipeline.export_model(model, out, log=None, validate=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files()
     with pytest.raises(pipeline.ParityError):
         pipeline.export_model(model, out, target="ort-cpu", atol=0.0, log=None)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left behind
 
 
