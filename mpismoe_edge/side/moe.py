@@ -145,7 +145,7 @@ def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) ->
     else:
         ys = [nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1, b1)), w2, b2)
               for chunk, (w1, b1, w2, b2) in zip(routed, params)]
-    return out.index_add_(0, token, torch.cat(ys) * gate).reshape(x.shape)
+    return out.index_add_(0, token, (torch.cat(ys) * gate).to(out.dtype)).reshape(x.shape)  # autocast: experts may run in bf16
 
 
 def _expert_weights(experts: list[nn.Module]) -> list[tuple[torch.Tensor, ...]] | None:
