@@ -30,6 +30,13 @@ GNP-IQ noise follow the seed) and reports the mean accuracy and each seed's; the
 runs once per method, at the first seed.
 
     python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--n-val 1000] [--probe-steps 8] [--preload LIB]
+                               [--device cpu|cuda|auto] [--precision fp32|bf16|fp16]
+
+On CUDA the table adds each method's peak allocated accelerator memory (``torch.cuda.max_memory_allocated``).
+``--speed`` only times an epoch of training steps: MP-ISMoE vs LST in one process x 2 threads and
+MP-ISMoE in 2 torchrun processes x 1 thread (gloo), interleaved ``--repeats`` times:
+
+    python benchmarks/train.py --speed --repeats 3 --n-train 640 --n-val 100 --n-test 100
 """
 from __future__ import annotations
 
@@ -244,6 +251,38 @@ def _accuracy(model, tok, data, names) -> float:
     return (predict(model, tok, data.texts, names).argmax(-1) == torch.tensor(data.targets)).float().mean().item()
 
 
+SPEED_ARMS = {  # name: (processes, threads per process, mpismoe-train arguments)
+    "mp-ismoe, 1 process x 2 threads": (1, 2, ["--expert-bits", "4"]),
+    "lst, 1 process x 2 threads": (1, 2, ["--bits", "0", "--dense-ffn", "--side-init", "random"]),
+    "mp-ismoe, 2 processes x 1 thread (torchrun, gloo)": (2, 1, ["--expert-bits", "4"]),
+}
+
+
+def _speed(args) -> None:
+    """Seconds per epoch of training steps (``metrics.json`` history), the arms interleaved
+    ``--repeats`` times, each a fresh ``mpismoe-train`` process (or torchrun job); prints a table."""
+    common = ["--epochs", "1", "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--n-test", str(args.n_test),
+              "--batch-size", str(args.batch_size), "--quant-method", "rtn", "--device", args.device, "--precision", args.precision, "-q"]
+    times: dict[str, list[float]] = {name: [] for name in SPEED_ARMS}
+    for rep in range(args.repeats):
+        for name, (procs, threads, extra) in SPEED_ARMS.items():
+            out = os.path.join(args.workdir, f"speed-{rep}-{len(times[name])}-{name.split(',')[0]}-{procs}")
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)] if procs > 1 else [sys.executable]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            subprocess.run([*launch, "-m", "mpismoe_edge.cli", "-o", out, "--threads", str(threads), *common, *extra],
+                           check=True, capture_output=True, text=True, env=env)
+            with open(os.path.join(out, "metrics.json")) as f:
+                times[name].append(json.load(f)["history"][0]["seconds"])
+            print(f"# repeat {rep} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
+    ref = statistics.median(times["lst, 1 process x 2 threads"])
+    one = statistics.median(times["mp-ismoe, 1 process x 2 threads"])
+    print(f"| arm | epoch of steps (s, median of {args.repeats}) | per repeat | rows/s | vs LST | vs MP-ISMoE 1 x 2 |")
+    print("|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.1f} | {' / '.join(f'{t:.1f}' for t in ts)} | {args.n_train / med:.1f} | {med / ref:.2f}x | {med / one:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -267,10 +306,16 @@ def main() -> None:
     p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc policy and oneDNN's kernel cache as they are")
     p.add_argument("--preload", help="a malloc library for every method's processes (LD_PRELOAD), "
                                      "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    p.add_argument("--speed", action="store_true", help="only time an epoch: MP-ISMoE vs LST, and 2 processes x 1 thread vs "
+                   "1 process x 2 threads (interleaved, --repeats times; RTN backbone)")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the one seed of a --one/--probe child
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.speed:
+        _speed(args)
+        return
     if args.one or args.probe:
         print(json.dumps(_run_one(args.one, args) if args.one else _probe_one(args.probe, args)))
         return

@@ -88,15 +88,16 @@ def test_a_killed_two_process_torchrun_run_resumes_from_its_last_epoch(tmp_path,
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mpismoe_edge.cli",
            "--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data), "-o", str(out), "--epochs", "3",
-           "--batch-size", "8", "--group-size", "32", "--quant-method", "rtn", "--expert-bits", "4", "--device", "cpu", "-q"]
+           "--batch-size", "8", "--group-size", "32", "--quant-method", "rtn", "--reduction", "2", "--expert-bits", "4", "--device", "cpu", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (out / "last.pt").exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)  # the whole torchrun job, right after its first epoch was saved
+    assert run.poll() is None, run.stderr.read().decode()[-3000:]  # still running: the first epoch was just saved
+    os.killpg(run.pid, signal.SIGKILL)  # the whole torchrun job
     run.wait()
-    assert (out / "last.pt").exists(), run.stderr.read().decode()[-2000:]
+    assert (out / "last.pt").exists()
     assert not (out / "model.pt").exists()  # killed mid-run
     first = torch.load(out / "last.pt", weights_only=True)["state"]["history"]
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)

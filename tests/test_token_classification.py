@@ -8,7 +8,8 @@ from conftest import tiny_model, tiny_tokenizer
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
 from mpismoe_edge.model import load_checkpoint
-from mpismoe_edge.train import TrainConfig, evaluate, make_tokenizer, predict, train, word_targets
+from mpismoe_edge.inference import evaluate, make_tokenizer, predict, word_targets
+from mpismoe_edge.train import TrainConfig, train
 
 TAGS = ["O", "NEG", "POS"]
 POLARITY = {"good": 2, "great": 2, "love": 2, "happy": 2, "bad": 1, "awful": 1, "hate": 1, "sad": 1}

@@ -97,7 +97,7 @@ def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
 
 
 def test_batch_order_covers_every_row_once_and_groups_similar_lengths():
-    from mpismoe_edge.train import batch_order
+    from mpismoe_edge.loop import batch_order
 
     lengths = [i % 50 for i in range(1000)]
     batches = batch_order(lengths, 10, seed=0)
@@ -140,7 +140,7 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
 
 
 def test_test_data_is_scored_only_by_the_final_model(tmp_path):
-    from mpismoe_edge.train import evaluate, make_tokenizer
+    from mpismoe_edge.inference import evaluate, make_tokenizer
 
     test = Dataset(TEXTS[:6], LABELS[:6], ["neg", "neu", "pos"])
     result = train(tiny_model(), DATA, DATA, _cfg(), tmp_path, progress=False, test_data=test)

@@ -18,8 +18,13 @@ class FakeQuantLinear(nn.Linear):
         self.bits, self.group_size = bits, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return nn.functional.linear(x, w + (fake_quantize(w.detach(), self.bits, self.group_size) - w).detach(), self.bias)
+        return nn.functional.linear(x, straight_through(self.weight, self.bits, self.group_size), self.bias)
+
+
+def straight_through(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``w`` fake-quantized in the forward pass, the identity in the backward pass (STE); any
+    leading dimensions (e.g. several experts' weights stacked) are independent groups."""
+    return w + (fake_quantize(w.detach(), bits, group_size) - w).detach()
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 from .. import ops
 from ..config import SideConfig
 from ..quant.linear import QuantLinear
-from .experts import Expert
+from .experts import Expert, FakeQuantLinear, straight_through
 from .router import InteractiveRouter, load_balance_loss, z_loss
 
 
@@ -123,15 +123,45 @@ def _stack_experts(experts: nn.ModuleList) -> tuple[_Stack, dict[str, torch.Tens
 def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """Sparse mixture: each expert sees only its routed tokens, ``sum_e w_e * expert_e(x)``.
 
-    Padding tokens (weight 0 after masking) go to no expert; nothing downstream reads them.
+    The (expert, token) pairs are sorted by expert once: one ``index_select`` gathers the routed
+    tokens, each expert runs on its contiguous slice, one ``index_add_`` adds the weighted
+    outputs back (per token in expert order, as a loop over the experts adds them). Experts in
+    training have their weights fake-quantized together (:func:`_expert_weights`). Padding
+    tokens (weight 0 after masking) go to no expert; nothing downstream reads them.
     """
     flat, w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, weights.shape[-1])
+    expert, token = torch.nonzero(w.t() > 0, as_tuple=True)
+    sizes = torch.bincount(expert, minlength=len(experts)).tolist()
+    used = [e for e, n in enumerate(sizes) if n]
     out = torch.zeros_like(flat)
-    for e, expert in enumerate(experts):
-        idx = torch.nonzero(w[:, e] > 0).squeeze(-1)
-        if idx.numel():
-            out.index_add_(0, idx, expert(flat[idx]) * w[idx, e : e + 1])  # in place: no copy of out per expert
-    return out.reshape(x.shape)
+    if not used:
+        return out.reshape(x.shape)
+    routed = flat.index_select(0, token).split([sizes[e] for e in used])
+    gate = w.reshape(-1).index_select(0, token * w.shape[1] + expert).unsqueeze(-1)
+    params = _expert_weights([experts[e] for e in used])
+    if params is None:
+        ys = [experts[e](chunk) for e, chunk in zip(used, routed)]
+    else:
+        ys = [nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1, b1)), w2, b2)
+              for chunk, (w1, b1, w2, b2) in zip(routed, params)]
+    return out.index_add_(0, token, (torch.cat(ys) * gate).to(out.dtype)).reshape(x.shape)  # autocast: experts may run in bf16
+
+
+def _expert_weights(experts: list[nn.Module]) -> list[tuple[torch.Tensor, ...]] | None:
+    """``(fc1 weight, fc1 bias, fc2 weight, fc2 bias)`` per expert as its forward uses them:
+    plain ``nn.Linear`` weights, or ``FakeQuantLinear`` weights fake-quantized in one call for
+    all of them (the same per-group values as one call each); None for other layers (packed)."""
+    parts = []
+    for layers in ([e.fc1 for e in experts], [e.fc2 for e in experts]):
+        if all(type(m) is nn.Linear for m in layers):
+            parts.append([m.weight for m in layers])
+        elif all(type(m) is FakeQuantLinear for m in layers) and len({(m.bits, m.group_size) for m in layers}) == 1:
+            stacked = torch.stack([m.weight for m in layers])
+            parts.append(straight_through(stacked, layers[0].bits, layers[0].group_size).unbind(0))
+        else:
+            return None
+        parts.append([m.bias for m in layers])
+    return list(zip(*parts))
 
 
 class DenseFFN(nn.Module):
