@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mpismoe_edge.export.hf_layout import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
+from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
 from mpismoe_edge.export.ort_format import OPS_CONFIG_FILE, ORT_FILE
 from mpismoe_edge.export.runtimes import NEEDS_INLINED, TARGET_RUNTIMES
 from mpismoe_edge.runtime import Predictor
