@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# Where the example lives until the README rewrite moves it into README.md.
-EXAMPLE_SOURCE = Path(__file__).resolve().parents[1] / "docs" / "pending" / "ISSUE-20-readme.md"
+EXAMPLE_SOURCE = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def example_code() -> str:
@@ -33,4 +32,4 @@ def test_the_example_runs_and_predicts_a_bundled_label(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"'label': '(negative|neutral|positive)'", r.stdout), r.stdout
     assert (tmp_path / "runs" / "example" / "model.pt").is_file()
-    assert (tmp_path / "runs" / "example" / "onnx" / "model.onnx").is_file()
+    assert (tmp_path / "runs" / "example" / "onnx" / "onnx" / "model.onnx").is_file()  # Hugging Face layout
