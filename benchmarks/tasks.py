@@ -437,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
     p.add_argument("--workdir", default="runs/bench-tasks")
     p.add_argument("--results", help="JSONL of finished runs (default WORKDIR/results.jsonl); runs already in it are skipped")
+    p.add_argument("--report", action="store_true", help="print the tables of the runs already in --results; run nothing")
     p.add_argument("--smoke", action="store_true", help="a tiny run: 64 train rows, 32 validation/test rows, 1 epoch, seed 0, 2 probe steps")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind, seeds in (("probe", [] if args.no_probe else args.seeds[:1]), ("run", args.seeds)) for s in seeds]
     from tqdm.auto import tqdm
 
-    for task, b, method, seed, kind in tqdm(jobs, desc="runs"):
+    for task, b, method, seed, kind in tqdm([] if args.report else jobs, desc="runs"):
         if (task, b, method, seed, kind) in done:
             continue
         cmd = [sys.executable, __file__, f"--{'one' if kind == 'run' else 'probe'}", method, "--task", task, "--backbone", b,
