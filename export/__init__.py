@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = ["TARGETS", "ParityError", "export_model"]
 
-TARGETS = ("portable", "ort-cpu", "ort-cuda")
+TARGETS = ("portable", "ort-cpu", "ort-cuda", "ort-int8")  # = fuse.TARGETS (tested), without importing torch
 
 
 def __getattr__(name):

@@ -167,6 +167,18 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
     return quant, stats
 
 
+def unpacked_roles(proto: onnx.ModelProto) -> dict[str, str]:
+    """Initializer -> ``packed_codes`` / ``quant_params`` for the layers :class:`_Emitter` unpacks."""
+    roles: dict[str, str] = {}
+    for node in proto.graph.node:
+        out = node.output[0] if node.output else ""
+        if node.op_type == "Unsqueeze" and out.endswith(".qweight_bytes"):
+            roles[node.input[0]] = "packed_codes"
+        elif (node.op_type, out.rpartition(".")[2]) in (("Sub", "centered"), ("Mul", "dequantized_grouped")):
+            roles[node.input[1]] = "quant_params"
+    return roles
+
+
 def _quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """ONNX ``QuantizeLinear`` along axis 1 (round half to even, saturate to int8)."""
     q = np.rint(w / scale[None, :]) + zero[None, :].astype(np.float32)

@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from . import functions as F
-from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name
-from .fuse import fuse
+from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name, supports
+from .fuse import INT8_TARGET, fuse
 from .int8 import quantize_backbone
 from .lower import OUTPUT_NAME, _translation_table, finalize
+
+
+def default_target(model: nn.Module) -> str:
+    """What ``mpismoe-export`` writes without ``--target``: ``ort-int8`` (fastest on CPU) where
+    the backbone takes that path, else ``portable``."""
+    return INT8_TARGET if supports(model) is None else "portable"
 
 
 class _SideOnly(nn.Module):
@@ -97,9 +103,13 @@ def join(backbone: onnx.ModelProto, side: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def int8_model(model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto") -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The ``ort-int8`` graph of ``model`` and counts of what each step fused."""
+    """The ``ort-int8`` graph of ``model`` and counts of what each step fused (``zero_points``
+    is :func:`.fuse.fuse`'s, for side layers it lowers)."""
     backbone, stats = fused_backbone(model, opset)
     backbone, qstats = quantize_backbone(backbone, model)
-    side, sstats = fuse(side_graph(model, opset), "ort-cpu", zero_points=zero_points)
+    # packed side layers stay portable functions: ORT folds them to float at load (the side is
+    # narrow: 3.5 MB of float experts on MiniLM-L6), and float GEMMs of K or N = 48 ran faster
+    # than MatMulNBits; only the exact GELUs are fused.
+    side, sstats = fuse(side_graph(model, opset), "portable", zero_points=zero_points)
     joined = join(backbone, side)
     return joined, {**{f"backbone_{k}": v for k, v in stats.items()}, **qstats, **{f"side_{k}": v for k, v in sstats.items()}}
