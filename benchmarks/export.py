@@ -141,9 +141,9 @@ def our_exports(checkpoint: str, work: Path) -> tuple[dict[str, Path], dict[str,
     return rows, info
 
 
-def label_parity(checkpoint: str, folder: Path) -> dict:
+def label_parity(checkpoint: str, folder: Path, limit: int) -> dict:
     """``mpismoe-parity`` (no bars: ``--atol`` and agreement off) on the bundled test tweets."""
-    out = subprocess.run([sys.executable, "-m", "mpismoe_edge.parity", checkpoint, str(folder), "--json",
+    out = subprocess.run([sys.executable, "-m", "mpismoe_edge.parity", checkpoint, str(folder), "--json", "--limit", str(limit),
                           "--atol", "1e9", "--min-agreement", "0"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--wasm-repeats", type=int, default=5)
     p.add_argument("--no-wasm", action="store_true")
+    p.add_argument("--parity-limit", type=int, default=500, help="test tweets for mpismoe-parity (default 500)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mpismoe-bench-export-"))
@@ -260,7 +261,7 @@ def main() -> None:
     ours, info = our_exports(args.checkpoint, work)
     rows.update(ours)
     log("label parity on the bundled test tweets")
-    labels = {name: label_parity(args.checkpoint, info[name]["dir"]) for name in ours}
+    labels = {name: label_parity(args.checkpoint, info[name]["dir"], args.parity_limit) for name in ours}
     vocab = 30522
 
     log("latency")

@@ -19,6 +19,7 @@ tensor), so the target that uses it validates at a looser tolerance.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ INT8_OPS = ("Attention", "MatMul")  # what quantize_dynamic quantizes here (not 
 FOLDABLE_BITS = (2, 4, 8)           # codes that whole bytes hold (a shift-and-mask unpack)
 
 
-def _packed_layers(model: nn.Module) -> dict[str, nn.Module]:
+def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
     from mpismoe_edge.quant.embedding import QuantEmbedding
     from mpismoe_edge.quant.linear import QuantLinear
 
@@ -118,16 +119,25 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
     packed codes of ``model``'s backbone as its weights; returns it and what was done."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    layers = _packed_layers(model)
+    layers = packed_layers(model)
     sources = _weight_sources(proto, layers)
     int8_nodes = [n.name for n in proto.graph.node if n.op_type in INT8_OPS
                   and len(n.input) > 1 and sources.get(n.input[1], (None, False))[1]]
     with tempfile.TemporaryDirectory(prefix="mpismoe-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(proto.SerializeToString())
-        quantize_dynamic(src, dst, op_types_to_quantize=list(INT8_OPS), nodes_to_quantize=int8_nodes,
-                         per_channel=True, weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        root.setLevel(logging.ERROR)  # "Please consider to run pre-processing ..." on every call
+        try:
+            quantize_dynamic(src, dst, op_types_to_quantize=list(INT8_OPS), nodes_to_quantize=int8_nodes,
+                             per_channel=True, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:  # it also installs a root handler (logging.basicConfig) that makes other libraries chatty
+            for h in root.handlers[:]:
+                if h not in handlers:
+                    root.removeHandler(h)
+            root.setLevel(level)
         quant = onnx.load(str(dst))
     graph = quant.graph
     inits = {t.name: t for t in graph.initializer}

@@ -22,14 +22,28 @@ from torch import nn
 from . import functions as F
 from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name, supports
 from .fuse import INT8_TARGET, fuse
-from .int8 import quantize_backbone
+from .int8 import FOLDABLE_BITS, packed_layers, quantize_backbone
 from .lower import OUTPUT_NAME, _translation_table, finalize
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """None if ``model`` can take the ``ort-int8`` path, else why not (one line): a BERT backbone
+    whose layers are packed at 2, 4 or 8 bits."""
+    why = supports(model)
+    if why:
+        return why
+    widths = {int(m.bits) for m in packed_layers(model).values()}
+    if not widths:
+        return "the int8 path needs a quantized backbone (this one is float)"
+    if not widths <= set(FOLDABLE_BITS):
+        return f"the int8 path unpacks {'/'.join(map(str, FOLDABLE_BITS))}-bit backbone layers, this one has {sorted(widths)}"
+    return None
 
 
 def default_target(model: nn.Module) -> str:
     """What ``mpismoe-export`` writes without ``--target``: ``ort-int8`` (fastest on CPU) where
-    the backbone takes that path, else ``portable``."""
-    return INT8_TARGET if supports(model) is None else "portable"
+    the model takes that path, else ``portable``."""
+    return INT8_TARGET if unsupported(model) is None else "portable"
 
 
 class _SideOnly(nn.Module):
@@ -104,7 +118,10 @@ def join(backbone: onnx.ModelProto, side: onnx.ModelProto) -> onnx.ModelProto:
 
 def int8_model(model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto") -> tuple[onnx.ModelProto, dict[str, int]]:
     """The ``ort-int8`` graph of ``model`` and counts of what each step fused (``zero_points``
-    is :func:`.fuse.fuse`'s, for side layers it lowers)."""
+    is :func:`.fuse.fuse`'s, for side layers it lowers). ValueError if :func:`unsupported`."""
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"{why}; export with --target portable or ort-cpu")
     backbone, stats = fused_backbone(model, opset)
     backbone, qstats = quantize_backbone(backbone, model)
     # packed side layers stay portable functions: ORT folds them to float at load (the side is
