@@ -44,8 +44,9 @@ TARGET_BITS = {
 }
 INT8_TARGET = "ort-int8"  # int8 compute on ORT CPU (int8_target.py); fuse() handles its side network as ort-cpu
 TARGETS = (*TARGET_BITS, INT8_TARGET)
-# int8 activations (rounded per tensor, per call) move the logits by ~1e-2 on the quickstart's
-# model (label agreement stays >= 99.5%, see benchmarks/export.py); this bar catches real bugs.
+# int8 activations (rounded per tensor, per call) moved the logits by up to 5.4e-2 in export
+# validation on a short-trained quickstart model (benchmarks/export.py); this bar catches wiring
+# bugs (logits off by O(1)), not label flips: mpismoe-parity measures those.
 INT8_ATOL = 0.25
 TARGET_ATOL = {INT8_TARGET: INT8_ATOL}  # others: validate.DEFAULT_ATOL (float-exact targets)
 

