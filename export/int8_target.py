@@ -40,12 +40,6 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def default_target(model: nn.Module) -> str:
-    """What ``mpismoe-export`` writes without ``--target``: ``ort-int8`` (fastest on CPU) where
-    the model takes that path, else ``portable``."""
-    return INT8_TARGET if unsupported(model) is None else "portable"
-
-
 class _SideOnly(nn.Module):
     """The side network of an MP-ISMoE model as a function of the backbone's hidden states."""
 

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from mpismoe_edge.export import TARGETS, cli, pipeline
 from mpismoe_edge.export.fuse import INT8_ATOL, TARGETS as FUSE_TARGETS, default_atol
-from mpismoe_edge.export.int8_target import default_target
+from mpismoe_edge.export.int8_target import unsupported
 from mpismoe_edge.export.lower import make_inputs
 
 from conftest import tiny_model
@@ -100,14 +100,11 @@ def test_every_expert_is_in_the_int8_graph(exported, model):
         assert fc1.shape[0] == len(block.ffn.experts) * block.ffn.experts[0].fc1.out_features
 
 
-def test_default_target_is_int8_for_bert_and_portable_otherwise():
-    assert default_target(tiny_model("bert")) == "ort-int8"
-    assert default_target(tiny_model("roberta")) == "portable"
-
-
-def test_default_target_is_portable_for_3_bit_or_float_backbones():
-    assert default_target(tiny_model("bert", bits=3)) == "portable"
-    assert default_target(tiny_model("bert", bits=None)) == "portable"
+def test_int8_path_takes_bert_backbones_packed_at_2_4_or_8_bits():
+    assert unsupported(tiny_model("bert")) is None
+    assert "3" in unsupported(tiny_model("bert", bits=3))
+    assert "float" in unsupported(tiny_model("bert", bits=None))
+    assert "BERT" in unsupported(tiny_model("roberta"))
 
 
 def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
@@ -116,6 +113,6 @@ def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_exports_int8_by_default(tiny_checkpoint, tmp_path, capsys):
-    code = cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "o"), "-q"])
+def test_cli_exports_int8_on_request(tiny_checkpoint, tmp_path, capsys):
+    code = cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--target", "ort-int8", "-q"])
     assert code == 0 and "target ort-int8" in capsys.readouterr().out
