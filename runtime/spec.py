@@ -20,7 +20,7 @@ IMAGE_INPUTS = ("pixel_values",)
 OUTPUT_NAME = "logits"
 
 # ---- export targets and the ONNX opset -----------------------------------------------------
-TargetName = typing.Literal["portable", "ort-cpu", "ort-cuda"]
+TargetName = typing.Literal["portable", "ort-cpu", "ort-cuda", "ort-int8"]
 TARGETS: tuple[str, ...] = typing.get_args(TargetName)
 DEFAULT_TARGET: str = "portable"
 MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets

@@ -11,9 +11,11 @@ def test_the_task_enum_is_the_task_names():
 
 def test_every_export_target_has_a_lowering_plan():
     pytest.importorskip("onnx")
-    from mpismoe_edge.export.fuse import TARGET_BITS
+    from mpismoe_edge.export.fuse import INT8_TARGET, TARGET_BITS
+    from mpismoe_edge.export.runtimes import TARGET_RUNTIMES
 
-    assert tuple(TARGET_BITS) == spec.TARGETS and spec.DEFAULT_TARGET in spec.TARGETS
+    assert (*TARGET_BITS, INT8_TARGET) == spec.TARGETS and spec.DEFAULT_TARGET in spec.TARGETS
+    assert tuple(TARGET_RUNTIMES) == spec.TARGETS
 
 
 def test_the_export_cli_offers_the_targets_and_opset_of_the_spec():
@@ -27,7 +29,8 @@ def test_the_export_cli_offers_the_targets_and_opset_of_the_spec():
 def test_an_export_directory_holds_only_the_spec_file_names():
     from mpismoe_edge.export.output import EXPORT_FILES
 
-    assert EXPORT_FILES == {spec.MODEL_FILE, spec.DATA_FILE, spec.TOKENIZER_FILE, spec.MANIFEST_FILE}
+    assert EXPORT_FILES == {spec.MODEL_DIR, spec.CONFIG_FILE, spec.TOKENIZER_FILE, spec.TOKENIZER_CONFIG_FILE,
+                            spec.SPECIAL_TOKENS_FILE, spec.MANIFEST_FILE, spec.MODEL_FILE, spec.DATA_FILE}
 
 
 def test_the_format_on_disk_is_mpismoe_edge_onnx_1():

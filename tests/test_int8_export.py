@@ -1,0 +1,114 @@
+"""The ort-int8 target: ORT's fused BERT backbone with int8 compute, packed codes as its only weights."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from mpismoe_edge.export import cli, pipeline
+from mpismoe_edge.export.fuse import INT8_ATOL, default_atol
+from mpismoe_edge.export.int8_target import unsupported
+from mpismoe_edge.export.lower import make_inputs
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = tiny_model()
+    m.pack_experts()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "out"
+    manifest = pipeline.export_model(model, out, target="ort-int8", log=None)
+    return out, manifest
+
+
+def _session_ops(path, tmp_path) -> dict[str, int]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(so.optimized_model_filepath).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_int8_export_passes_validation_at_the_int8_tolerance(exported):
+    _, manifest = exported
+    assert manifest["target"] == "ort-int8"
+    assert manifest["parity"]["passed"] and manifest["parity"]["atol"] == INT8_ATOL == default_atol("ort-int8")
+    assert default_atol("portable") == default_atol("ort-cpu") == 1e-4
+
+
+def test_int8_backbone_is_fused_and_runs_int8_kernels(exported, tmp_path):
+    out, manifest = exported
+    fusion = manifest["fusion"]
+    assert fusion["backbone_Attention"] == 2 and fusion["backbone_EmbedLayerNormalization"] == 1
+    assert fusion["int8_weights"] == 2 * 4  # per layer: qkv (one weight), attention output, FFN in and out
+    ops = _session_ops(out / "model.onnx", tmp_path)
+    assert ops["QAttention"] == 2 and ops["DynamicQuantizeMatMul"] == 2 * 3
+    assert "BitShift" not in ops  # every unpacking was folded at load
+
+
+def test_int8_file_holds_packed_codes_not_int8_or_float_backbone_weights(exported, model):
+    out, manifest = exported
+    proto = onnx.load(str(out / "model.onnx"))
+    int8 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert int8 == []
+    hidden = model.backbone.config.hidden_size
+    float_mats = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                  and len(t.dims) == 2 and hidden in t.dims and min(t.dims) >= hidden]
+    assert float_mats == []
+    assert manifest["sizes"]["packed_codes"] > manifest["sizes"]["float_weights"]
+    assert any(n.startswith("backbone.encoder") for n in manifest["bits"])
+
+
+def test_int8_logits_agree_with_pytorch_on_padded_batches(exported, model):
+    out, _ = exported
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = make_inputs(model, batch=6, seq=12, lengths=[12, 9, 4, 12, 2, 7], seed=3)
+    got = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    with torch.no_grad():
+        ref = model(**feed).numpy()
+    assert np.abs(got - ref).max() <= INT8_ATOL
+
+
+def test_int8_reexport_is_byte_identical(exported, model, tmp_path):
+    out, _ = exported
+    pipeline.export_model(model, tmp_path / "again", target="ort-int8", log=None, validate=False)
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_every_expert_is_in_the_int8_graph(exported, model):
+    out, _ = exported
+    inits = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    for i, block in enumerate(model.side.blocks):
+        fc1 = numpy_helper.to_array(inits[f"side.blocks.{i}.ffn.stacked_fc1_qweight"])
+        assert f"side.blocks.{i}.ffn.stacked_fc2_qweight" in inits
+        assert fc1.shape[0] == len(block.ffn.experts) * block.ffn.experts[0].fc1.out_features
+
+
+def test_int8_path_takes_bert_backbones_packed_at_2_4_or_8_bits():
+    assert unsupported(tiny_model("bert")) is None
+    assert "3" in unsupported(tiny_model("bert", bits=3))
+    assert "float" in unsupported(tiny_model("bert", bits=None))
+    assert "BERT" in unsupported(tiny_model("roberta"))
+
+
+def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="BERT backbones only"):
+        pipeline.export_model(tiny_model("distilbert"), tmp_path / "o", target="ort-int8", log=None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_exports_int8_on_request(tiny_checkpoint, tmp_path, capsys):
+    code = cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--target", "ort-int8", "-q"])
+    assert code == 0 and "target ort-int8" in capsys.readouterr().out
