@@ -21,8 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CSV/JSONL with a text column (and optional label column; a token-classification "
                    "model also takes JSONL with a 'tokens' list per line); default: the bundled test split")
     p.add_argument("--limit", type=int, default=500, help="at most this many rows (default 500)")
-    p.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference| (default 1e-3)")
-    p.add_argument("--min-agreement", type=float, default=0.999, help="min fraction of equal argmax labels (default 0.999)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="max allowed |logit difference| (default 1e-3; 0.25 for an ort-int8 export)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="min fraction of equal argmax labels (default 0.999; 0.995 for an ort-int8 export)")
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -83,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .runtime.spec import DEFAULT_PARITY_BARS, PARITY_BARS
+
+    atol, min_agreement = PARITY_BARS.get(predictor.manifest.target, DEFAULT_PARITY_BARS)
     report = compare_logits(torch_logits, onnx_logits, labels, task=model.config.task,
-                            atol=args.atol, min_agreement=args.min_agreement)
+                            atol=atol if args.atol is None else args.atol,
+                            min_agreement=min_agreement if args.min_agreement is None else args.min_agreement)
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     if not report.passed:
         print("parity FAILED: " + "; ".join(report.failures), file=sys.stderr)

@@ -25,6 +25,13 @@ TARGETS: tuple[str, ...] = typing.get_args(TargetName)
 DEFAULT_TARGET: str = "portable"
 MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
 
+# int8 activations (ort-int8: rounded per tensor, per call) move the logits by ~5e-2; this bar
+# catches wiring bugs (logits off by O(1)); label agreement is what mpismoe-parity measures.
+INT8_ATOL = 0.25
+# mpismoe-parity's default bars (max |logit difference|, min label agreement) by export target
+PARITY_BARS = {"ort-int8": (INT8_ATOL, 0.995)}
+DEFAULT_PARITY_BARS = (1e-3, 0.999)  # the float-exact targets
+
 # ---- the exported directory ----------------------------------------------------------------
 FORMAT_PREFIX = "mpismoe-edge-onnx/"
 FORMAT_MAJOR = 1

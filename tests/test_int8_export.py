@@ -1,6 +1,8 @@
 """The ort-int8 target: ORT's fused BERT backbone with int8 compute, packed codes as its only weights."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -112,3 +114,15 @@ def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
 def test_cli_exports_int8_on_request(tiny_checkpoint, tmp_path, capsys):
     code = cli.main([str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--target", "ort-int8", "-q"])
     assert code == 0 and "target ort-int8" in capsys.readouterr().out
+
+
+def test_parity_gate_judges_an_int8_export_by_the_int8_bars(tiny_checkpoint, tiny_jsonl, tmp_path, capsys):
+    from mpismoe_edge.parity import main as parity_main
+    from mpismoe_edge.runtime.spec import PARITY_BARS
+
+    out = tmp_path / "o"
+    assert cli.main([str(tiny_checkpoint), "-o", str(out), "--target", "ort-int8", "-q"]) == 0
+    capsys.readouterr()
+    assert parity_main([str(tiny_checkpoint), str(out), "--data", str(tiny_jsonl), "--json"]) in (0, 1)
+    report = json.loads(capsys.readouterr().out)
+    assert (report["atol"], report["min_agreement"]) == PARITY_BARS["ort-int8"]

@@ -1,11 +1,11 @@
-/* Run an exported mpismoe-edge model (out/model.onnx) from C with the ONNX Runtime C API.
+/* Run an exported mpismoe-edge model (out/onnx/model.onnx) from C with the ONNX Runtime C API.
  *
  * Not built in CI. Tokenization is up to the app (e.g. a tokenizers binding reading
  * out/tokenizer.json); this example takes already tokenized ids on the command line, with the
  * special tokens included, as `mpismoe_edge.runtime` would produce them for one text:
  *
  *   cc -O2 -o classify classify.c -I$ORT/include -L$ORT/lib -lonnxruntime
- *   ./classify out/model.onnx 101 2307 3042 102
+ *   ./classify out/onnx/model.onnx 101 2307 3042 102
  *
  * It feeds input_ids, attention_mask (all ones) and token_type_ids (all zeros), batch of one,
  * for whichever of these the model declares, and prints the logits and the argmax index
