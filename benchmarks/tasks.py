@@ -181,16 +181,6 @@ def _encode(tok, texts):
     return tok.tokenize_words(texts) if isinstance(texts[0], list) else tok.tokenize(texts)
 
 
-def _loss(task: str, logits, targets):
-    import torch.nn.functional as F
-
-    if task == "regression":
-        return F.mse_loss(logits.squeeze(-1), targets)
-    if task == "token-classification":
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    return F.cross_entropy(logits, targets)
-
-
 def _step_inputs(tok, data, idx, task: str, names: list[str]):
     """(model inputs, loss targets) of rows ``idx``."""
     import torch
@@ -208,8 +198,8 @@ def _step_inputs(tok, data, idx, task: str, names: list[str]):
 
 def _train_plain(model, tok, info, train, val, args, lr: float):
     """Train ``model`` for ``args.epochs``; returns (chosen epoch, its validation metrics, its state)."""
-    import torch
 
+    from mpismoe_edge.loop import Batch, train_epoch
     from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer, token_lengths
 
@@ -219,15 +209,10 @@ def _train_plain(model, tok, info, train, val, args, lr: float):
     best, best_epoch, best_state = None, 0, None
     for epoch in range(args.epochs):
         model.train()
-        for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch):
-            feed, targets = _step_inputs(tok, train, idx, info["task"], model.input_names)
-            loss = _loss(info["task"], model(**feed), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            release_free_pages()
+        steps = (Batch(*_step_inputs(tok, train, idx, info["task"], model.input_names))
+                 for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch))
+        train_epoch(lambda inputs: model(**inputs), steps, opt, sched, params, info["task"], grad_clip=1.0,
+                    after_step=release_free_pages, progress=False)
         val_metrics = score(model, tok, val, info, model.input_names)
         if best is None or val_metrics["select"] > best["select"]:
             best, best_epoch = val_metrics, epoch + 1
@@ -321,6 +306,7 @@ def probe_one(method: str, args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from mpismoe_edge.loop import Batch, train_epoch
     from mpismoe_edge.train import batch_order, token_lengths
 
     info, train_ds, _, _ = _setup(args)
@@ -331,21 +317,12 @@ def probe_one(method: str, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    steps = (Batch(*_step_inputs(tok, train_ds, idx, info["task"], model.input_names)) for idx in batches[: args.probe_steps])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for idx in batches[: args.probe_steps]:
-            feed, targets = _step_inputs(tok, train_ds, idx, info["task"], model.input_names)
-            loss = _loss(info["task"], model(**feed), targets)
-            if method in SIDE_METHODS:
-                loss = loss + model.aux_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+        train_epoch(lambda inputs: model(**inputs), steps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
+                    info["task"], aux_loss=model.aux_loss if method in SIDE_METHODS else None, grad_clip=None,
+                    progress=False)
+    peak = _bench_train.peak_live_bytes(prof)
     model_bytes = sum(storages.values())
     return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
 

@@ -163,6 +163,18 @@ def _probe_one(method: str, args) -> dict:
     return _tensor_peak(model, tok, train_ds, args, aux=method in SIDE_METHODS)
 
 
+def peak_live_bytes(prof) -> int:
+    """The peak of net CPU tensor allocations (bytes) over a ``torch.profiler`` window with
+    ``profile_memory=True``: allocations and frees replayed in time order."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     """Model tensor bytes and peak live tensor bytes (MB) over ``args.probe_steps`` training steps
     on the longest batches, with a fresh AdamW (its state is allocated inside the window)."""
@@ -185,12 +197,7 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_epoch(lambda inputs: model(**inputs), steps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
                     "classification", aux_loss=model.aux_loss if aux else None, grad_clip=None, progress=False)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = peak_live_bytes(prof)
     return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
 
 
