@@ -77,6 +77,14 @@ class MPISMoEModel(nn.Module):
 
         return predict_labels(self, texts, batch_size)
 
+    def predict_logits(self, texts: list[str], batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
+        """Logits in input order, as the runtime's ``Predictor.predict_logits`` gives them:
+        ``[len(texts), outputs]``, or for token classification one ``[tokens, labels]`` per text."""
+        from .inference import make_tokenizer, predict
+
+        return predict(self, make_tokenizer(self.tokenizer_json, self.config.max_length), texts, self.input_names,
+                       batch_size)
+
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing plus router z-loss of the last training forward, weighted by the config."""
         cfg = self.config.side

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         from .model import load_checkpoint
         from .runtime import Predictor
         from .runtime.parity import compare_logits
-        from .train import make_tokenizer, predict
 
         model = load_checkpoint(args.checkpoint)
         predictor = Predictor.from_dir(args.onnx_dir, provider=args.provider)
         texts, labels = _texts_and_labels(args.data, args.limit, model.config.labels, model.config.task)
-        torch_logits = predict(model, make_tokenizer(model.tokenizer_json, model.config.max_length), texts,
-                               model.input_names, args.batch_size)
+        torch_logits = model.predict_logits(texts, args.batch_size)
         # token classification: one [tokens, labels] tensor per text, as the runtime returns them
         torch_logits = [t.numpy() for t in torch_logits] if isinstance(torch_logits, list) else torch_logits.numpy()
         onnx_logits = predictor.predict_logits(texts, batch_size=args.batch_size)

@@ -174,6 +174,15 @@ def test_a_trained_model_predicts_label_names_from_texts(tmp_path):
     assert len(labels) == 3 and set(labels) <= {"neg", "neu", "pos"}
 
 
+def test_a_model_predicts_logits_in_input_order_and_their_argmax_is_its_label():
+    model = tiny_model().eval()
+    texts = TEXTS[:4]
+    logits = model.predict_logits(texts, batch_size=2)
+    assert logits.shape == (4, 3)
+    torch.testing.assert_close(model.predict_logits(texts[::-1], batch_size=3), logits.flip(0), atol=1e-5, rtol=0)  # other padding
+    assert model.predict(texts) == [model.config.labels[i] for i in logits.argmax(-1).tolist()]
+
+
 def test_progress_names_the_work_after_the_last_epoch(tmp_path, capsys):
     train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=True, test_data=DATA)
     out = capsys.readouterr()
