@@ -14,6 +14,7 @@ from mpismoe_edge.export import cli, pipeline
 from mpismoe_edge.export.fuse import INT8_ATOL, default_atol
 from mpismoe_edge.export.int8_target import unsupported
 from mpismoe_edge.export.lower import make_inputs
+from mpismoe_edge.runtime.spec import MODEL_PATHS
 
 from conftest import tiny_model
 
@@ -55,14 +56,14 @@ def test_int8_backbone_is_fused_and_runs_int8_kernels(exported, tmp_path):
     fusion = manifest["fusion"]
     assert fusion["backbone_Attention"] == 2 and fusion["backbone_EmbedLayerNormalization"] == 1
     assert fusion["int8_weights"] == 2 * 4  # per layer: qkv (one weight), attention output, FFN in and out
-    ops = _session_ops(out / "model.onnx", tmp_path)
+    ops = _session_ops(out / MODEL_PATHS[0], tmp_path)
     assert ops["QAttention"] == 2 and ops["DynamicQuantizeMatMul"] == 2 * 3
     assert "BitShift" not in ops  # every unpacking was folded at load
 
 
 def test_int8_file_holds_packed_codes_not_int8_or_float_backbone_weights(exported, model):
     out, manifest = exported
-    proto = onnx.load(str(out / "model.onnx"))
+    proto = onnx.load(str(out / MODEL_PATHS[0]))
     int8 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
     assert int8 == []
     hidden = model.backbone.config.hidden_size
@@ -75,7 +76,7 @@ def test_int8_file_holds_packed_codes_not_int8_or_float_backbone_weights(exporte
 
 def test_int8_logits_agree_with_pytorch_on_padded_batches(exported, model):
     out, _ = exported
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / MODEL_PATHS[0]), providers=["CPUExecutionProvider"])
     feed = make_inputs(model, batch=6, seq=12, lengths=[12, 9, 4, 12, 2, 7], seed=3)
     got = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
     with torch.no_grad():
@@ -86,12 +87,12 @@ def test_int8_logits_agree_with_pytorch_on_padded_batches(exported, model):
 def test_int8_reexport_is_byte_identical(exported, model, tmp_path):
     out, _ = exported
     pipeline.export_model(model, tmp_path / "again", target="ort-int8", log=None, validate=False)
-    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert (tmp_path / "again" / MODEL_PATHS[0]).read_bytes() == (out / MODEL_PATHS[0]).read_bytes()
 
 
 def test_every_expert_is_in_the_int8_graph(exported, model):
     out, _ = exported
-    inits = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    inits = {t.name: t for t in onnx.load(str(out / MODEL_PATHS[0])).graph.initializer}
     for i, block in enumerate(model.side.blocks):
         fc1 = numpy_helper.to_array(inits[f"side.blocks.{i}.ffn.stacked_fc1_qweight"])
         assert f"side.blocks.{i}.ffn.stacked_fc2_qweight" in inits
