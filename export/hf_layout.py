@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE  # noqa: F401  (callers use HF.<name>)
 from mpismoe_edge.runtime.text import TextEncoder
 
 # our task -> (Hugging Face's head class mapping, problem_type); the pipeline each one loads as:

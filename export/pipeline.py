@@ -13,7 +13,8 @@ from typing import Callable
 import onnx
 from torch import nn
 
-from mpismoe_edge.runtime.spec import DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_DIR, MODEL_FILE, TARGETS, TOKENIZER_FILE
+from mpismoe_edge.runtime.spec import (CONFIG_FILE, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_DIR, MODEL_FILE,
+                                       SPECIAL_TOKENS_FILE, TARGETS, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE)
 
 from . import functions as F
 from . import hf_layout as HF
@@ -135,17 +136,17 @@ def write_hf_files(model: nn.Module, folder: Path) -> list[str]:
     num_outputs = int(getattr(config, "num_outputs", len(labels) or 1))
     names = input_names(model)
     backbone_config = dict(getattr(config, "backbone_config", None) or {})
-    files = [HF.CONFIG_FILE]
-    HF.write_json(folder / HF.CONFIG_FILE, HF.hf_config(backbone_config, task, labels, num_outputs,
+    files = [CONFIG_FILE]
+    HF.write_json(folder / CONFIG_FILE, HF.hf_config(backbone_config, task, labels, num_outputs,
                                                         image="pixel_values" in names))
     tokenizer_json = getattr(model, "tokenizer_json", None)
     if tokenizer_json:
         (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         max_length = int(getattr(config, "max_length", 128) or 128)
         tok_config = HF.tokenizer_config(tokenizer_json, max_length, names)
-        HF.write_json(folder / HF.TOKENIZER_CONFIG_FILE, tok_config)
-        HF.write_json(folder / HF.SPECIAL_TOKENS_FILE, {k: v for k, v in tok_config.items() if k.endswith("_token")})
-        files += [TOKENIZER_FILE, HF.TOKENIZER_CONFIG_FILE, HF.SPECIAL_TOKENS_FILE]
+        HF.write_json(folder / TOKENIZER_CONFIG_FILE, tok_config)
+        HF.write_json(folder / SPECIAL_TOKENS_FILE, {k: v for k, v in tok_config.items() if k.endswith("_token")})
+        files += [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE]
     return files
 
 
