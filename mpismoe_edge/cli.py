@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="side network's start: slices of the backbone (down-projections, FFN units to experts) or random")
     p.add_argument("--expert-bits", type=int, default=SideConfig.expert_bits,
                    help=f"quantization-aware training + packing of experts (default {SideConfig.expert_bits}); 0 keeps them fp32")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="raised on small data to take --min-steps steps")
+    p.add_argument("--min-steps", type=int, default=TrainConfig.min_steps,
+                   help="optimizer steps at least (default %(default)s; 0: exactly --epochs): small data trains for more epochs, "
+                        "and early stopping waits for them")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="epochs without a better validation metric (ties broken by the validation loss) before stopping early")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +84,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import torch
 
-    from .data import load_default, load_default_validation, load_file
+    from .data import load_default, load_default_validation, load_splits
     from .model import build_model, load_backbone
     from .device import resolve_device
     from .train import train
@@ -88,10 +93,7 @@ def _train(args) -> int:
     if args.data:
         if not args.eval_data:
             raise ValueError("--data needs --eval-data")
-        columns = {"task": args.task, "text_column": args.text_column, "label_column": args.label_column}
-        train_ds = load_file(args.data, **columns)
-        eval_ds = load_file(args.eval_data, labels=train_ds.labels or None, **columns)
-        test_ds = load_file(args.test_data, labels=train_ds.labels or None, **columns) if args.test_data else None
+        train_ds, eval_ds, test_ds = load_splits([args.data, args.eval_data, args.test_data], args.task, args.text_column, args.label_column)
     else:
         if args.task != "classification":
             raise ValueError(f"the bundled data is 3-class sentiment; --task {args.task} needs --data and --eval-data")
@@ -115,6 +117,7 @@ def _train(args) -> int:
 
     model = build_model(backbone, config, tokenizer_json, progress=not args.quiet and launched_rank() == 0)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                      min_steps=args.min_steps, patience=args.patience,
                       return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
     result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet, test_data=test_ds)
     if launched_rank() == 0:

@@ -124,6 +124,23 @@ def load_file(path: str | Path, task: str = "classification", labels: list[str] 
     return Dataset(texts, targets, labels)
 
 
+def load_splits(paths: list[str | Path | None], task: str = "classification", text_column: str | None = None,
+                label_column: str | None = None) -> list[Dataset | None]:
+    """Train, validation, test... files (``None`` for one not given) sharing one label list: the
+    names found in any of them, sorted (a small training set may lack a tag that validation has),
+    or ids ``0..max`` when every file holds integer ids."""
+    columns = {"task": task, "text_column": text_column, "label_column": label_column}
+    given = [load_file(p, **columns) if p is not None else None for p in paths]
+    if task == "regression":
+        return given
+    found = [d.labels for d in given if d is not None]
+    if all(all(records.is_int(x) for x in labels) for labels in found):
+        labels = max(found, key=len)
+    else:
+        labels = sorted({x for labels in found for x in labels})
+    return [load_file(p, labels=labels, **columns) if p is not None and d.labels != labels else d for p, d in zip(paths, given)]
+
+
 def _infer_labels(raw: list, path: Path) -> list[str]:
     """The label list of a file given without one: ids ``0..max`` when every label is an
     integer, else the sorted distinct names."""

@@ -122,15 +122,19 @@ def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_na
 def evaluate(model, tok: TextEncoder, data: Dataset, batch_size: int = 64, shard: tuple[int, int] = (0, 1),
              progress: str | None = None) -> dict[str, float]:
     """Accuracy (classification; for token classification over words, each scored at its first
-    sub-token) or MSE (regression), plus the loss. ``shard=(rank, world)``: this rank scores
-    rows ``rank::world`` and the sums are added over the process group (every rank gets the
-    whole data's figures)."""
+    sub-token) or MSE (regression), plus the loss; for BIO-tagged token classification also the
+    entity-level F1 of the words scored (``metrics.entity_f1``). ``shard=(rank, world)``: this
+    rank scores rows ``rank::world`` and the sums are added over the process group (every rank
+    gets the whole data's figures)."""
     from . import distributed
+    from .metrics import entities, f1_from_counts, is_bio
 
     rank, world = shard
     rows = list(range(rank, len(data), world))
     task = model.config.task
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, right, scored
+    labels = model.config.labels
+    bio = task == "token-classification" and is_bio(labels)
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, right, scored; entities gold, found, matched
     texts = [data.texts[j] for j in rows]
     for idx, encs, logits in logits_by_length(model, tok, texts, model.input_names, batch_size, progress):
         target = targets(task, encs, [data.targets[rows[j]] for j in idx]).to(logits.device)
@@ -139,13 +143,22 @@ def evaluate(model, tok: TextEncoder, data: Dataset, batch_size: int = 64, shard
         sums[2] += count.item()
         if task != "regression":
             scored = target != -100
-            sums[1] += (logits.argmax(-1)[scored] == target[scored]).sum().item()
+            pred = logits.argmax(-1)
+            sums[1] += (pred[scored] == target[scored]).sum().item()
+        if bio:
+            for t, p, m in zip(target.tolist(), pred.tolist(), scored.tolist()):
+                gold = entities([labels[x] for x, keep in zip(t, m) if keep])
+                found = entities([labels[x] for x, keep in zip(p, m) if keep])
+                sums[3:] += torch.tensor([len(gold), len(found), len(gold & found)], dtype=torch.float64)
     if world > 1:
         sums = distributed.all_sum(sums)
     loss = sums[0].item() / max(sums[2].item(), 1)
     if task == "regression":
         return {"loss": loss, "mse": loss}
-    return {"loss": loss, "accuracy": sums[1].item() / max(sums[2].item(), 1)}
+    out = {"loss": loss, "accuracy": sums[1].item() / max(sums[2].item(), 1)}
+    if bio:
+        out["entity_f1"] = f1_from_counts(*(int(x) for x in sums[3:].tolist()))["f1"]
+    return out
 
 
 def predict_labels(model, texts: list[str] | list[list[str]], batch_size: int = 64) -> list:

@@ -37,16 +37,25 @@ def entities(tags: list[str]) -> set[tuple[str, int, int]]:
     return out
 
 
+def is_bio(labels: list[str]) -> bool:
+    """Whether a tag set names entities (``B-``/``I-`` prefixed tags), so that entity F1 means something."""
+    return any(_prefix_type(t)[0] in ("B", "I") for t in labels)
+
+
+def f1_from_counts(gold: int, found: int, right: int) -> dict[str, float]:
+    """Micro precision, recall and F1 from the numbers of gold, predicted and matching entities."""
+    p = right / found if found else 0.0
+    r = right / gold if gold else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
 def entity_f1(true: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     """Micro precision, recall and F1 of exact entity matches over sequences of BIO tags."""
     if len(true) != len(pred) or any(len(a) != len(b) for a, b in zip(true, pred)):
         raise ValueError("entity_f1 needs the same number of tags per sequence in true and pred")
     gold = {(n, *e) for n, tags in enumerate(true) for e in entities(tags)}
     found = {(n, *e) for n, tags in enumerate(pred) for e in entities(tags)}
-    right = len(gold & found)
-    p = right / len(found) if found else 0.0
-    r = right / len(gold) if gold else 0.0
-    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+    return f1_from_counts(len(gold), len(found), len(gold & found))
 
 
 def pearson(x: list[float], y: list[float]) -> float:

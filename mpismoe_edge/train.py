@@ -1,5 +1,6 @@
 """Training of the side network (the backbone stays frozen): AdamW, warmup + linear decay,
-eval each epoch, early stopping, resumable from ``last.pt``; writes ``model.pt`` atomically.
+eval each epoch, the best epoch kept and early stopping (the rules: ``selection.py``), resumable
+from ``last.pt``; writes ``model.pt`` atomically.
 
 Runs on the CPU or a CUDA device, in fp32, bf16 or fp16 (``device.py``), in one process or
 data-parallel over the ranks that ``torchrun`` started (``distributed.py``): every rank trains
@@ -31,6 +32,7 @@ from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
+from .selection import planned_epochs, selection_key, should_stop, steps_per_epoch
 
 
 @dataclass
@@ -42,7 +44,8 @@ class TrainConfig(JsonConfig):
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
-    patience: int = 2         # epochs without improvement before stopping early
+    patience: int = 2         # epochs without a better (metric, -loss) on validation before stopping early
+    min_steps: int = 200      # optimizer steps at least: small data trains more epochs (selection.py)
     seed: int = 0
     threads: int | None = None
     return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
@@ -54,9 +57,11 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
 
 
 @dataclass
@@ -116,10 +121,6 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, steps: in
     return opt, sched
 
 
-def _score(metrics: dict[str, float]) -> float:
-    return metrics["accuracy"] if "accuracy" in metrics else -metrics["mse"]
-
-
 def _save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -160,9 +161,14 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     task = model.config.task
     params = [p for p in model.parameters() if p.requires_grad]
     side = distributed.wrap(model.side, world, device, sparse=bool(model.side.moe_layers()))
-    opt, sched = make_optimizer(params, cfg, cfg.epochs * math.ceil(len(train_data) / cfg.batch_size))
+    epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    if epochs > cfg.epochs and show:
+        tqdm.write(f"{len(train_data)} rows make {per_epoch} steps an epoch: training {epochs} epochs "
+                   f"to take at least min_steps={cfg.min_steps} steps")
+    opt, sched = make_optimizer(params, cfg, epochs * per_epoch)
     scaler = grad_scaler(device, cfg.precision)
-    state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_side": None, "bad_epochs": 0}
+    state = {"epoch": 0, "history": [], "best_key": None, "best_side": None, "bad_epochs": 0}
     last = out / LAST_CHECKPOINT_FILE
     if resume and last.is_file():
         saved = torch.load(last, map_location=device, weights_only=True)
@@ -172,6 +178,8 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
+        if "best_key" not in state:  # a last.pt of a version that judged on the metric alone
+            state["best_key"] = [state.pop("best_score"), -math.inf]
     distributed.barrier()  # no rank may overwrite last.pt before all have read it
 
     def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -186,21 +194,22 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     lengths = token_lengths(tok, train_data.texts)
     reset_peak_memory(device)
     start = time.perf_counter()
-    for epoch in range(state["epoch"], cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience:
+    for epoch in range(state["epoch"], epochs):
+        if should_stop(state["bad_epochs"], cfg.patience, epoch * per_epoch, cfg.min_steps):
             break
         model.train()
         epoch_start = time.perf_counter()
         train_epoch(forward, batches(epoch), opt, sched, params, task, aux_loss=model.aux_loss, grad_clip=cfg.grad_clip,
                     device=device, precision=cfg.precision, scaler=scaler if scaler.is_enabled() else None, world=world,
                     after_step=release_free_pages if cfg.return_freed_memory else None,  # the step's small tensors left holes in the heap
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=show)
+                    desc=f"epoch {epoch + 1}/{epochs}", progress=show)
         seconds = time.perf_counter() - epoch_start
         metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
         metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
         state["history"].append(metrics)
-        if _score(metrics) > state["best_score"]:
-            state["best_score"], state["bad_epochs"] = _score(metrics), 0
+        key = selection_key(metrics)
+        if state["best_key"] is None or key > tuple(state["best_key"]):
+            state["best_key"], state["bad_epochs"] = list(key), 0
             state["best_side"] = {k: v.detach().clone() for k, v in model.side.state_dict().items()}
         else:
             state["bad_epochs"] += 1

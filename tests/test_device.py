@@ -19,7 +19,7 @@ def _layer() -> QuantLinear:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_trains_on_the_cpu(tmp_path, precision):
-    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, device="cpu", precision=precision), tmp_path, progress=False)
+    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cpu", precision=precision), tmp_path, progress=False)
     assert (tmp_path / "model.pt").is_file() and result.device == "cpu"
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert result.peak_cuda_allocated_mb is None
@@ -67,5 +67,5 @@ def test_custom_ops_on_cuda_match_the_cpu():
 
 @cuda
 def test_training_on_cuda_reports_peak_accelerator_memory(tmp_path):
-    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, device="cuda", precision="bf16"), tmp_path, progress=False)
+    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cuda", precision="bf16"), tmp_path, progress=False)
     assert result.device.startswith("cuda") and result.peak_cuda_allocated_mb > 0

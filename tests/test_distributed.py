@@ -20,7 +20,7 @@ from mpismoe_edge.train import TrainConfig, train
 
 # 33 rows in batches of 8: the last global batch has one row, so one rank runs it with weight 0
 DATA = Dataset(TEXTS * 4 + TEXTS[:1], LABELS * 4 + LABELS[:1], ["neg", "neu", "pos"])
-CFG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_ratio=0.1, device="cpu", threads=1)
+CFG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_ratio=0.1, min_steps=0, device="cpu", threads=1)
 SIDE = {"dropout": 0.0, "aux_loss_coef": 0.0, "z_loss_coef": 0.0}  # no per-rank randomness or per-rank statistics
 
 
@@ -87,7 +87,7 @@ def test_a_killed_two_process_torchrun_run_resumes_from_its_last_epoch(tmp_path,
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS * 50, LABELS * 50)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mpismoe_edge.cli",
-           "--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data), "-o", str(out), "--epochs", "3",
+           "--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data), "-o", str(out), "--epochs", "3", "--min-steps", "0",
            "--batch-size", "8", "--group-size", "32", "--quant-method", "rtn", "--reduction", "2", "--expert-bits", "4", "--device", "cpu", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

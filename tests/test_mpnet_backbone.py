@@ -62,7 +62,7 @@ def test_a_training_step_moves_only_the_side_network(model, tmp_path):
     data = Dataset(list(TEXTS), [0, 1] * 4, ["neg", "pos"])
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     side_before = {k: v.clone() for k, v in model.side.state_dict().items()}
-    train(model, data, data, TrainConfig(epochs=1, batch_size=4), tmp_path, progress=False)
+    train(model, data, data, TrainConfig(epochs=1, batch_size=4, min_steps=0), tmp_path, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
     assert any(not torch.equal(side_before[k], v) for k, v in model.side.state_dict().items() if k in side_before and v.is_floating_point())
 

@@ -82,7 +82,7 @@ def test_the_side_network_learns_word_tags(tmp_path):
     model = _model(expert_bits=None)
     tok = make_tokenizer(model.tokenizer_json, 16)
     before = evaluate(model, tok, DATA)["accuracy"]
-    cfg = TrainConfig(epochs=15, batch_size=8, lr=5e-3, warmup_ratio=0.1, patience=20)
+    cfg = TrainConfig(epochs=15, batch_size=8, lr=5e-3, warmup_ratio=0.1, patience=20, min_steps=0)
     result = train(model, DATA, DATA, cfg, tmp_path, progress=False)
     assert before < 0.9 and result["final"]["accuracy"] >= 0.95
 
@@ -103,7 +103,7 @@ def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys):
     from transformers import PreTrainedTokenizerFast
     PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(backbone_dir)
     code = train_main(["--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data),
-                       "--task", "token-classification", "--epochs", "1", "--bits", "4", "--quant-method", "rtn",
+                       "--task", "token-classification", "--epochs", "1", "--min-steps", "0", "--bits", "4", "--quant-method", "rtn",
                        "--group-size", "32", "--reduction", "4", "--experts", "2", "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 0
     model = load_checkpoint(tmp_path / "run" / "model.pt")
@@ -141,3 +141,21 @@ def test_the_real_minilm_tokenizer_tags_each_given_word_once():
     targets = word_targets([enc], [[1, 0, 2]])[0].tolist()
     # the pre-tokenizer splits '@united' and '#DeflateGate' further; each given word is still one word
     assert [(enc.tokens[i], t) for i, t in enumerate(targets) if t != -100] == [("@", 1), ("flights", 0), ("#", 2)]
+
+
+def test_validation_of_bio_tags_reports_the_entity_f1_of_the_words():
+    from mpismoe_edge.metrics import entity_f1
+
+    bio = ["B-x", "I-x", "O"]
+    data = Dataset(WORDS, [[i % 3 for i in range(len(ws))] for ws in WORDS], bio)
+    model = tiny_model(task="token-classification", labels=bio).eval()
+    tok = make_tokenizer(model.tokenizer_json, 16)
+    encs = tok.tokenize_words(data.texts)
+    first = [[t for t, w in enumerate(e.word_ids) if w is not None and (t == 0 or e.word_ids[t - 1] != w)] for e in encs]
+    pred = [[bio[int(lg[t].argmax())] for t in ts] for lg, ts in zip(predict(model, tok, data.texts, model.input_names), first)]
+    true = [[bio[t] for t in row] for row in data.targets]
+    assert evaluate(model, tok, data)["entity_f1"] == pytest.approx(entity_f1(true, pred)["f1"])
+
+
+def test_tags_without_entities_are_judged_on_accuracy_alone():
+    assert "entity_f1" not in evaluate(_model().eval(), make_tokenizer(_model().tokenizer_json, 16), DATA)

@@ -14,7 +14,7 @@ DATA = Dataset(TEXTS * 4, LABELS * 4, ["neg", "neu", "pos"])
 
 
 def _cfg(**kw):
-    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, **kw})
+    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, "min_steps": 0, **kw})
 
 
 def test_training_writes_a_loadable_checkpoint_with_packed_experts(tmp_path):
@@ -131,7 +131,7 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
     for run, global_seed in (("a", 123), ("b", 456)):
         torch.manual_seed(global_seed)  # whatever the process did before must not matter
         code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
-                           "-o", str(tmp_path / run), "--epochs", "1", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
+                           "-o", str(tmp_path / run), "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
                            "--quiet"])
         assert code == 0
         states.append(read_checkpoint(tmp_path / run / "model.pt")["state_dict"])
@@ -203,3 +203,46 @@ def test_non_utf8_training_file_names_the_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and f"{bad} line 3: not valid UTF-8 (byte 0xe9" in err
     assert not (tmp_path / "o").exists()
+
+
+def _scripted_validation(monkeypatch, history: list[dict]):
+    """Make the per-epoch validation of train() report ``history``; later calls score for real."""
+    import mpismoe_edge.train as train_module
+
+    real, script = train_module.evaluate, iter(history)
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **kw: dict(next(script, None) or real(*a, **kw)))
+
+
+def test_a_tied_accuracy_with_a_falling_loss_does_not_stop_training(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [{"accuracy": 0.4, "loss": loss} for loss in (1.0, 0.9, 0.8, 0.7)])
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=4, patience=1), tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+
+
+def test_patience_stops_when_neither_the_metric_nor_the_loss_improves(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [{"accuracy": 0.4, "loss": loss} for loss in (1.0, 0.9, 0.95, 0.97, 0.5)])
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=5, patience=2), tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+
+
+def test_small_data_trains_for_at_least_min_steps(tmp_path):
+    steps_per_epoch = -(-len(DATA) // 8)
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=1, min_steps=3 * steps_per_epoch), tmp_path, progress=False)
+    assert len(result.history) == 3
+
+
+def test_early_stopping_waits_for_min_steps(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [{"accuracy": 0.4, "loss": 1.0}] * 4)
+    steps_per_epoch = -(-len(DATA) // 8)
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=1, patience=1, min_steps=4 * steps_per_epoch), tmp_path, progress=False)
+    assert len(result.history) == 4
+
+
+def test_validation_may_hold_labels_the_small_training_file_lacks(tmp_path):
+    from mpismoe_edge.data import load_splits
+
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "neg"}\n{"text": "b", "label": "pos"}\n')
+    (tmp_path / "val.jsonl").write_text('{"text": "c", "label": "neu"}\n{"text": "d", "label": "pos"}\n')
+    train_ds, val_ds, test_ds = load_splits([tmp_path / "train.jsonl", tmp_path / "val.jsonl", None])
+    assert train_ds.labels == val_ds.labels == ["neg", "neu", "pos"]
+    assert (train_ds.targets, val_ds.targets, test_ds) == ([0, 2], [1, 2], None)

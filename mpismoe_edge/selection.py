@@ -1,0 +1,40 @@
+"""Which epoch is best, and how long to train: the rules every training run here follows.
+
+An epoch is judged on validation by the task's metric (entity F1 for BIO-tagged token
+classification, accuracy for classification, -MSE for regression) with ties broken by the
+validation loss. On small data the accuracy can sit at the majority class for epochs while
+the loss is still falling; counted as a tie, that stopped runs before they had learned
+anything. The loss breaks the tie, so such an epoch counts as progress.
+
+A run also takes at least ``min_steps`` optimizer steps: ``epochs`` is raised for data too
+small to reach them (500 rows at batch 32 give 16 steps an epoch), and early stopping waits
+until they are done. Large data is unaffected.
+"""
+from __future__ import annotations
+
+import math
+
+
+def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
+    """``(metric, -loss)`` of one validation pass: larger is better, compared as a tuple."""
+    if "entity_f1" in metrics:
+        primary = metrics["entity_f1"]
+    elif "accuracy" in metrics:
+        primary = metrics["accuracy"]
+    else:
+        primary = -metrics["mse"]
+    return primary, -metrics["loss"]
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / batch_size)
+
+
+def planned_epochs(epochs: int, rows: int, batch_size: int, min_steps: int) -> int:
+    """``epochs``, or more when that many epochs of ``rows`` take fewer than ``min_steps`` steps."""
+    return max(epochs, math.ceil(min_steps / steps_per_epoch(rows, batch_size)))
+
+
+def should_stop(bad_epochs: int, patience: int, steps_done: int, min_steps: int) -> bool:
+    """Early stopping: ``patience`` epochs without a better selection key, after ``min_steps``."""
+    return bad_epochs >= patience and steps_done >= min_steps

@@ -1,0 +1,29 @@
+"""Choosing the epoch and the length of training: the metric first, the loss breaks ties, small data takes min_steps."""
+from mpismoe_edge.selection import planned_epochs, selection_key, should_stop
+
+
+def test_a_tied_accuracy_with_a_lower_loss_is_the_better_epoch():
+    stuck = {"accuracy": 0.40, "loss": 1.05}
+    learning = {"accuracy": 0.40, "loss": 0.98}
+    assert selection_key(learning) > selection_key(stuck)
+
+
+def test_a_higher_accuracy_wins_over_a_lower_loss():
+    assert selection_key({"accuracy": 0.60, "loss": 1.2}) > selection_key({"accuracy": 0.59, "loss": 0.5})
+
+
+def test_entity_f1_judges_token_classification_and_mse_judges_regression():
+    assert selection_key({"accuracy": 0.90, "entity_f1": 0.2, "loss": 1.0}) > selection_key({"accuracy": 0.95, "entity_f1": 0.1, "loss": 0.5})
+    assert selection_key({"mse": 0.5, "loss": 0.5}) > selection_key({"mse": 0.7, "loss": 0.7})
+
+
+def test_small_data_gets_enough_epochs_for_the_minimum_steps():
+    assert planned_epochs(3, rows=500, batch_size=32, min_steps=200) == 13  # 16 steps an epoch
+    assert planned_epochs(3, rows=4000, batch_size=32, min_steps=200) == 3  # 125 steps an epoch: unchanged
+    assert planned_epochs(3, rows=500, batch_size=32, min_steps=0) == 3
+
+
+def test_early_stopping_waits_for_the_minimum_steps():
+    assert not should_stop(bad_epochs=5, patience=2, steps_done=160, min_steps=200)
+    assert should_stop(bad_epochs=2, patience=2, steps_done=208, min_steps=200)
+    assert not should_stop(bad_epochs=1, patience=2, steps_done=208, min_steps=200)
