@@ -23,11 +23,11 @@ def _write(folder: Path, info: dict, rows: dict[str, list[dict]]) -> None:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
 
 
-def test_train_rows_subsample_is_seeded_and_eval_rows_keep_the_first(tmp_path):
+def test_train_rows_subsample_is_seeded_and_val_rows_keep_the_first(tmp_path):
     rows = [{"text": f"t{i}", "label": "a" if i % 3 else "b"} for i in range(50)]
     _write(tmp_path / "toy", {"task": "classification", "labels": ["a", "b"]}, {"train": rows, "validation": rows, "test": rows})
-    info, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10, eval_rows=5)
-    assert len(train) == 10 and val.texts == [f"t{i}" for i in range(5)] == test.texts
+    info, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10, val_rows=5)
+    assert len(train) == 10 and val.texts == [f"t{i}" for i in range(5)] and len(test) == 50
     assert tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10)[1].texts == train.texts
     assert tasks.load_task(str(tmp_path), "toy", seed=2, train_rows=10)[1].texts != train.texts
 
@@ -68,3 +68,37 @@ def test_summary_reports_means_and_paired_differences():
     assert "| tweets | mp-ismoe | 73.00 | 73.00 / 73.00 |" in text
     assert "| tweets | lst | 71.00 | 70.00 / 72.00 | - | 71.00 | 1, 1 | 50 | 200 |" in text
     assert "mp-ismoe vs lst: tweets +2.00 (paired seeds +3.00 / +1.00, RSS 0.50x)" in text
+
+
+def test_the_split_files_hold_the_rows_the_benchmark_loads(tmp_path):
+    rows = [{"text": f"t{i}\u2028line", "label": "a" if i % 3 else "b"} for i in range(50)]  # a line separator inside a string
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "task.json").write_text(json.dumps({"task": "classification", "labels": ["a", "b"]}))
+    for split in ("train", "validation", "test"):
+        (tmp_path / "toy" / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    args = SimpleNamespace(data=str(tmp_path), task="toy", seed=3, train_rows=10, val_rows=5)
+    files = tasks._write_split_files(args, tmp_path / "out")
+    _, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=3, train_rows=10, val_rows=5)
+    written = [[json.loads(line)["text"] for line in f.read_text().split("\n") if line] for f in files]
+    assert written == [train.texts, val.texts, test.texts]
+
+
+def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
+    info = {"tweets": {"task": "classification"}, "vader-movies": {"task": "regression"}}
+    rows = [{**_row("tweets", "full-ft", 0, 0.60), "epochs": 3},
+            {**_row("tweets", "mpismoe-train", 0, 0.50), "epoch": 9, "epochs": 13},
+            {**_row("vader-movies", "full-ft", 0, 0), "test": {"mse": 2.0}},
+            {**_row("vader-movies", "mpismoe-train", 0, 0), "test": {"mse": 2.5}, "epochs": 13}]
+    base = {("tweets", 0): {"accuracy": 0.55}, ("vader-movies", 0): {"mse": 3.0}}
+    text = tasks.small_data_report(rows, "minilm", info, base)
+    assert "| tweets | 0 | accuracy | 55.00 | 60.00 | 50.00 | 9 / 13 | yes | no |" in text
+    assert "| vader-movies | 0 | mse | 3.00 | 2.00 | 2.50 | 1 / 13 | yes | yes |" in text
+    assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text
+
+
+def test_relabelling_keeps_each_rows_label_name():
+    data = Dataset(["x", "y"], [0, 1], ["rotten", "fresh"])
+    again = tasks._relabel(data, ["fresh", "rotten"])
+    assert [again.labels[t] for t in again.targets] == ["rotten", "fresh"]
+    words = tasks._relabel(Dataset([["a", "b"]], [[0, 1]], ["O", "B-x"]), ["B-x", "O"])
+    assert words.targets == [[1, 0]]
