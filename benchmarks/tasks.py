@@ -138,7 +138,7 @@ def score(model, tok, data, info: dict, names: list[str]) -> dict[str, float]:
     import torch.nn.functional as F
 
     from mpismoe_edge import metrics
-    from mpismoe_edge.train import predict, word_targets
+    from mpismoe_edge.inference import predict, word_targets
 
     logits = predict(model, tok, data.texts, names)
     if info["task"] == "regression":
@@ -213,7 +213,7 @@ def _step_inputs(tok, data, idx, task: str, names: list[str]):
     """(model inputs, loss targets) of rows ``idx``."""
     import torch
 
-    from mpismoe_edge.train import word_targets
+    from mpismoe_edge.inference import word_targets
 
     encs = _encode(tok, [data.texts[j] for j in idx])
     arrays = tok.pad(encs).arrays()
@@ -232,7 +232,9 @@ def _train_plain(model, tok, info, train, val, args, lr: float):
     from mpismoe_edge.loop import Batch, train_epoch
     from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.selection import selection_key, should_stop, steps_per_epoch
-    from mpismoe_edge.train import TrainConfig, batch_order, make_optimizer, token_lengths
+    from mpismoe_edge.inference import token_lengths
+    from mpismoe_edge.loop import batch_order
+    from mpismoe_edge.train import TrainConfig, make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     epochs, per_epoch = _epochs(args, len(train)), steps_per_epoch(len(train), args.batch_size)
@@ -289,7 +291,7 @@ def _build(method: str, info: dict, args):
     """(model, tokenizer) of ``method`` on ``args.backbone``."""
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model, load_backbone
-    from mpismoe_edge.train import make_tokenizer
+    from mpismoe_edge.inference import make_tokenizer
 
     path = backbone_path(args.backbone, args.data)
     backbone, tok_json = load_backbone(path)
@@ -322,7 +324,7 @@ def _run_cli(info: dict, args):
     from mpismoe_edge.cli import train_main
     from mpismoe_edge.model import load_checkpoint
     from mpismoe_edge.selection import selection_key
-    from mpismoe_edge.train import make_tokenizer
+    from mpismoe_edge.inference import make_tokenizer
 
     out = Path(args.workdir) / f"{args.task}-{args.backbone}-{CLI_METHOD}-{args.seed}"
     train, val, test = _write_split_files(args, out / "data")
@@ -389,7 +391,8 @@ def probe_one(method: str, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from mpismoe_edge.loop import Batch, train_epoch
-    from mpismoe_edge.train import batch_order, token_lengths
+    from mpismoe_edge.inference import token_lengths
+    from mpismoe_edge.loop import batch_order
 
     info, train_ds, _, _ = _setup(args)
     model, tok = _build(method, info, args)

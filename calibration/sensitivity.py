@@ -250,7 +250,7 @@ def text_batches(tokenizer_json: str, texts: Sequence[str], max_length: int, bat
     """Backbone inputs for ``texts`` with the model's own tokenizer: truncated to ``max_length``,
     padded per batch to its longest text."""
     from mpismoe_edge.runtime.spec import TEXT_INPUTS
-    from mpismoe_edge.train import encode, make_tokenizer
+    from mpismoe_edge.inference import encode, make_tokenizer
 
     tok = make_tokenizer(tokenizer_json, max_length)
     return [encode(tok, list(texts[i:i + batch_size]), list(TEXT_INPUTS)) for i in range(0, len(texts), batch_size)]

@@ -27,7 +27,7 @@ from . import distributed
 from .config import JsonConfig
 from .data import Dataset
 from .device import DEVICES, PRECISIONS, grad_scaler, peak_memory, reset_peak_memory, resolve_device
-from .inference import encode, evaluate, feed, make_tokenizer, predict, targets, token_lengths, tokenize, word_targets  # noqa: F401  (re-exported: the names' old home)
+from .inference import evaluate, feed, make_tokenizer, targets, token_lengths, tokenize
 from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint

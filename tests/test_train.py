@@ -24,7 +24,7 @@ def test_training_writes_a_loadable_checkpoint_with_packed_experts(tmp_path):
 
 
 def test_the_final_metrics_are_the_saved_models_and_each_epoch_has_its_own(tmp_path):
-    from mpismoe_edge.train import evaluate, make_tokenizer
+    from mpismoe_edge.inference import evaluate, make_tokenizer
 
     result = train(tiny_model(), DATA, DATA, _cfg(), tmp_path, progress=False)
     saved = load_checkpoint(tmp_path / "model.pt")
