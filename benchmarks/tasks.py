@@ -320,7 +320,7 @@ def _build(method: str, info: dict, args):
 
 def _run_cli(info: dict, args):
     """``mpismoe-train`` on the run's split files, every option at its default but the seed and
-    threads; returns (model, tokenizer, chosen epoch)."""
+    threads; returns (model, tokenizer, chosen epoch, epochs trained, trainable parameters)."""
     from mpismoe_edge.cli import train_main
     from mpismoe_edge.model import load_checkpoint
     from mpismoe_edge.selection import selection_key
@@ -334,9 +334,10 @@ def _run_cli(info: dict, args):
         argv += ["--backbone", backbone_path(args.backbone, args.data)]
     if train_main(argv) != 0:
         raise RuntimeError(f"mpismoe-train {' '.join(argv)} failed")
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    result = json.loads((out / "metrics.json").read_text())
     model = load_checkpoint(out / "model.pt")
-    return model, make_tokenizer(model.tokenizer_json, model.config.max_length), max(history, key=selection_key)["epoch"], len(history)
+    epoch = max(result["history"], key=selection_key)["epoch"]
+    return model, make_tokenizer(model.tokenizer_json, model.config.max_length), epoch, len(result["history"]), result["trainable_params"]
 
 
 def _relabel(data, labels: list[str]):
@@ -360,8 +361,7 @@ def run_one(method: str, args) -> dict:
     with PeakRSS() as mem:
         start = time.perf_counter()
         if method == CLI_METHOD:
-            model, tok, epoch, trained = _run_cli(info, args)
-            params = sum(p.numel() for p in model.side.parameters())
+            model, tok, epoch, trained, params = _run_cli(info, args)  # params: as trained (the saved experts are packed)
             val_ds, test_ds = (_relabel(d, model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
             val = score(model, tok, val_ds, info, model.input_names)
         elif method in SIDE_METHODS:
@@ -467,14 +467,15 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         return (f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
                 f"RSS {x['rss'] / y['rss']:.2f}x)")
 
-    for a, b in (("mp-ismoe", "lst"), ("mp-ismoe", "full-ft"), ("mp-ismoe", "mp-ismoe-side-router")):
-        parts = [f"{task} {d}" for task in TASKS if (d := diff(a, b, task))]
-        if parts:
-            lines.append(f"\n{a} vs {b}: " + "; ".join(parts))
-    both = [task for task in TASKS if (task, "mp-ismoe") in table and (task, "full-ft") in table]
-    if both:
-        gap = statistics.mean(100 * (table[(t, "mp-ismoe")]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
-        lines.append(f"\nmp-ismoe vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
+    for ours in ("mp-ismoe", CLI_METHOD):  # MP-ISMoE as the sweep trains it, or as mpismoe-train does
+        for other in ("lst", "full-ft", "mp-ismoe-side-router"):
+            parts = [f"{task} {d}" for task in TASKS if (d := diff(ours, other, task))]
+            if parts:
+                lines.append(f"\n{ours} vs {other}: " + "; ".join(parts))
+        both = [task for task in TASKS if (task, ours) in table and (task, "full-ft") in table]
+        if both:
+            gap = statistics.mean(100 * (table[(t, ours)]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
+            lines.append(f"\n{ours} vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
     return "\n".join(lines)
 
 
