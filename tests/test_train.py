@@ -246,3 +246,13 @@ def test_validation_may_hold_labels_the_small_training_file_lacks(tmp_path):
     train_ds, val_ds, test_ds = load_splits([tmp_path / "train.jsonl", tmp_path / "val.jsonl", None])
     assert train_ds.labels == val_ds.labels == ["neg", "neu", "pos"]
     assert (train_ds.targets, val_ds.targets, test_ds) == ([0, 2], [1, 2], None)
+
+
+def test_a_last_checkpoint_from_before_the_loss_tie_break_resumes(tmp_path):
+    train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    state = saved["state"]
+    state["best_score"] = state.pop("best_key")[0]  # the old state judged on the metric alone
+    torch.save(saved, tmp_path / "last.pt")
+    result = train(tiny_model(), DATA, DATA, _cfg(epochs=2), tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2]
