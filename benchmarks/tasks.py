@@ -229,11 +229,10 @@ def _train_plain(model, tok, info, train, val, args, lr: float):
     ``selection_key``); returns (chosen epoch, its validation metrics, epochs trained), the model
     left at the chosen epoch's weights."""
 
-    from mpismoe_edge.loop import Batch, train_epoch
+    from mpismoe_edge.inference import token_lengths
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
     from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.selection import selection_key, should_stop, steps_per_epoch
-    from mpismoe_edge.inference import token_lengths
-    from mpismoe_edge.loop import batch_order
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -390,9 +389,8 @@ def probe_one(method: str, args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mpismoe_edge.loop import Batch, train_epoch
     from mpismoe_edge.inference import token_lengths
-    from mpismoe_edge.loop import batch_order
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
 
     info, train_ds, _, _ = _setup(args)
     model, tok = _build(method, info, args)
