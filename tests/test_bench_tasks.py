@@ -95,10 +95,3 @@ def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
     assert "| vader-movies | 0 | mse | 3.00 | 2.00 | 2.50 | 1 / 13 | yes | yes |" in text
     assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text
 
-
-def test_relabelling_keeps_each_rows_label_name():
-    data = Dataset(["x", "y"], [0, 1], ["rotten", "fresh"])
-    again = tasks._relabel(data, ["fresh", "rotten"])
-    assert [again.labels[t] for t in again.targets] == ["rotten", "fresh"]
-    words = tasks._relabel(Dataset([["a", "b"]], [[0, 1]], ["O", "B-x"]), ["B-x", "O"])
-    assert words.targets == [[1, 0]]

@@ -1,7 +1,7 @@
 """The bundled tweets split: train, test and validation are fixed by the seed and disjoint."""
 import pytest
 
-from mpismoe_edge.data import load_default, load_default_validation
+from mpismoe_edge.data import Dataset, load_default, load_default_validation
 
 
 def test_validation_rows_are_disjoint_from_train_and_test():
@@ -26,3 +26,11 @@ def test_validation_larger_than_the_corpus_is_refused():
 def test_no_text_is_in_both_train_and_test():
     train, test = load_default(seed=0)
     assert not set(train.texts) & set(test.texts)
+
+
+def test_relabelling_keeps_each_rows_label_name():
+    data = Dataset(["x", "y"], [0, 1], ["rotten", "fresh"])
+    again = data.relabel(["fresh", "rotten"])
+    assert [again.labels[t] for t in again.targets] == ["rotten", "fresh"]
+    words = Dataset([["a", "b"]], [[0, 1]], ["O", "B-x"]).relabel(["B-x", "O"])
+    assert words.targets == [[1, 0]]
