@@ -1,5 +1,5 @@
 """Runs wherever the target says: every (target, runtime) pair of export/runtimes.py runs a tiny
-export and matches Python ONNX Runtime's logits (atol 1e-4) and labels; the Hugging Face layout
+export and matches Python ONNX Runtime's logits (atol 1e-4; 1e-3 for int8) and labels; the Hugging Face layout
 loads as the task's transformers.js pipeline; the .ort keeps the weights packed."""
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from clients import array, require, run_js, run_node_ort, run_onnxruntime, run_o
 from conftest import TEXTS, tiny_model
 
 ATOL = 1e-4
+# ort-int8 quantizes activations at run time: x86 MLAS (VNNI/AMX) and wasm round them on different
+# kernels, a one-step flip moves a logit by ~1e-4..1e-3 (3.4e-4 seen in onnxruntime-web 1.30.0).
+INT8_ATOL = 1e-3
 PAIRS = [(t, r) for t, runtimes in TARGET_RUNTIMES.items() for r in runtimes]
 PIPELINES = {"classification": "text-classification", "regression": "text-classification",
              "token-classification": "token-classification"}
@@ -75,7 +78,7 @@ def test_target_runs_in_each_runtime_it_states(exports, target, runtime, tmp_pat
     ref = run_onnxruntime(find_model(out), feed)
     got = _logits(runtime, out, feed, tmp_path)
     assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got, ref, atol=INT8_ATOL if target == "ort-int8" else ATOL, rtol=0)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
