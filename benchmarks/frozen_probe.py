@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-rows", type=int, default=500)
     p.add_argument("--val-rows", type=int, default=400)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=64, help="tokens (as benchmarks/tasks.py and mpismoe-train)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from mpismoe_edge.inference import make_tokenizer
