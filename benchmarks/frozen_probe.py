@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 _spec = importlib.util.spec_from_file_location("benchmarks_tasks", Path(__file__).resolve().with_name("tasks.py"))
 tasks = importlib.util.module_from_spec(_spec)
@@ -33,7 +34,7 @@ FEATURES = ("last layer", "all layers")
 def pooled_states(backbone, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
     """``[texts, layers + 1, hidden]``: each layer's hidden state, mean-pooled over real tokens."""
     out = []
-    for i in range(0, len(texts), batch):
+    for i in tqdm(range(0, len(texts), batch), desc="backbone states", leave=False):
         b = tok.encode(texts[i:i + batch])
         mask = torch.from_numpy(b.attention_mask)
         hs = backbone(input_ids=torch.from_numpy(b.input_ids), attention_mask=mask, output_hidden_states=True).hidden_states
@@ -91,13 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     from mpismoe_edge.inference import make_tokenizer
     from mpismoe_edge.model import load_backbone
 
+    try:  # the data and backbones first: one line, nothing printed, when a folder is missing
+        paths = {name: tasks.backbone_path(name, args.data) for name in args.backbones}
+        for task_name in args.tasks:
+            tasks.load_task(args.data, task_name, 0)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     print(f"ridge on frozen mean-pooled states; {args.train_rows} training rows, validation {args.val_rows}, "
           f"seeds {args.seeds}; metrics x 100 (accuracy, Pearson)\n")
     print("| backbone | task | features | test metric (mean) | per seed | validation (mean) | ridge strength per seed |")
     print("|---|---|---|---|---|---|---|")
     for name in args.backbones:
-        backbone, tok_json = load_backbone(tasks.backbone_path(name, args.data))
+        backbone, tok_json = load_backbone(paths[name])
         backbone.eval()
         tok = make_tokenizer(tok_json, args.max_length)
         for task_name in args.tasks:

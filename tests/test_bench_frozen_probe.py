@@ -37,3 +37,9 @@ def test_probe_classifies_separable_classes_by_argmax():
         feats[s] = torch.nn.functional.one_hot(y, 3).float() * 4 + 0.3 * torch.randn(n, 3, generator=g)
         splits[s] = Dataset([f"{s}{i}" for i in range(n)], y.tolist(), ["a", "b", "c"])
     assert probe.probe("classification", feats, splits)[2] == 1.0
+
+
+def test_a_missing_task_folder_is_one_error_line_and_exit_2(tmp_path, capsys):
+    assert probe.main(["--data", str(tmp_path), "--tasks", "vader-movies"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "fetch_tasks.py" in out.err
