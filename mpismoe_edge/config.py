@@ -138,6 +138,7 @@ class SideConfig(JsonConfig):
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     dropout: float = 0.1
+    skip: bool = False            # also a linear map from the backbone's mean-pooled tapped states to the outputs (side/ladder.py)
     init: SideInit = "pruned"     # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
 
     def __post_init__(self) -> None:

@@ -4,6 +4,11 @@ A narrow transformer (width = backbone hidden / r) runs beside the frozen backbo
 side block i, a learned gate mixes the side stream with a down-projection of backbone layer
 i: ``h = mu_i * h + (1 - mu_i) * down_i(backbone_i)``, ``mu_i = sigmoid(alpha_i)``. Gradients
 flow only through the side network; the backbone states arrive detached.
+
+With ``SideConfig.skip`` the head's output also gets a linear map of the frozen states
+themselves (embeddings and every tapped layer, each layer-normalized; mean-pooled for sequence
+tasks), zero at init: the linear probe of the frozen features (benchmarks/frozen_probe.py)
+inside the model, trained with it, still with no backward through the backbone.
 """
 from __future__ import annotations
 
@@ -78,19 +83,30 @@ class LadderSideNetwork(nn.Module):
         self.up = nn.Linear(dim, backbone_dim)
         self.head = nn.Linear(backbone_dim, num_outputs)
         self.drop = nn.Dropout(cfg.dropout)
+        self.skip = nn.Linear(backbone_dim * (len(self.layers) + 1), num_outputs) if cfg.skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
         h = self.embed_down(hidden_states[0])
         for i, block in zip(self.layers, self.blocks):
             h = block(h, hidden_states[i], mask)
-        h = self.norm(h)
-        if not self.token_level:  # masked mean pool
-            if mask is None:
-                h = h.mean(1)
-            else:
-                m = mask.unsqueeze(-1).to(h.dtype)
-                h = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.head(self.drop(nn.functional.gelu(self.up(h))))
+        out = self.head(self.drop(nn.functional.gelu(self.up(self._pool(self.norm(h), mask)))))
+        if self.skip is None:
+            return out
+        taps = [hidden_states[0], *(hidden_states[i] for i in self.layers)]
+        feats = torch.cat([nn.functional.layer_norm(self._pool(s, mask), s.shape[-1:]) for s in taps], -1)
+        return out + self.skip(self.drop(feats))
+
+    def _pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Masked mean over tokens for sequence tasks; per-token states pass through."""
+        if self.token_level:
+            return h
+        if mask is None:
+            return h.mean(1)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     def moe_layers(self) -> list[ISMoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, ISMoE)]

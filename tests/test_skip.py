@@ -1,0 +1,86 @@
+"""SideConfig.skip: a linear map from the frozen backbone's pooled states to the outputs."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from mpismoe_edge.config import SideConfig
+from mpismoe_edge.export import pipeline
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(5, 40, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+def test_skip_is_off_by_default_and_round_trips_through_json():
+    assert SideConfig().skip is False
+    assert SideConfig.from_json(SideConfig(skip=True).to_json()).skip is True
+
+
+def test_skip_starts_at_zero_so_the_first_logits_are_the_side_network_alone():
+    model = tiny_model(skip=True).eval()
+    ids, mask = _batch()
+    with_skip = model(ids, mask)
+    model.side.skip = None
+    torch.testing.assert_close(with_skip, model(ids, mask))
+
+
+def test_skip_reads_the_embeddings_and_every_tapped_layer():
+    model = tiny_model(skip=True, layers=[2])
+    assert model.side.skip.in_features == 2 * model.backbone.config.hidden_size
+
+
+def test_skip_is_trained_while_the_backbone_gets_no_gradient():
+    model = tiny_model(skip=True).train()
+    ids, mask = _batch()
+    model(ids, mask).sum().backward()
+    assert model.side.skip.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_skip_output_does_not_depend_on_padding():
+    model = tiny_model(skip=True).eval()
+    with torch.no_grad():
+        model.side.skip.weight.normal_()
+    ids = torch.randint(5, 40, (1, 5))
+    alone = model(ids, torch.ones_like(ids))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded, mask), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_token_level_skip_gives_logits_per_token():
+    model = tiny_model(skip=True, task="token-classification", labels=("O", "B-X", "I-X")).eval()
+    ids, mask = _batch()
+    assert model(ids, mask).shape == (3, 7, 3)
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-int8"])
+def test_a_model_with_the_skip_exports_within_the_parity_bar(target, tmp_path):
+    model = tiny_model(skip=True)
+    with torch.no_grad():
+        model.side.skip.weight.normal_(std=0.1)
+    model.pack_experts()
+    manifest = pipeline.export_model(model.eval(), tmp_path / "out", target=target, log=None)
+    assert manifest["parity"]["passed"]
+
+
+def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_jsonl):
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_backbone, tiny_tokenizer
+    from mpismoe_edge.cli import train_main
+    from mpismoe_edge.model import load_checkpoint
+
+    backbone = tmp_path / "backbone"
+    tiny_backbone().save_pretrained(backbone)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer()).save_pretrained(backbone)
+    code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "-o", str(tmp_path / "o"),
+                       "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
+                       "--skip", "--quiet"])
+    assert code == 0
+    model = load_checkpoint(tmp_path / "o" / "model.pt")
+    assert model.config.side.skip and model.side.skip is not None
