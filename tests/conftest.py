@@ -66,6 +66,16 @@ def tiny_model(kind: str = "bert", bits: int | None = 4, expert_bits: int | None
     return build_model(tiny_backbone(kind), config, tok_json, progress=False)
 
 
+def random_batch(n: int = 3, t: int = 7):
+    """Seeded token ids in the tiny vocabulary and a mask whose second row is padded after 4 tokens."""
+    torch.manual_seed(1)
+    ids = torch.randint(5, 40, (n, t))
+    mask = torch.ones(n, t, dtype=torch.long)
+    if n > 1:
+        mask[1, 4:] = 0
+    return ids, mask
+
+
 TEXTS = ["i love this movie", "this car is awful", "it is ok", "self driving cars are great",
          "i hate slow cars", "we think it was fine", "really bad film", "very happy"]
 LABELS = [2, 0, 1, 2, 0, 1, 0, 2]
@@ -88,4 +98,15 @@ def tiny_jsonl(tmp_path):
     """A JSONL file of labelled texts in the tiny vocabulary."""
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"text": t, "label": ["neg", "neu", "pos"][y]}) + "\n" for t, y in zip(TEXTS, LABELS)))
+    return path
+
+
+@pytest.fixture
+def backbone_dir(tmp_path):
+    """A Hugging Face model folder (tiny random BERT plus its fast tokenizer), as --backbone takes."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path / "backbone"
+    tiny_backbone().save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(path)
     return path

@@ -70,18 +70,6 @@ def test_two_gloo_processes_train_the_same_side_network_as_one(tmp_path):
     assert metrics["final"]["accuracy"] == pytest.approx(one.final["accuracy"])  # evaluation summed over both ranks
 
 
-@pytest.fixture()
-def backbone_dir(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import tiny_backbone, tiny_tokenizer
-
-    path = tmp_path / "backbone"
-    tiny_backbone().save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer()).save_pretrained(path)
-    return path
-
-
 def test_a_killed_two_process_torchrun_run_resumes_from_its_last_epoch(tmp_path, backbone_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS * 50, LABELS * 50)))

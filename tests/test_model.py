@@ -2,19 +2,10 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import random_batch as _batch, tiny_model
 from mpismoe_edge.model import load_checkpoint, read_checkpoint, save_checkpoint
 from mpismoe_edge.quant import QuantLinear
 from mpismoe_edge.side.router import load_balance_loss, salient_summary
-
-
-def _batch(n=3, t=7):
-    torch.manual_seed(1)
-    ids = torch.randint(5, 40, (n, t))
-    mask = torch.ones(n, t, dtype=torch.long)
-    if n > 1:
-        mask[1, 4:] = 0
-    return ids, mask
 
 
 def test_backbone_parameters_get_no_gradient():

@@ -2,17 +2,9 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import random_batch as _batch, tiny_model
 from mpismoe_edge.config import SideConfig
 from mpismoe_edge.export import pipeline
-
-
-def _batch():
-    torch.manual_seed(1)
-    ids = torch.randint(5, 40, (3, 7))
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[1, 4:] = 0
-    return ids, mask
 
 
 def test_skip_is_off_by_default_and_round_trips_through_json():
@@ -68,17 +60,11 @@ def test_a_model_with_the_skip_exports_within_the_parity_bar(target, tmp_path):
     assert manifest["parity"]["passed"]
 
 
-def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_jsonl):
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import tiny_backbone, tiny_tokenizer
+def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_jsonl, backbone_dir):
     from mpismoe_edge.cli import train_main
     from mpismoe_edge.model import load_checkpoint
 
-    backbone = tmp_path / "backbone"
-    tiny_backbone().save_pretrained(backbone)
-    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer()).save_pretrained(backbone)
-    code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "-o", str(tmp_path / "o"),
+    code = train_main(["--backbone", str(backbone_dir), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "-o", str(tmp_path / "o"),
                        "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
                        "--skip", "--quiet"])
     assert code == 0

@@ -94,14 +94,9 @@ def test_predict_gives_one_logit_row_per_real_token():
     assert [t.shape for t in out] == [(5, 3), (3, 3)]
 
 
-def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys):
+def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys, backbone_dir):
     rows = [{"tokens": ws, "tags": [TAGS[POLARITY.get(w, 0)] for w in ws]} for ws in WORDS]
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
-    from conftest import tiny_backbone
-    backbone_dir = tmp_path / "backbone"
-    tiny_backbone().save_pretrained(backbone_dir)
-    from transformers import PreTrainedTokenizerFast
-    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(backbone_dir)
     code = train_main(["--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data),
                        "--task", "token-classification", "--epochs", "1", "--min-steps", "0", "--bits", "4", "--quant-method", "rtn",
                        "--group-size", "32", "--reduction", "4", "--experts", "2", "--out", str(tmp_path / "run"), "--quiet"])

@@ -118,19 +118,13 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
     assert opt.param_groups[0]["lr"] == 0.0
 
 
-def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl):
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import tiny_backbone, tiny_tokenizer
+def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl, backbone_dir):
     from mpismoe_edge.model import read_checkpoint
 
-    backbone = tmp_path / "backbone"
-    tiny_backbone().save_pretrained(backbone)
-    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer()).save_pretrained(backbone)
     states = []
     for run, global_seed in (("a", 123), ("b", 456)):
         torch.manual_seed(global_seed)  # whatever the process did before must not matter
-        code = train_main(["--backbone", str(backbone), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
+        code = train_main(["--backbone", str(backbone_dir), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
                            "-o", str(tmp_path / run), "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
                            "--quiet"])
         assert code == 0
