@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mpismoe_edge.side.ridge import ALPHAS, ridge_fit
+
 _spec = importlib.util.spec_from_file_location("benchmarks_tasks", Path(__file__).resolve().with_name("tasks.py"))
 tasks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tasks)
 
 SEQUENCE_TASKS = tuple(t for t in tasks.TASKS if t != "wnut16")
-ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 FEATURES = ("last layer", "all layers")
 
 
@@ -41,13 +42,6 @@ def pooled_states(backbone, tok, texts: list[str], batch: int = 64) -> torch.Ten
         m = mask.unsqueeze(-1).float()
         out.append(torch.stack([(h * m).sum(1) / m.sum(1) for h in hs], 1))
     return torch.cat(out)
-
-
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Weights ``w`` minimizing ``|x w - y|^2 + alpha |w|^2`` (dual form: rows << features)."""
-    x, y = x.double(), y.double()
-    gram = x @ x.T
-    return x.T @ torch.linalg.solve(gram + alpha * torch.eye(len(x), dtype=x.dtype), y)
 
 
 def _metric(task: str, pred: torch.Tensor, data) -> float:

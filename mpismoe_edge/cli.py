@@ -8,6 +8,7 @@ import sys
 from .config import QUANT_METHODS, SIDE_INITS, TASKS, ModelConfig, QuantConfig, SideConfig
 from .device import DEVICES, PRECISIONS
 from .model import default_backbone_path  # noqa: F401  (its home is model.py; benchmarks import it from here)
+from .skip_fit import SKIP_INITS
 from .train import TrainConfig
 
 
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-ffn", action="store_true", help="one dense FFN per side block (LST baseline)")
     p.add_argument("--no-interactive", action="store_true", help="router sees only the side token")
     p.add_argument("--skip", action="store_true", help="add a linear map from the frozen backbone's pooled states to the outputs")
+    p.add_argument("--skip-init", choices=SKIP_INITS, default=TrainConfig.skip_init,
+                   help="with --skip: ridge fits it in closed form and freezes it before training (default); zero trains it from zero")
     p.add_argument("--side-init", choices=SIDE_INITS, default=SideConfig.init,
                    help="side network's start: slices of the backbone (down-projections, FFN units to experts) or random")
     p.add_argument("--expert-bits", type=int, default=SideConfig.expert_bits,
@@ -118,7 +121,7 @@ def _train(args) -> int:
 
     model = build_model(backbone, config, tokenizer_json, progress=not args.quiet and launched_rank() == 0)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-                      min_steps=args.min_steps, patience=args.patience,
+                      min_steps=args.min_steps, patience=args.patience, skip_init=args.skip_init,
                       return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
     result = train(model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet, test_data=test_ds)
     if launched_rank() == 0:

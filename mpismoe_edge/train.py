@@ -32,6 +32,7 @@ from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
+from .skip_fit import SKIP_INITS, fit_skip
 from .selection import planned_epochs, selection_key, should_stop, steps_per_epoch
 
 
@@ -51,6 +52,7 @@ class TrainConfig(JsonConfig):
     return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
     device: str = "auto"      # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
     precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the forward pass (device.py)
+    skip_init: str = "ridge"  # with SideConfig.skip: ridge (the closed-form probe, frozen; skip_fit.py) | zero
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -60,6 +62,8 @@ class TrainConfig(JsonConfig):
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.skip_init not in SKIP_INITS:
+            raise ValueError(f"unknown skip_init {self.skip_init!r}; expected one of {', '.join(SKIP_INITS)}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
 
@@ -159,6 +163,18 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     model.to(device)
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
     task = model.config.task
+    last = out / LAST_CHECKPOINT_FILE
+    resuming = resume and last.is_file()
+    probe = None
+    if cfg.skip_init == "ridge" and model.side.skip is not None:
+        if resuming:  # last.pt holds the fitted skip; only its frozen state matters here
+            model.side.skip.requires_grad_(False)
+        else:
+            probe_start = time.perf_counter()
+            probe = fit_skip(model, tok, train_data, eval_data, cfg.eval_batch_size, device, progress=show)
+            probe_seconds = time.perf_counter() - probe_start
+            if show:
+                tqdm.write(f"linear skip: ridge probe, strength {probe.alpha:g}, logit scale {probe.scale:g}")
     params = [p for p in model.parameters() if p.requires_grad]
     side = distributed.wrap(model.side, world, device, sparse=bool(model.side.moe_layers()))
     epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
@@ -169,8 +185,7 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     opt, sched = make_optimizer(params, cfg, epochs * per_epoch)
     scaler = grad_scaler(device, cfg.precision)
     state = {"epoch": 0, "history": [], "best_key": None, "best_side": None, "bad_epochs": 0}
-    last = out / LAST_CHECKPOINT_FILE
-    if resume and last.is_file():
+    if resuming:
         saved = torch.load(last, map_location=device, weights_only=True)
         model.side.load_state_dict(saved["side"])
         opt.load_state_dict(saved["optimizer"])
@@ -191,6 +206,22 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
             encs = tokenize(tok, [train_data.texts[j] for j in rows])
             yield Batch(feed(tok, encs, model.input_names, device), targets(task, encs, [train_data.targets[j] for j in rows]), weight)
 
+    def judge(metrics: dict[str, float]) -> None:
+        """Record an epoch's validation; keep the side network if it is the best so far."""
+        state["history"].append(metrics)
+        key = selection_key(metrics)
+        if state["best_key"] is None or key > tuple(state["best_key"]):
+            state["best_key"], state["bad_epochs"] = list(key), 0
+            state["best_side"] = {k: v.detach().clone() for k, v in model.side.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+
+    if probe is not None:  # the probe alone is epoch 0: a side network must beat it on validation to be kept
+        metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
+        metrics["epoch"], metrics["seconds"] = 0, probe_seconds
+        judge(metrics)
+        if show:
+            tqdm.write("epoch 0 (ridge probe): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds")))
     lengths = token_lengths(tok, train_data.texts)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -206,13 +237,7 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         seconds = time.perf_counter() - epoch_start
         metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
         metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
-        state["history"].append(metrics)
-        key = selection_key(metrics)
-        if state["best_key"] is None or key > tuple(state["best_key"]):
-            state["best_key"], state["bad_epochs"] = list(key), 0
-            state["best_side"] = {k: v.detach().clone() for k, v in model.side.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
+        judge(metrics)
         state["epoch"] = epoch + 1
         if show:
             tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))

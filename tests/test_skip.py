@@ -70,3 +70,82 @@ def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_json
     assert code == 0
     model = load_checkpoint(tmp_path / "o" / "model.pt")
     assert model.config.side.skip and model.side.skip is not None
+
+
+def _tiny_data():
+    from conftest import LABELS, TEXTS
+    from mpismoe_edge.data import Dataset
+
+    return Dataset(list(TEXTS), list(LABELS), ["neg", "neu", "pos"])
+
+
+def test_ridge_init_makes_the_untrained_model_the_probe_and_freezes_the_skip():
+    from mpismoe_edge.inference import encode, make_tokenizer
+    from mpismoe_edge.skip_fit import fit_skip
+
+    model = tiny_model(skip=True)
+    tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
+    data = _tiny_data()
+    probe = fit_skip(model, tok, data, data, batch_size=4, device=torch.device("cpu"), progress=False)
+    assert not model.side.skip.weight.requires_grad
+    model.eval()
+    inputs = encode(tok, data.texts, model.input_names)
+    with torch.no_grad():
+        feats = model.side.skip_features(model.backbone_states(**inputs), inputs["attention_mask"])
+        torch.testing.assert_close(model(**inputs), feats @ probe.weight.T + probe.bias)
+
+
+def test_fit_skip_needs_a_model_with_the_skip():
+    from mpismoe_edge.inference import make_tokenizer
+    from mpismoe_edge.skip_fit import fit_skip
+
+    model = tiny_model()
+    with pytest.raises(ValueError, match="SideConfig.skip"):
+        fit_skip(model, make_tokenizer(model.tokenizer_json, 16), _tiny_data(), _tiny_data(), 4, torch.device("cpu"), progress=False)
+
+
+def test_training_with_ridge_init_scores_the_probe_as_epoch_0_and_keeps_the_skip_fixed(tmp_path):
+    from mpismoe_edge.inference import make_tokenizer
+    from mpismoe_edge.skip_fit import fit_skip
+    from mpismoe_edge.train import TrainConfig, train
+
+    model = tiny_model(skip=True, expert_bits=None)
+    data = _tiny_data()
+    result = train(model, data, data, TrainConfig(epochs=2, min_steps=0, batch_size=4), tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert not model.side.skip.weight.requires_grad
+    trained = model.side.skip.weight.detach().clone()
+    tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
+    fit_skip(model, tok, data, data, batch_size=4, device=torch.device("cpu"), progress=False)  # the same frozen features
+    torch.testing.assert_close(trained, model.side.skip.weight)
+    assert result.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_zero_skip_init_trains_the_skip_from_zero_without_an_epoch_0(tmp_path):
+    from mpismoe_edge.train import TrainConfig, train
+
+    model = tiny_model(skip=True, expert_bits=None)
+    data = _tiny_data()
+    result = train(model, data, data, TrainConfig(epochs=1, min_steps=0, batch_size=4, skip_init="zero"), tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [1]
+    assert model.side.skip.weight.requires_grad and model.side.skip.weight.abs().sum() > 0
+
+
+def test_unknown_skip_init_is_rejected():
+    from mpismoe_edge.train import TrainConfig
+
+    with pytest.raises(ValueError, match="skip_init"):
+        TrainConfig(skip_init="lstsq")
+
+
+def test_a_resumed_ridge_run_keeps_its_fitted_skip_and_history(tmp_path):
+    from mpismoe_edge.train import TrainConfig, train
+
+    data = _tiny_data()
+    first = tiny_model(skip=True, expert_bits=None)
+    train(first, data, data, TrainConfig(epochs=1, min_steps=0, batch_size=4), tmp_path, progress=False)
+    resumed = tiny_model(skip=True, expert_bits=None)
+    result = train(resumed, data, data, TrainConfig(epochs=2, min_steps=0, batch_size=4), tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    torch.testing.assert_close(resumed.side.skip.weight, first.side.skip.weight)
+    assert not resumed.side.skip.weight.requires_grad

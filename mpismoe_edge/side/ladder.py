@@ -7,8 +7,8 @@ flow only through the side network; the backbone states arrive detached.
 
 With ``SideConfig.skip`` the head's output also gets a linear map of the frozen states
 themselves (embeddings and every tapped layer, each layer-normalized; mean-pooled for sequence
-tasks), zero at init: the linear probe of the frozen features (benchmarks/frozen_probe.py)
-inside the model, trained with it, still with no backward through the backbone.
+tasks): the linear probe of the frozen features inside the model, still with no backward
+through the backbone. Zero here; training fits it in closed form first (``skip_fit.py``).
 """
 from __future__ import annotations
 
@@ -95,9 +95,12 @@ class LadderSideNetwork(nn.Module):
         out = self.head(self.drop(nn.functional.gelu(self.up(self._pool(self.norm(h), mask)))))
         if self.skip is None:
             return out
+        return out + self.skip(self.drop(self.skip_features(hidden_states, mask)))
+
+    def skip_features(self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
+        """The skip's input: the embeddings and every tapped layer, each pooled and layer-normalized, concatenated."""
         taps = [hidden_states[0], *(hidden_states[i] for i in self.layers)]
-        feats = torch.cat([nn.functional.layer_norm(self._pool(s, mask), s.shape[-1:]) for s in taps], -1)
-        return out + self.skip(self.drop(feats))
+        return torch.cat([nn.functional.layer_norm(self._pool(s, mask), s.shape[-1:]) for s in taps], -1)
 
     def _pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Masked mean over tokens for sequence tasks; per-token states pass through."""
