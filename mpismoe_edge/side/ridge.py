@@ -1,10 +1,11 @@
 """Closed-form ridge regression: the linear probe of frozen features, as pure tensor functions.
 
 ``fit_probe`` is what ``TrainConfig.skip_init="ridge"`` puts into the ladder's linear skip
-before the side network trains (``skip_fit.py``), and what ``benchmarks/frozen_probe.py``
-reports: features standardized on the training rows, the strength chosen on validation by the
-same rule that chooses epochs (``selection.selection_key``), the standardization folded into
-one ``weight`` / ``bias`` pair that applies to the raw features.
+before the side network trains (``skip_fit.py``): features standardized on the training rows,
+the strength chosen on validation by the same rule that chooses epochs
+(``selection.selection_key``), the standardization folded into one ``weight`` / ``bias`` pair
+that applies to the raw features. ``benchmarks/frozen_probe.py`` shares ``ridge_fit`` and
+``ALPHAS`` but keeps its own choice of strength (by Pearson / accuracy, as its tables were made).
 """
 from __future__ import annotations
 
