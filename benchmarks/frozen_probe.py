@@ -10,6 +10,7 @@ test split is scored once. NER (token-level) is left out.
 
     python benchmarks/frozen_probe.py [--backbones minilm] [--tasks vader-movies ...] [--seeds 0 1 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,11 @@ def pooled_states(backbone, tok, texts: list[str], batch: int = 64) -> torch.Ten
     """``[texts, layers + 1, hidden]``: each layer's hidden state, mean-pooled over real tokens."""
     out = []
     for i in tqdm(range(0, len(texts), batch), desc="backbone states", leave=False):
-        b = tok.encode(texts[i:i + batch])
+        b = tok.encode(texts[i : i + batch])
         mask = torch.from_numpy(b.attention_mask)
-        hs = backbone(input_ids=torch.from_numpy(b.input_ids), attention_mask=mask, output_hidden_states=True).hidden_states
+        hs = backbone(
+            input_ids=torch.from_numpy(b.input_ids), attention_mask=mask, output_hidden_states=True
+        ).hidden_states
         m = mask.unsqueeze(-1).float()
         out.append(torch.stack([(h * m).sum(1) / m.sum(1) for h in hs], 1))
     return torch.cat(out)
@@ -94,9 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    print(f"ridge on frozen mean-pooled states; {args.train_rows} training rows, validation {args.val_rows}, "
-          f"seeds {args.seeds}; metrics x 100 (accuracy, Pearson)\n")
-    print("| backbone | task | features | test metric (mean) | per seed | validation (mean) | ridge strength per seed |")
+    print(
+        f"ridge on frozen mean-pooled states; {args.train_rows} training rows, validation {args.val_rows}, "
+        f"seeds {args.seeds}; metrics x 100 (accuracy, Pearson)\n"
+    )
+    print(
+        "| backbone | task | features | test metric (mean) | per seed | validation (mean) | ridge strength per seed |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.backbones:
         backbone, tok_json = load_backbone(paths[name])
@@ -116,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                     feats = {k: torch.stack([pick(cache[t]) for t in d.texts]) for k, d in splits.items()}
                     runs[feat].append(probe(info["task"], feats, splits))
             for feat, res in runs.items():
-                print(f"| {name} | {task_name} | {feat} | {100 * statistics.fmean(r[2] for r in res):.2f} | "
-                      f"{' / '.join(f'{100 * r[2]:.2f}' for r in res)} | {100 * statistics.fmean(r[1] for r in res):.2f} | "
-                      f"{' / '.join(f'{r[0]:g}' for r in res)} |", flush=True)
+                print(
+                    f"| {name} | {task_name} | {feat} | {100 * statistics.fmean(r[2] for r in res):.2f} | "
+                    f"{' / '.join(f'{100 * r[2]:.2f}' for r in res)} | "
+                    f"{100 * statistics.fmean(r[1] for r in res):.2f} | "
+                    f"{' / '.join(f'{r[0]:g}' for r in res)} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -13,6 +13,7 @@ separately. Runs on 2 CPU threads (``--threads``).
 
     python benchmarks/quant_error.py [--bits 2 3 4 8] [--group-size 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def load_minilm_linears() -> dict[str, torch.Tensor]:
 def hqq_dequant(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     from hqq.core.quantize import Quantizer
 
-    w_q, meta = Quantizer.quantize(weight, nbits=bits, channel_wise=True, group_size=group_size, optimize=True,
-                                   axis=1, bitpack=False, device="cpu")
+    w_q, meta = Quantizer.quantize(
+        weight, nbits=bits, channel_wise=True, group_size=group_size, optimize=True, axis=1, bitpack=False, device="cpu"
+    )
     deq = (w_q.float() - meta["zero"]) * meta["scale"]
     return deq.reshape(weight.shape)
 
@@ -47,8 +49,9 @@ def method_fns(group_size: int) -> dict:
     cfg = QuantConfig()
     return {
         "RTN": lambda w, b: rtn_quantize(w, b, group_size).dequantize(),
-        "GNP-IQ": lambda w, b: gnpiq_quantize(w, b, group_size, iters=cfg.iters, restarts=cfg.restarts,
-                                              noise=cfg.noise, seed=cfg.seed).dequantize(),
+        "GNP-IQ": lambda w, b: gnpiq_quantize(
+            w, b, group_size, iters=cfg.iters, restarts=cfg.restarts, noise=cfg.noise, seed=cfg.seed
+        ).dequantize(),
         "HQQ": lambda w, b: hqq_dequant(w, b, group_size),
     }
 
@@ -78,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     weights = load_minilm_linears()
     n_params = sum(w.numel() for w in weights.values())
     fns = method_fns(args.group_size)
-    print(f"MiniLM-L6: {len(weights)} nn.Linear weights, {n_params:,} parameters; group size {args.group_size}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"MiniLM-L6: {len(weights)} nn.Linear weights, {n_params:,} parameters; group size {args.group_size}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     rows = []
     for bits in args.bits:
         res = {m: measure(weights, fns[m], bits) for m in args.methods}

@@ -17,6 +17,7 @@ A variant is ``NAME=JSON``: ``SideConfig`` fields (the benchmark's MP-ISMoE side
 
     python benchmarks/side_probe.py [--seeds 0 1 2] [--variants NAME=JSON ...] [--workdir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,12 @@ VARIANTS = {
     "dropout 0.2": {"dropout": 0.2},
     "4 epochs": {"epochs": 4},
     "lr 2e-3": {"lr": 2e-3},
-    "lst (dense FFN, fp32, random init)": {"dense_ffn": True, "expert_bits": None, "init": "random", "backbone": "fp32"},
+    "lst (dense FFN, fp32, random init)": {
+        "dense_ffn": True,
+        "expert_bits": None,
+        "init": "random",
+        "backbone": "fp32",
+    },
 }
 _RUN_KEYS = ("backbone", "lr", "epochs")
 
@@ -57,10 +63,12 @@ def _cache(kind: str, args) -> dict:
     """``{split: {"states": [per text [L+1, tokens, H] fp16], "targets": [...]}}``, computed once."""
     from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig
-    from mpismoe_edge.model import build_model, load_backbone
     from mpismoe_edge.inference import encode, make_tokenizer
+    from mpismoe_edge.model import build_model, load_backbone
 
-    path = os.path.join(args.workdir, f"{kind}-seed{args.seed}-{args.n_train}-{args.n_val}-{args.n_test}-len{args.max_length}.pt")
+    path = os.path.join(
+        args.workdir, f"{kind}-seed{args.seed}-{args.n_train}-{args.n_val}-{args.n_test}-len{args.max_length}.pt"
+    )
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     splits = _splits(args)
@@ -112,16 +120,23 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     """Train one variant's side network on the cached states; (validation, test) at the chosen epoch.
     ``backbone`` is the float one: the pruned init reads it, as build_model does; it is not trained."""
     from mpismoe_edge.config import ModelConfig, SideConfig
-    from mpismoe_edge.model import build_model
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    from mpismoe_edge.model import build_model
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
     side_cfg = SideConfig.from_dict({"expert_bits": 4, **side_fields})
-    tcfg = TrainConfig(epochs=spec.get("epochs", args.epochs), seed=args.seed, **({"lr": spec["lr"]} if "lr" in spec else {}))
+    tcfg = TrainConfig(
+        epochs=spec.get("epochs", args.epochs), seed=args.seed, **({"lr": spec["lr"]} if "lr" in spec else {})
+    )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(backbone, ModelConfig(labels=labels, max_length=args.max_length, side=side_cfg, quant=None), None, progress=False)
+    model = build_model(
+        backbone,
+        ModelConfig(labels=labels, max_length=args.max_length, side=side_cfg, quant=None),
+        None,
+        progress=False,
+    )
     side = model.side.train()
     params = [p for p in side.parameters() if p.requires_grad]
     train = cache["train"]
@@ -129,10 +144,21 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     lengths = [s.shape[1] for s in train["states"]]
     best_val, test = -1.0, 0.0
     for epoch in range(tcfg.epochs):
-        batches = (Batch(_batch([train["states"][j] for j in idx]), torch.tensor([train["targets"][j] for j in idx]))
-                   for idx in batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch))
-        train_epoch(lambda inputs: side(*inputs), batches, opt, sched, params, "classification", aux_loss=model.aux_loss,
-                    grad_clip=tcfg.grad_clip, desc=f"{name} seed {args.seed} epoch {epoch + 1}")
+        batches = (
+            Batch(_batch([train["states"][j] for j in idx]), torch.tensor([train["targets"][j] for j in idx]))
+            for idx in batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch)
+        )
+        train_epoch(
+            lambda inputs: side(*inputs),
+            batches,
+            opt,
+            sched,
+            params,
+            "classification",
+            aux_loss=model.aux_loss,
+            grad_clip=tcfg.grad_clip,
+            desc=f"{name} seed {args.seed} epoch {epoch + 1}",
+        )
         val = _accuracy(side, cache["val"])
         if val > best_val:  # the test split is scored only at the epoch validation chooses
             best_val, test = val, _accuracy(side, cache["test"])
@@ -199,7 +225,10 @@ def main() -> None:
 
 def _print_table(results: dict[str, list[dict]], seeds: list[int], base: str) -> None:
     seed_list = ", ".join(map(str, seeds))
-    print(f"| variant | test accuracy (mean of seeds {seed_list}) | per seed | vs {base} (test) | validation accuracy (mean) | vs {base} (validation) |")
+    print(
+        f"| variant | test accuracy (mean of seeds {seed_list}) | per seed | vs {base} (test) | "
+        f"validation accuracy (mean) | vs {base} (validation) |"
+    )
     print("|---|---|---|---|---|---|")
     ref_test = statistics.mean(r["test"] for r in results[base])
     ref_val = statistics.mean(r["val"] for r in results[base])

@@ -7,6 +7,7 @@ follows when the matmuls are small; it does not depend on the machine's load.
 
     python benchmarks/step_ops.py [--methods mp-ismoe lst]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def count(method: str) -> dict:
     else:  # RTN builds fast; the packed layout and the step are those of GNP-IQ
         side, quant = SideConfig(expert_bits=4, init="random"), QuantConfig(bits=4, method="rtn")
     torch.manual_seed(0)
-    model = build_model(backbone, ModelConfig(labels=train_ds.labels, max_length=64, side=side, quant=quant), tok_json, progress=False)
+    model = build_model(
+        backbone, ModelConfig(labels=train_ds.labels, max_length=64, side=side, quant=quant), tok_json, progress=False
+    )
     feed = encode(make_tokenizer(tok_json, 64), train_ds.texts[:32], model.input_names)
     target = torch.tensor(train_ds.targets[:32])
     model.train()
@@ -56,8 +59,15 @@ def count(method: str) -> dict:
         loss = torch.nn.functional.cross_entropy(model.side(states, feed["attention_mask"]), target) + model.aux_loss()
         forward_ops = c.ops
         loss.backward()
-    return {"method": method, "backbone": backbone_ops, "backbone_mb": backbone_bytes / 2**20, "side_forward": forward_ops - backbone_ops,
-            "side_backward": c.ops - forward_ops, "total": c.ops, "mb": c.bytes / 2**20}
+    return {
+        "method": method,
+        "backbone": backbone_ops,
+        "backbone_mb": backbone_bytes / 2**20,
+        "side_forward": forward_ops - backbone_ops,
+        "side_backward": c.ops - forward_ops,
+        "total": c.ops,
+        "mb": c.bytes / 2**20,
+    }
 
 
 def main() -> None:
@@ -69,7 +79,10 @@ def main() -> None:
     print("| method | backbone ops | side forward ops | side backward ops | all ops | MB allocated (all outputs) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['backbone']} | {r['side_forward']} | {r['side_backward']} | {r['total']} | {r['mb']:.0f} |")
+        print(
+            f"| {r['method']} | {r['backbone']} | {r['side_forward']} | {r['side_backward']} | "
+            f"{r['total']} | {r['mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ peak live tensors from the torch profiler over ``--probe-steps`` steps on the lo
 (a process of its own, at the first seed). Each run is a subprocess; its row is appended to
 ``--results`` (JSONL), and runs already there are skipped, so an interrupted sweep resumes.
 
-    python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...] [--seeds 0 1 2]
-                               [--epochs 3] [--min-steps 200] [--train-rows N] [--val-rows N] [--results FILE] [--smoke]
+    python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...]
+                               [--seeds 0 1 2] [--epochs 3] [--min-steps 200] [--train-rows N] [--val-rows N]
+                               [--results FILE] [--smoke]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +57,9 @@ from pathlib import Path
 
 def _sibling(name: str):
     """A module of benchmarks/ by file (no sys.path entry, which would shadow the ``export`` package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).resolve().with_name(f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", Path(__file__).resolve().with_name(f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -116,15 +120,23 @@ def _write_split_files(args, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for split in ("train", "validation", "test"):
-        lines = [line for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines(): U+2028 may sit inside a string
-        keep = _rows(len(lines), args.seed, args.train_rows) if split == "train" else \
-            list(range(min(args.val_rows, len(lines)))) if split == "validation" and args.val_rows else range(len(lines))
+        lines = [
+            line for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()
+        ]  # not splitlines(): U+2028 may sit inside a string
+        keep = (
+            _rows(len(lines), args.seed, args.train_rows)
+            if split == "train"
+            else list(range(min(args.val_rows, len(lines))))
+            if split == "validation" and args.val_rows
+            else range(len(lines))
+        )
         paths.append(out / f"{split}.jsonl")
         paths[-1].write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
     return paths
 
 
 # ---- scoring: the same for every method ----
+
 
 def _word_predictions(logits_per_text: list, encs: list, n_words: list[int], fill: int) -> list[list[int]]:
     """Per text, each word's predicted id at its first sub-token; ``fill`` for words cut off."""
@@ -152,22 +164,38 @@ def score(model, tok, data, info: dict, names: list[str]) -> dict[str, float]:
     if info["task"] == "regression":
         pred = logits[:, 0].tolist()
         mse = statistics.fmean((p - y) ** 2 for p, y in zip(pred, data.targets))
-        return {"pearson": metrics.pearson(pred, data.targets), "spearman": metrics.spearman(pred, data.targets),
-                "mse": mse, "loss": mse}
+        return {
+            "pearson": metrics.pearson(pred, data.targets),
+            "spearman": metrics.spearman(pred, data.targets),
+            "mse": mse,
+            "loss": mse,
+        }
     if info["task"] == "token-classification":
         labels = data.labels
         encs = tok.tokenize_words(data.texts)
         pred = _word_predictions(logits, encs, [len(w) for w in data.texts], labels.index("O"))
         flat_true = [t for row in data.targets for t in row]
         flat_pred = [p for row in pred for p in row]
-        f1 = metrics.entity_f1([[labels[t] for t in row] for row in data.targets], [[labels[p] for p in row] for row in pred])
+        f1 = metrics.entity_f1(
+            [[labels[t] for t in row] for row in data.targets], [[labels[p] for p in row] for row in pred]
+        )
         target = word_targets(encs, data.targets)  # [texts, longest]: the word's tag at its first sub-token
-        loss = sum(F.cross_entropy(lg, target[i, : len(lg)], ignore_index=-100, reduction="sum").item()
-                   for i, lg in enumerate(logits)) / max(int((target != -100).sum()), 1)
-        return {"entity_f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"], "word_accuracy": metrics.accuracy(flat_true, flat_pred),
-                "loss": loss}
+        loss = sum(
+            F.cross_entropy(lg, target[i, : len(lg)], ignore_index=-100, reduction="sum").item()
+            for i, lg in enumerate(logits)
+        ) / max(int((target != -100).sum()), 1)
+        return {
+            "entity_f1": f1["f1"],
+            "precision": f1["precision"],
+            "recall": f1["recall"],
+            "word_accuracy": metrics.accuracy(flat_true, flat_pred),
+            "loss": loss,
+        }
     target = torch.tensor(data.targets)
-    return {"accuracy": (logits.argmax(-1) == target).float().mean().item(), "loss": F.cross_entropy(logits, target).item()}
+    return {
+        "accuracy": (logits.argmax(-1) == target).float().mean().item(),
+        "loss": F.cross_entropy(logits, target).item(),
+    }
 
 
 def baseline(info: dict, train, test) -> dict[str, float]:
@@ -181,13 +209,18 @@ def baseline(info: dict, train, test) -> dict[str, float]:
         o = info["labels"].index("O")
         pred = [["O"] * len(row) for row in test.targets]
         true = [[info["labels"][t] for t in row] for row in test.targets]
-        return {"entity_f1": metrics.entity_f1(true, pred)["f1"],
-                "word_accuracy": metrics.accuracy([t for r in test.targets for t in r], [o for r in test.targets for _ in r])}
+        return {
+            "entity_f1": metrics.entity_f1(true, pred)["f1"],
+            "word_accuracy": metrics.accuracy(
+                [t for r in test.targets for t in r], [o for r in test.targets for _ in r]
+            ),
+        }
     top = statistics.mode(train.targets)
     return {"accuracy": metrics.accuracy(test.targets, [top] * len(test.targets))}
 
 
 # ---- the full-FT / LoRA peers ----
+
 
 def _plain_model(backbone, outputs: int, token_level: bool, accepted: list[str]):
     """Encoder + linear head trained end to end: mean-pooled, or on every token (NER);
@@ -253,10 +286,21 @@ def _train_plain(model, tok, info, train, val, args, lr: float):
             break
         trained = epoch + 1
         model.train()
-        steps = (Batch(*_step_inputs(tok, train, idx, info["task"], model.input_names))
-                 for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch))
-        train_epoch(lambda inputs: model(**inputs), steps, opt, sched, params, info["task"], grad_clip=1.0,
-                    after_step=release_free_pages, progress=False)
+        steps = (
+            Batch(*_step_inputs(tok, train, idx, info["task"], model.input_names))
+            for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch)
+        )
+        train_epoch(
+            lambda inputs: model(**inputs),
+            steps,
+            opt,
+            sched,
+            params,
+            info["task"],
+            grad_clip=1.0,
+            after_step=release_free_pages,
+            progress=False,
+        )
         val_metrics = score(model, tok, val, info, model.input_names)
         if best is None or selection_key(val_metrics) > selection_key(best):
             best, best_epoch, bad = val_metrics, epoch + 1, 0
@@ -280,6 +324,7 @@ def _trainable_keys(model) -> set[str]:
 
 # ---- one run ----
 
+
 def _setup(args):
     import torch
 
@@ -291,14 +336,15 @@ def _setup(args):
     torch.manual_seed(args.seed)
     info, train, val, test = load_task(args.data, args.task, args.seed, args.train_rows, args.val_rows)
     import peft  # noqa: F401  (code, not training memory: imported before the baseline)
+
     return info, train, val, test
 
 
 def _build(method: str, info: dict, args):
     """(model, tokenizer) of ``method`` on ``args.backbone``."""
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
-    from mpismoe_edge.model import build_model, load_backbone
     from mpismoe_edge.inference import make_tokenizer
+    from mpismoe_edge.model import build_model, load_backbone
 
     path = backbone_path(args.backbone, args.data)
     backbone, tok_json = load_backbone(path)
@@ -308,17 +354,23 @@ def _build(method: str, info: dict, args):
         if method == "lst":
             side, quant = SideConfig(dense_ffn=True, init="random"), None
         else:
-            side = SideConfig(expert_bits=args.expert_bits, interactive=method != "mp-ismoe-side-router", skip=method in SKIP_METHODS)
+            side = SideConfig(
+                expert_bits=args.expert_bits, interactive=method != "mp-ismoe-side-router", skip=method in SKIP_METHODS
+            )
             quant = QuantConfig(bits=args.bits, seed=args.seed)
-        cfg = ModelConfig(backbone=path, task=info["task"], labels=info["labels"], max_length=max_length, side=side, quant=quant)
+        cfg = ModelConfig(
+            backbone=path, task=info["task"], labels=info["labels"], max_length=max_length, side=side, quant=quant
+        )
         return build_model(backbone, cfg, tok_json, progress=False), tok
     outputs = 1 if info["task"] == "regression" else len(info["labels"])
     accepted = [n for n in TEXT_INPUTS if n in inspect.signature(backbone.forward).parameters]  # before peft wraps it
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
-                                                       target_modules=LORA_TARGETS[backbone.config.model_type]))
+        backbone = get_peft_model(
+            backbone,
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=LORA_TARGETS[backbone.config.model_type]),
+        )
     model = _plain_model(backbone, outputs, info["task"] == "token-classification", accepted)
     if method == "lora":
         model.head.requires_grad_(True)
@@ -329,14 +381,29 @@ def _run_cli(info: dict, args):
     """``mpismoe-train`` on the run's split files, every option at its default but the seed and
     threads; returns (model, tokenizer, chosen epoch, epochs trained, trainable parameters)."""
     from mpismoe_edge.cli import train_main
+    from mpismoe_edge.inference import make_tokenizer
     from mpismoe_edge.model import load_checkpoint
     from mpismoe_edge.selection import selection_key
-    from mpismoe_edge.inference import make_tokenizer
 
     out = Path(args.workdir) / f"{args.task}-{args.backbone}-{CLI_METHOD}-{args.seed}"
     train, val, test = _write_split_files(args, out / "data")
-    argv = ["--data", str(train), "--eval-data", str(val), "--test-data", str(test), "--task", info["task"], "--seed", str(args.seed),
-            "--threads", str(args.threads), "-o", str(out), "-q"]
+    argv = [
+        "--data",
+        str(train),
+        "--eval-data",
+        str(val),
+        "--test-data",
+        str(test),
+        "--task",
+        info["task"],
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "-o",
+        str(out),
+        "-q",
+    ]
     if args.backbone != "minilm":
         argv += ["--backbone", backbone_path(args.backbone, args.data)]
     if train_main(argv) != 0:
@@ -344,7 +411,13 @@ def _run_cli(info: dict, args):
     result = json.loads((out / "metrics.json").read_text())
     model = load_checkpoint(out / "model.pt")
     epoch = max(result["history"], key=selection_key)["epoch"]
-    return model, make_tokenizer(model.tokenizer_json, model.config.max_length), epoch, result["history"][-1]["epoch"], result["trainable_params"]
+    return (
+        model,
+        make_tokenizer(model.tokenizer_json, model.config.max_length),
+        epoch,
+        result["history"][-1]["epoch"],
+        result["trainable_params"],
+    )
 
 
 def run_one(method: str, args) -> dict:
@@ -357,27 +430,55 @@ def run_one(method: str, args) -> dict:
     with PeakRSS() as mem:
         start = time.perf_counter()
         if method == CLI_METHOD:
-            model, tok, epoch, trained, params = _run_cli(info, args)  # params: as trained (the saved experts are packed)
+            model, tok, epoch, trained, params = _run_cli(
+                info, args
+            )  # params: as trained (the saved experts are packed)
             val_ds, test_ds = (d.relabel(model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
             val = score(model, tok, val_ds, info, model.input_names)
         elif method in SIDE_METHODS:
             model, tok = _build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.patience,
-                               min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero")
-            res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}"),
-                        progress=False)
+            tcfg = TrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.side_lr,
+                seed=args.seed,
+                patience=args.patience,
+                min_steps=args.min_steps,
+                skip_init="ridge" if method == RIDGE_METHOD else "zero",
+            )
+            res = train(
+                model,
+                train_ds,
+                val_ds,
+                tcfg,
+                os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}"),
+                progress=False,
+            )
             epoch, trained = max(res.history, key=selection_key)["epoch"], res.history[-1]["epoch"]
             val = score(model, tok, val_ds, info, model.input_names)
         else:
             model, tok = _build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            epoch, val, trained = _train_plain(model, tok, info, train_ds, val_ds, args, args.full_lr if method == "full-ft" else args.lora_lr)
+            epoch, val, trained = _train_plain(
+                model, tok, info, train_ds, val_ds, args, args.full_lr if method == "full-ft" else args.lora_lr
+            )
         test = score(model, tok, test_ds, info, model.input_names)  # once, by the chosen epoch's model
         seconds = time.perf_counter() - start
-    return {"task": args.task, "backbone": args.backbone, "method": method, "seed": args.seed, "epoch": epoch,
-            "val": val, "test": test, "peak_rss_mb": (mem.peak - base) / 2**20, "trainable_params": params,
-            "seconds": seconds, "train_rows": len(train_ds), "epochs": trained}
+    return {
+        "task": args.task,
+        "backbone": args.backbone,
+        "method": method,
+        "seed": args.seed,
+        "epoch": epoch,
+        "val": val,
+        "test": test,
+        "peak_rss_mb": (mem.peak - base) / 2**20,
+        "trainable_params": params,
+        "seconds": seconds,
+        "train_rows": len(train_ds),
+        "epochs": trained,
+    }
 
 
 def probe_one(method: str, args) -> dict:
@@ -393,15 +494,27 @@ def probe_one(method: str, args) -> dict:
     model, tok = _build(method, info, args)
     lengths = token_lengths(tok, train_ds.texts)
     batches = sorted(batch_order(lengths, args.batch_size, args.seed), key=lambda b: -max(lengths[j] for j in b))
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    steps = (Batch(*_step_inputs(tok, train_ds, idx, info["task"], model.input_names)) for idx in batches[: args.probe_steps])
+    steps = (
+        Batch(*_step_inputs(tok, train_ds, idx, info["task"], model.input_names)) for idx in batches[: args.probe_steps]
+    )
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_epoch(lambda inputs: model(**inputs), steps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
-                    info["task"], aux_loss=model.aux_loss if method in SIDE_METHODS else None, grad_clip=None,
-                    progress=False)
+        train_epoch(
+            lambda inputs: model(**inputs),
+            steps,
+            opt,
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+            params,
+            info["task"],
+            aux_loss=model.aux_loss if method in SIDE_METHODS else None,
+            grad_clip=None,
+            progress=False,
+        )
     peak = _bench_train.peak_live_bytes(prof)
     model_bytes = sum(storages.values())
     return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
@@ -421,9 +534,12 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
     """The markdown table of ``backbone`` (mean over seeds) and the comparison lines."""
     runs = [r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"]
     probes = {(r["task"], r["method"]): r for r in rows if r["backbone"] == backbone and r.get("kind") == "probe"}
-    lines = ["| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | epoch chosen / trained "
-             "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | "
+        "epoch chosen / trained "
+        "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     table: dict[tuple[str, str], dict] = {}
     for task in TASKS:
         if task not in infos:
@@ -432,8 +548,11 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         prim, sec = PRIMARY[kind], SECONDARY.get(kind)
         base = baselines.get(task)
         if base:
-            lines.append(f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |" if sec else
-                         f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |")
+            lines.append(
+                f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |"
+                if sec
+                else f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |"
+            )
             lines[-1] += " - | - | - | - | 0 | 0 | - |"
         for method in (*METHODS, *SKIP_METHODS, CLI_METHOD):
             rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
@@ -441,15 +560,24 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 continue
             vals = [r["test"][prim] for r in rs]
             probe = probes.get((task, method), {})
-            t = table[(task, method)] = {"mean": statistics.mean(vals), "seeds": [r["seed"] for r in rs], "vals": vals,
-                                         "tensor": probe.get("tensor_peak_mb"), "rss": max(r["peak_rss_mb"] for r in rs)}
+            t = table[(task, method)] = {
+                "mean": statistics.mean(vals),
+                "seeds": [r["seed"] for r in rs],
+                "vals": vals,
+                "tensor": probe.get("tensor_peak_mb"),
+                "rss": max(r["peak_rss_mb"] for r in rs),
+            }
             sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
             epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in rs)
             tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
-            lines.append(f"| {task} | {method} | {100 * t['mean']:.2f} | {' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
-                         f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
-                         f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | {statistics.median(r['seconds'] for r in rs):.0f} "
-                         f"| {rs[0]['train_rows']:,} |")
+            lines.append(
+                f"| {task} | {method} | {100 * t['mean']:.2f} | "
+                f"{' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
+                f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
+                f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | "
+                f"{statistics.median(r['seconds'] for r in rs):.0f} "
+                f"| {rs[0]['train_rows']:,} |"
+            )
     lines.append("")
     lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
 
@@ -457,13 +585,23 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         if (task, a) not in table or (task, b) not in table:
             return None
         x, y = table[(task, a)], table[(task, b)]
-        paired = [100 * (u - v) for s, u in zip(x["seeds"], x["vals"]) for s2, v in zip(y["seeds"], y["vals"]) if s == s2]
+        paired = [
+            100 * (u - v) for s, u in zip(x["seeds"], x["vals"]) for s2, v in zip(y["seeds"], y["vals"]) if s == s2
+        ]
         mem = f", live tensors {x['tensor'] / y['tensor']:.2f}x" if x["tensor"] and y["tensor"] else ""
-        return (f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
-                f"RSS {x['rss'] / y['rss']:.2f}x)")
+        return (
+            f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
+            f"RSS {x['rss'] / y['rss']:.2f}x)"
+        )
 
-    for ours in ("mp-ismoe", CLI_METHOD, *SKIP_METHODS):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
-        for other in ("lst", "full-ft", "mp-ismoe-side-router") if ours not in SKIP_METHODS else ("lst", "full-ft", "mp-ismoe"):
+    for ours in (
+        "mp-ismoe",
+        CLI_METHOD,
+        *SKIP_METHODS,
+    ):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
+        for other in (
+            ("lst", "full-ft", "mp-ismoe-side-router") if ours not in SKIP_METHODS else ("lst", "full-ft", "mp-ismoe")
+        ):
             parts = [f"{task} {d}" for task in TASKS if (d := diff(ours, other, task))]
             if parts:
                 lines.append(f"\n{ours} vs {other}: " + "; ".join(parts))
@@ -477,13 +615,22 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
 BEATS = {"classification": ("accuracy", 1), "token-classification": ("entity_f1", 1), "regression": ("mse", -1)}
 
 
-def small_data_report(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[tuple[str, int], dict]) -> str:
+def small_data_report(
+    rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[tuple[str, int], dict]
+) -> str:
     """Per task and seed: the baseline (majority class, all ``O``, the training mean: of that
     seed's training rows), full fine-tuning and default ``mpismoe-train``, and whether each beats
     the baseline (accuracy, entity F1 higher; MSE lower)."""
-    runs = {(r["task"], r["method"], r["seed"]): r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"}
-    lines = [f"| task | seed | metric | baseline | full-ft | {CLI_METHOD} | its epochs (chosen / trained) | full-ft beats it | {CLI_METHOD} beats it |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    runs = {
+        (r["task"], r["method"], r["seed"]): r
+        for r in rows
+        if r["backbone"] == backbone and r.get("kind", "run") == "run"
+    }
+    lines = [
+        f"| task | seed | metric | baseline | full-ft | {CLI_METHOD} | its epochs (chosen / trained) | "
+        f"full-ft beats it | {CLI_METHOD} beats it |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     both = wins = 0
     for task in TASKS:
         if task not in infos:
@@ -497,9 +644,16 @@ def small_data_report(rows: list[dict], backbone: str, infos: dict[str, dict], b
             both += beat_full
             wins += beat_full and beat_ours
             scale = 1 if key == "mse" else 100
-            fmt = (lambda v: f"{scale * v:.2f}")
-            lines.append(f"| {task} | {seed} | {key} | {fmt(base)} | {fmt(full['test'][key]) if full else '-'} | {fmt(ours['test'][key])} "
-                         f"| {ours['epoch']} / {ours['epochs']} | {'yes' if beat_full else 'no' if full else '-'} | {'yes' if beat_ours else 'no'} |")
+
+            def fmt(v: float, scale: int = scale) -> str:
+                return f"{scale * v:.2f}"
+
+            lines.append(
+                f"| {task} | {seed} | {key} | {fmt(base)} | {fmt(full['test'][key]) if full else '-'} | "
+                f"{fmt(ours['test'][key])} "
+                f"| {ours['epoch']} / {ours['epochs']} | {'yes' if beat_full else 'no' if full else '-'} | "
+                f"{'yes' if beat_ours else 'no'} |"
+            )
     lines.append(f"\n{CLI_METHOD} beats the baseline in {wins} of the {both} runs where full fine-tuning does.")
     return "\n".join(lines)
 
@@ -509,17 +663,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="runs/tasks", help="the folder scripts/fetch_tasks.py wrote")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--backbones", nargs="+", default=["minilm"], choices=BACKBONES)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *SKIP_METHODS, CLI_METHOD),
-                   help=f"{CLI_METHOD}: the mpismoe-train command with every default (only --seed and --threads set)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=(*METHODS, *SKIP_METHODS, CLI_METHOD),
+        help=f"{CLI_METHOD}: the mpismoe-train command with every default (only --seed and --threads set)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--min-steps", type=int, help="every method trains at least this many steps (default: mpismoe-train's)")
-    p.add_argument("--patience", type=int, help="every method stops after this many epochs without a better (metric, -loss) "
-                   "once --min-steps are done (default: mpismoe-train's)")
+    p.add_argument(
+        "--min-steps", type=int, help="every method trains at least this many steps (default: mpismoe-train's)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="every method stops after this many epochs without a better (metric, -loss) "
+        "once --min-steps are done (default: mpismoe-train's)",
+    )
     p.add_argument("--train-rows", type=int, help="seeded subsample of the training rows (the same for every method)")
     p.add_argument("--val-rows", type=int, help="keep the first N validation rows (the test split stays whole)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64, help="tokens (mpismoe-train's default; 2 of the 1,836 WNUT-16 training tweets are longer)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=64,
+        help="tokens (mpismoe-train's default; 2 of the 1,836 WNUT-16 training tweets are longer)",
+    )
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--expert-bits", type=int, default=4)
     p.add_argument("--full-lr", type=float, default=5e-5)
@@ -529,9 +699,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
     p.add_argument("--workdir", default="runs/bench-tasks")
-    p.add_argument("--results", help="JSONL of finished runs (default WORKDIR/results.jsonl); runs already in it are skipped")
-    p.add_argument("--report", action="store_true", help="print the tables of the runs already in --results; run nothing")
-    p.add_argument("--smoke", action="store_true", help="a tiny run: 64 train rows, 32 validation rows, 1 epoch, no minimum steps, seed 0, 2 probe steps")
+    p.add_argument(
+        "--results", help="JSONL of finished runs (default WORKDIR/results.jsonl); runs already in it are skipped"
+    )
+    p.add_argument(
+        "--report", action="store_true", help="print the tables of the runs already in --results; run nothing"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run: 64 train rows, 32 validation rows, 1 epoch, no minimum steps, seed 0, 2 probe steps",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -566,30 +744,83 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {_key(r) for r in rows}
-    common = ["--data", args.data, "--epochs", str(args.epochs), "--min-steps", str(args.min_steps), "--patience", str(args.patience), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-              "--bits", str(args.bits), "--expert-bits", str(args.expert_bits), "--full-lr", str(args.full_lr), "--lora-lr", str(args.lora_lr),
-              "--side-lr", str(args.side_lr), "--threads", str(args.threads), "--probe-steps", str(args.probe_steps), "--workdir", args.workdir]
+    common = [
+        "--data",
+        args.data,
+        "--epochs",
+        str(args.epochs),
+        "--min-steps",
+        str(args.min_steps),
+        "--patience",
+        str(args.patience),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--bits",
+        str(args.bits),
+        "--expert-bits",
+        str(args.expert_bits),
+        "--full-lr",
+        str(args.full_lr),
+        "--lora-lr",
+        str(args.lora_lr),
+        "--side-lr",
+        str(args.side_lr),
+        "--threads",
+        str(args.threads),
+        "--probe-steps",
+        str(args.probe_steps),
+        "--workdir",
+        args.workdir,
+    ]
     common += ["--train-rows", str(args.train_rows)] if args.train_rows else []
     common += ["--val-rows", str(args.val_rows)] if args.val_rows else []
-    jobs = [(task, b, m, s, kind) for b in args.backbones for task in args.tasks for m in args.methods
-            for kind, seeds in (("probe", [] if args.no_probe or m == CLI_METHOD else args.seeds[:1]), ("run", args.seeds))
-            for s in seeds]
+    jobs = [
+        (task, b, m, s, kind)
+        for b in args.backbones
+        for task in args.tasks
+        for m in args.methods
+        for kind, seeds in (("probe", [] if args.no_probe or m == CLI_METHOD else args.seeds[:1]), ("run", args.seeds))
+        for s in seeds
+    ]
     from tqdm.auto import tqdm
 
     for task, b, method, seed, kind in tqdm([] if args.report else jobs, desc="runs"):
         if (task, b, method, seed, kind) in done:
             continue
-        cmd = [sys.executable, __file__, f"--{'one' if kind == 'run' else 'probe'}", method, "--task", task, "--backbone", b,
-               "--seed", str(seed), *common]
+        cmd = [
+            sys.executable,
+            __file__,
+            f"--{'one' if kind == 'run' else 'probe'}",
+            method,
+            "--task",
+            task,
+            "--backbone",
+            b,
+            "--seed",
+            str(seed),
+            *common,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"error: {kind} {task} {b} {method} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
-        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "task": task, "backbone": b, "method": method, "seed": seed, "kind": kind}
+        row = {
+            **json.loads(proc.stdout.strip().splitlines()[-1]),
+            "task": task,
+            "backbone": b,
+            "method": method,
+            "seed": seed,
+            "kind": kind,
+        }
         rows.append(row)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(f"# {kind} {task} {b} {method} seed {seed}: " + json.dumps({k: row[k] for k in ("test", "peak_rss_mb", "tensor_peak_mb", "seconds") if k in row}))
+        tqdm.write(
+            f"# {kind} {task} {b} {method} seed {seed}: "
+            + json.dumps({k: row[k] for k in ("test", "peak_rss_mb", "tensor_peak_mb", "seconds") if k in row})
+        )
     for b in args.backbones:
         print(f"\n## {b}\n")
         print(summarize(rows, b, infos, baselines))

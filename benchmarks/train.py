@@ -29,8 +29,9 @@ system for all of them alike. ``--keep-freed-memory`` leaves the defaults of gli
 GNP-IQ noise follow the seed) and reports the mean accuracy and each seed's; the tensor probe
 runs once per method, at the first seed.
 
-    python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--n-val 1000] [--probe-steps 8] [--preload LIB]
-                               [--device cpu|cuda|auto] [--precision fp32|bf16|fp16]
+    python benchmarks/train.py [--seeds 0] [--epochs 3] [--n-train 4000] [--n-test 2000] [--n-val 1000]
+                               [--probe-steps 8]
+                               [--preload LIB] [--device cpu|cuda|auto] [--precision fp32|bf16|fp16]
 
 On CUDA the table adds each method's peak allocated accelerator memory (``torch.cuda.max_memory_allocated``).
 ``--speed`` only times an epoch of training steps: MP-ISMoE vs LST in one process x 2 threads and
@@ -38,6 +39,7 @@ MP-ISMoE in 2 torchrun processes x 1 thread (gloo), interleaved ``--repeats`` ti
 
     python benchmarks/train.py --speed --repeats 3 --n-train 640 --n-val 100 --n-test 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,6 +98,7 @@ def _prepare(args):
     val_ds = load_default_validation(args.n_val, args.n_train, args.n_test, seed=args.seed)
     import peft  # noqa: F401  (code, not training memory: imported before the baseline)
     import transformers.models.bert.modeling_bert  # noqa: F401
+
     return train_ds, val_ds, test_ds
 
 
@@ -103,15 +106,18 @@ def _build(method: str, train_ds, args):
     """(model, tokenizer) for ``method``, as the training run builds it."""
     from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
-    from mpismoe_edge.model import build_model, load_backbone
     from mpismoe_edge.inference import make_tokenizer
+    from mpismoe_edge.model import build_model, load_backbone
 
     path = default_backbone_path()
     backbone, tok_json = load_backbone(path)
     tok = make_tokenizer(tok_json, args.max_length)
     if method in SIDE_METHODS:
         if method.startswith("lst"):  # LST: fp32 backbone, one dense FFN per side block; side init random or pruned
-            side, quant = SideConfig(dense_ffn=True, expert_bits=None, init="pruned" if method == "lst-pruned" else "random"), None
+            side, quant = (
+                SideConfig(dense_ffn=True, expert_bits=None, init="pruned" if method == "lst-pruned" else "random"),
+                None,
+            )
         else:
             side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
         cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
@@ -119,7 +125,10 @@ def _build(method: str, train_ds, args):
     model = _Classifier(backbone, len(train_ds.labels))
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        model.backbone = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+
+        model.backbone = get_peft_model(
+            backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+        )
     return model, tok
 
 
@@ -139,9 +148,20 @@ def _run_one(method: str, args) -> dict:
         start = time.perf_counter()
         model, tok = _build(method, train_ds, args)
         if method in SIDE_METHODS:
-            tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.epochs,
-                               min_steps=0, return_freed_memory=not args.keep_freed_memory, device=args.device, precision=args.precision)
-            res = train(model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds)
+            tcfg = TrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.side_lr,
+                seed=args.seed,
+                patience=args.epochs,
+                min_steps=0,
+                return_freed_memory=not args.keep_freed_memory,
+                device=args.device,
+                precision=args.precision,
+            )
+            res = train(
+                model, train_ds, val_ds, tcfg, os.path.join(args.workdir, method), progress=False, test_data=test_ds
+            )
             val, acc, params = res.final["accuracy"], res.test["accuracy"], res.trainable_params
             epochs = [h["seconds"] for h in res.history]
         else:
@@ -150,9 +170,16 @@ def _run_one(method: str, args) -> dict:
         seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"method": method, "accuracy": acc, "val_accuracy": val, "peak_mb": (mem.peak - base) / 2**20,
-            "cuda_peak_mb": peak_memory(device).get("peak_cuda_allocated_mb"),
-            "trainable_params": params, "seconds": seconds, "epoch_seconds": epochs}
+    return {
+        "method": method,
+        "accuracy": acc,
+        "val_accuracy": val,
+        "peak_mb": (mem.peak - base) / 2**20,
+        "cuda_peak_mb": peak_memory(device).get("peak_cuda_allocated_mb"),
+        "trainable_params": params,
+        "seconds": seconds,
+        "epoch_seconds": epochs,
+    }
 
 
 def _probe_one(method: str, args) -> dict:
@@ -166,8 +193,11 @@ def _probe_one(method: str, args) -> dict:
 def peak_live_bytes(prof) -> int:
     """The peak of net CPU tensor allocations (bytes) over a ``torch.profiler`` window with
     ``profile_memory=True``: allocations and frees replayed in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -187,16 +217,29 @@ def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
     names = getattr(model, "input_names", ["input_ids", "attention_mask", "token_type_ids"])
     lengths = token_lengths(tok, train_ds.texts)
     batches = sorted(batch_order(lengths, args.batch_size, args.seed), key=lambda b: -max(lengths[j] for j in b))
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
+    }
     model_bytes = sum(storages.values())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    steps = (Batch(encode(tok, [train_ds.texts[j] for j in idx], names), torch.tensor([train_ds.targets[j] for j in idx]))
-             for idx in batches[: args.probe_steps])
+    steps = (
+        Batch(encode(tok, [train_ds.texts[j] for j in idx], names), torch.tensor([train_ds.targets[j] for j in idx]))
+        for idx in batches[: args.probe_steps]
+    )
     model.train()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_epoch(lambda inputs: model(**inputs), steps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
-                    "classification", aux_loss=model.aux_loss if aux else None, grad_clip=None, progress=False)
+        train_epoch(
+            lambda inputs: model(**inputs),
+            steps,
+            opt,
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+            params,
+            "classification",
+            aux_loss=model.aux_loss if aux else None,
+            grad_clip=None,
+            progress=False,
+        )
     peak = peak_live_bytes(prof)
     return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
 
@@ -214,7 +257,9 @@ class _Classifier:
                 self.head = torch.nn.Linear(backbone.config.hidden_size, num_labels)
 
             def forward(self, input_ids, attention_mask, token_type_ids=None):
-                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+                h = self.backbone(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).last_hidden_state
                 m = attention_mask.unsqueeze(-1).float()
                 return self.head((h * m).sum(1) / m.sum(1))
 
@@ -225,9 +270,9 @@ def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr, device):
     """(best validation accuracy, test accuracy at that epoch, trainable params, seconds of each epoch's steps)."""
     import torch
 
-    from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.inference import encode, token_lengths
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    from mpismoe_edge.memory import release_free_pages
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -239,10 +284,26 @@ def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr, device):
     for epoch in range(args.epochs):
         model.train()
         start = time.perf_counter()
-        batches = (Batch(encode(tok, [train_ds.texts[j] for j in idx], names, device), torch.tensor([train_ds.targets[j] for j in idx]))
-                   for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch))
-        train_epoch(lambda inputs: model(**inputs), batches, opt, sched, params, "classification", grad_clip=1.0, device=device,
-                    precision=args.precision, after_step=None if args.keep_freed_memory else release_free_pages, progress=False)
+        batches = (
+            Batch(
+                encode(tok, [train_ds.texts[j] for j in idx], names, device),
+                torch.tensor([train_ds.targets[j] for j in idx]),
+            )
+            for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch)
+        )
+        train_epoch(
+            lambda inputs: model(**inputs),
+            batches,
+            opt,
+            sched,
+            params,
+            "classification",
+            grad_clip=1.0,
+            device=device,
+            precision=args.precision,
+            after_step=None if args.keep_freed_memory else release_free_pages,
+            progress=False,
+        )
         epochs.append(time.perf_counter() - start)
         val = _accuracy(model, tok, val_ds, names)
         if val > best:  # the test split is scored only at the epoch validation chooses
@@ -268,16 +329,44 @@ SPEED_ARMS = {  # name: (processes, threads per process, mpismoe-train arguments
 def _speed(args) -> None:
     """Seconds per epoch of training steps (``metrics.json`` history), the arms interleaved
     ``--repeats`` times, each a fresh ``mpismoe-train`` process (or torchrun job); prints a table."""
-    common = ["--epochs", "1", "--min-steps", "0", "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--n-test", str(args.n_test),
-              "--batch-size", str(args.batch_size), "--quant-method", "rtn", "--device", args.device, "--precision", args.precision, "-q"]
+    common = [
+        "--epochs",
+        "1",
+        "--min-steps",
+        "0",
+        "--n-train",
+        str(args.n_train),
+        "--n-val",
+        str(args.n_val),
+        "--n-test",
+        str(args.n_test),
+        "--batch-size",
+        str(args.batch_size),
+        "--quant-method",
+        "rtn",
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "-q",
+    ]
     times: dict[str, list[float]] = {name: [] for name in SPEED_ARMS}
     for rep in range(args.repeats):
         for name, (procs, threads, extra) in SPEED_ARMS.items():
             out = os.path.join(args.workdir, f"speed-{rep}-{len(times[name])}-{name.split(',')[0]}-{procs}")
-            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)] if procs > 1 else [sys.executable]
+            launch = (
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+                if procs > 1
+                else [sys.executable]
+            )
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            subprocess.run([*launch, "-m", "mpismoe_edge.cli", "-o", out, "--threads", str(threads), *common, *extra],
-                           check=True, capture_output=True, text=True, env=env)
+            subprocess.run(
+                [*launch, "-m", "mpismoe_edge.cli", "-o", out, "--threads", str(threads), *common, *extra],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             with open(os.path.join(out, "metrics.json")) as f:
                 times[name].append(json.load(f)["history"][0]["seconds"])
             print(f"# repeat {rep} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
@@ -287,7 +376,10 @@ def _speed(args) -> None:
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {med:.1f} | {' / '.join(f'{t:.1f}' for t in ts)} | {args.n_train / med:.1f} | {med / ref:.2f}x | {med / one:.2f}x |")
+        print(
+            f"| {name} | {med:.1f} | {' / '.join(f'{t:.1f}' for t in ts)} | {args.n_train / med:.1f} | "
+            f"{med / ref:.2f}x | {med / one:.2f}x |"
+        )
 
 
 def main() -> None:
@@ -307,14 +399,29 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where every method trains")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of every method's forward")
-    p.add_argument("--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe")
+    p.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of every method's forward"
+    )
+    p.add_argument(
+        "--probe-steps", type=int, default=8, help="training steps on the longest batches for the tensor-memory probe"
+    )
     p.add_argument("--workdir", default="runs/bench-train")
-    p.add_argument("--keep-freed-memory", action="store_true", help="leave glibc's malloc policy and oneDNN's kernel cache as they are")
-    p.add_argument("--preload", help="a malloc library for every method's processes (LD_PRELOAD), "
-                                     "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    p.add_argument("--speed", action="store_true", help="only time an epoch: MP-ISMoE vs LST, and 2 processes x 1 thread vs "
-                   "1 process x 2 threads (interleaved, --repeats times; RTN backbone)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc policy and oneDNN's kernel cache as they are",
+    )
+    p.add_argument(
+        "--preload",
+        help="a malloc library for every method's processes (LD_PRELOAD), "
+        "e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    )
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="only time an epoch: MP-ISMoE vs LST, and 2 processes x 1 thread vs "
+        "1 process x 2 threads (interleaved, --repeats times; RTN backbone)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the one seed of a --one/--probe child
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -345,12 +452,17 @@ def main() -> None:
         for seed in args.seeds:
             runs.append(child("--one", method, seed))
             print(f"# done {method} seed {seed}: {runs[-1]}", file=sys.stderr, flush=True)
-        row.update(method=method, trainable_params=runs[0]["trainable_params"],
-                   accuracies=[r["accuracy"] for r in runs], accuracy=statistics.mean(r["accuracy"] for r in runs),
-                   val_accuracy=statistics.mean(r["val_accuracy"] for r in runs),
-                   peak_mb=max(r["peak_mb"] for r in runs), seconds=statistics.median(r["seconds"] for r in runs),
-                   epoch_seconds=statistics.median(e for r in runs for e in r["epoch_seconds"]),
-                   cuda_peak_mb=max((r["cuda_peak_mb"] for r in runs if r["cuda_peak_mb"] is not None), default=None))
+        row.update(
+            method=method,
+            trainable_params=runs[0]["trainable_params"],
+            accuracies=[r["accuracy"] for r in runs],
+            accuracy=statistics.mean(r["accuracy"] for r in runs),
+            val_accuracy=statistics.mean(r["val_accuracy"] for r in runs),
+            peak_mb=max(r["peak_mb"] for r in runs),
+            seconds=statistics.median(r["seconds"] for r in runs),
+            epoch_seconds=statistics.median(e for r in runs for e in r["epoch_seconds"]),
+            cuda_peak_mb=max((r["cuda_peak_mb"] for r in runs if r["cuda_peak_mb"] is not None), default=None),
+        )
         rows.append(row)
     ref = {r["method"]: r for r in rows}
 
@@ -359,29 +471,41 @@ def main() -> None:
 
     seeds = ", ".join(map(str, args.seeds))
     cuda = all(r["cuda_peak_mb"] is not None for r in rows)
-    print(f"| method | test accuracy (mean of seeds {seeds}) | per seed | validation accuracy (mean) | peak live tensors (MB) | vs full FT | vs LST "
-          "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | time (s, median) "
-          "| epoch of steps (s, median) | vs LST |" + (" peak CUDA allocated (MB) | vs LST |" if cuda else ""))
+    print(
+        f"| method | test accuracy (mean of seeds {seeds}) | per seed | validation accuracy (mean) | "
+        "peak live tensors (MB) | vs full FT | vs LST "
+        "| peak RSS (MB, max over seeds) | vs full FT | vs LST | model tensors (MB) | trainable params | "
+        "time (s, median) "
+        "| epoch of steps (s, median) | vs LST |" + (" peak CUDA allocated (MB) | vs LST |" if cuda else "")
+    )
     print("|---" * (15 + 2 * cuda) + "|")
     for r in rows:
         per = " / ".join(f"{100 * a:.2f}" for a in r["accuracies"])
-        print(f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {100 * r['val_accuracy']:.2f} | {r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
-              f"| {ratio(r, 'tensor_peak_mb', 'lst')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb', 'full-ft')} "
-              f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | {r['seconds']:.0f} "
-              f"| {r['epoch_seconds']:.1f} | {ratio(r, 'epoch_seconds', 'lst')} |"
-              + (f" {r['cuda_peak_mb']:.0f} | {ratio(r, 'cuda_peak_mb', 'lst')} |" if cuda else ""))
+        print(
+            f"| {r['method']} | {100 * r['accuracy']:.2f} | {per} | {100 * r['val_accuracy']:.2f} | "
+            f"{r['tensor_peak_mb']:.0f} | {ratio(r, 'tensor_peak_mb', 'full-ft')} "
+            f"| {ratio(r, 'tensor_peak_mb', 'lst')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb', 'full-ft')} "
+            f"| {ratio(r, 'peak_mb', 'lst')} | {r['model_tensors_mb']:.1f} | {r['trainable_params']:,} | "
+            f"{r['seconds']:.0f} "
+            f"| {r['epoch_seconds']:.1f} | {ratio(r, 'epoch_seconds', 'lst')} |"
+            + (f" {r['cuda_peak_mb']:.0f} | {ratio(r, 'cuda_peak_mb', 'lst')} |" if cuda else "")
+        )
     if "mp-ismoe" in ref and "lst" in ref:
-        m, l = ref["mp-ismoe"], ref["lst"]
-        paired = " / ".join(f"{100 * (a - b):+.2f}" for a, b in zip(m["accuracies"], l["accuracies"]))
-        print(f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points (per seed {paired}), "
-              f"live tensors {m['tensor_peak_mb'] / l['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / l['peak_mb']:.2f}x")
+        m, lst = ref["mp-ismoe"], ref["lst"]
+        paired = " / ".join(f"{100 * (a - b):+.2f}" for a, b in zip(m["accuracies"], lst["accuracies"]))
+        print(
+            f"\nMP-ISMoE vs LST: accuracy {100 * (m['accuracy'] - lst['accuracy']):+.2f} points (per seed {paired}), "
+            f"live tensors {m['tensor_peak_mb'] / lst['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / lst['peak_mb']:.2f}x"
+        )
     if "mp-ismoe" in ref and "lst-pruned" in ref:
-        m, l = ref["mp-ismoe"], ref["lst-pruned"]
-        print(f"MP-ISMoE vs LST with pruned init: accuracy {100 * (m['accuracy'] - l['accuracy']):+.2f} points")
+        m, lst = ref["mp-ismoe"], ref["lst-pruned"]
+        print(f"MP-ISMoE vs LST with pruned init: accuracy {100 * (m['accuracy'] - lst['accuracy']):+.2f} points")
     if "mp-ismoe" in ref and "full-ft" in ref:
         m, f = ref["mp-ismoe"], ref["full-ft"]
-        print(f"MP-ISMoE vs full FT: accuracy {100 * (m['accuracy'] - f['accuracy']):+.2f} points, "
-              f"live tensors {m['tensor_peak_mb'] / f['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / f['peak_mb']:.2f}x")
+        print(
+            f"MP-ISMoE vs full FT: accuracy {100 * (m['accuracy'] - f['accuracy']):+.2f} points, "
+            f"live tensors {m['tensor_peak_mb'] / f['tensor_peak_mb']:.2f}x, RSS {m['peak_mb'] / f['peak_mb']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,17 @@
 * :mod:`.allocate`: exact multiple-choice knapsack over widths under a byte budget.
 * :mod:`.report`: JSON numbers and a PNG picture. :mod:`.cli`: ``mpismoe-calibrate``.
 """
+
 from .allocate import Allocation, allocate, layer_bytes, solve_mckp
 from .sensitivity import LayerSensitivity, capture_inputs, measure_sensitivities, output_error
 
-__all__ = ["Allocation", "LayerSensitivity", "allocate", "capture_inputs", "layer_bytes", "measure_sensitivities",
-           "output_error", "solve_mckp"]
+__all__ = [
+    "Allocation",
+    "LayerSensitivity",
+    "allocate",
+    "capture_inputs",
+    "layer_bytes",
+    "measure_sensitivities",
+    "output_error",
+    "solve_mckp",
+]

@@ -27,6 +27,7 @@ MiniLM), so the DP over the budget in those units loses nothing to discretizatio
 that grid would exceed ``max_cells`` are sizes rounded UP to a coarser unit (still within
 budget, no longer guaranteed optimal; ``Allocation.exact`` says which).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def layer_bytes(out_features: int, in_features: int, bits: float, group_size: in
     return n * k * bits / 8 + 8 * n * k / group_size + (4 * n if bias else 0)
 
 
-def solve_mckp(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], capacity: int,
-               *, max_cells: int = 50_000_000) -> tuple[list[int], bool]:
+def solve_mckp(
+    costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], capacity: int, *, max_cells: int = 50_000_000
+) -> tuple[list[int], bool]:
     """Pick one option per group minimizing total cost with total size <= ``capacity``.
 
     ``costs[i][j]``/``sizes[i][j]`` (integers) describe option ``j`` of group ``i``. Returns the
@@ -71,7 +73,7 @@ def solve_mckp(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],
         unit = math.ceil(reach / max(1, max_cells // len(costs) - 1))
     span = reach // unit
     w = [[-(-e // unit) for e in row] for row in extra]  # exact when unit divides e; else rounded up
-    dp = np.zeros(span + 1)                   # best cost of the groups so far within c units
+    dp = np.zeros(span + 1)  # best cost of the groups so far within c units
     choice = np.zeros((len(costs), span + 1), dtype=np.int16)
     for i, (crow, wrow) in enumerate(zip(costs, w)):
         new = np.full(span + 1, np.inf)
@@ -98,11 +100,11 @@ class Allocation:
 
     bits_map: dict[str, int]
     budget_bytes: int
-    total_bytes: int     # achieved, <= budget_bytes
-    min_bytes: int       # every layer at the smallest width
-    max_bytes: int       # every layer at the largest width
-    avg_bits: float      # code bits per weight, weighted by layer size
-    objective: float     # the minimized sum of (weighted) sensitivities
+    total_bytes: int  # achieved, <= budget_bytes
+    min_bytes: int  # every layer at the smallest width
+    max_bytes: int  # every layer at the largest width
+    avg_bits: float  # code bits per weight, weighted by layer size
+    objective: float  # the minimized sum of (weighted) sensitivities
     weighting: str
     weights: dict[str, float]  # each layer's weight in the objective
     exact: bool
@@ -117,8 +119,15 @@ def _sizes(sens: Sequence[LayerSensitivity], widths: Sequence[int], group_size: 
     return [[round(layer_bytes(s.out_features, s.in_features, b, group_size, s.bias)) for b in widths] for s in sens]
 
 
-def resolve_budget(shapes: Sequence[tuple[int, int, bool]], group_size: int, widths: Sequence[int], *,
-                   budget_mb: float | None = None, avg_bits: float | None = None, budget_bytes: int | None = None) -> int:
+def resolve_budget(
+    shapes: Sequence[tuple[int, int, bool]],
+    group_size: int,
+    widths: Sequence[int],
+    *,
+    budget_mb: float | None = None,
+    avg_bits: float | None = None,
+    budget_bytes: int | None = None,
+) -> int:
     """The budget in bytes for layers of ``shapes`` ``(out_features, in_features, bias)``; exactly one
     of ``budget_mb``, ``avg_bits``, ``budget_bytes``. ValueError stating the minimum if it is too small."""
     if sum(v is not None for v in (budget_mb, avg_bits, budget_bytes)) != 1:
@@ -129,13 +138,17 @@ def resolve_budget(shapes: Sequence[tuple[int, int, bool]], group_size: int, wid
     lo = sum(round(layer_bytes(n, k, least, group_size, bias)) for n, k, bias in shapes)
     if avg_bits is not None:
         if not avg_bits >= least:
-            raise ValueError(f"average of {avg_bits} bits is below the minimum of {least} bits "
-                             f"({lo / MB:.3f} MB for these {len(shapes)} layers)")
+            raise ValueError(
+                f"average of {avg_bits} bits is below the minimum of {least} bits "
+                f"({lo / MB:.3f} MB for these {len(shapes)} layers)"
+            )
         return math.floor(sum(layer_bytes(n, k, avg_bits, group_size, bias) for n, k, bias in shapes))
     budget = math.floor(budget_mb * MB) if budget_mb is not None else int(budget_bytes)
     if not budget >= lo:
-        raise ValueError(f"budget of {budget / MB:.3f} MB is below the minimum of {lo / MB:.3f} MB "
-                         f"({len(shapes)} layers at {least} bits, group size {group_size})")
+        raise ValueError(
+            f"budget of {budget / MB:.3f} MB is below the minimum of {lo / MB:.3f} MB "
+            f"({len(shapes)} layers at {least} bits, group size {group_size})"
+        )
     return budget
 
 
@@ -157,13 +170,21 @@ def allocate(
     missing = [s.name for s in sens if any(b not in s.errors for b in widths)]
     if missing:
         raise ValueError(f"no sensitivity measured at widths {widths} for layers {missing[:5]}")
-    budget = resolve_budget([(s.out_features, s.in_features, s.bias) for s in sens], group_size, widths,
-                            budget_mb=budget_mb, avg_bits=avg_bits, budget_bytes=budget_bytes)
+    budget = resolve_budget(
+        [(s.out_features, s.in_features, s.bias) for s in sens],
+        group_size,
+        widths,
+        budget_mb=budget_mb,
+        avg_bits=avg_bits,
+        budget_bytes=budget_bytes,
+    )
     sizes = _sizes(sens, widths, group_size)
     if weighting == "propagated":
         if any(s.gain is None for s in sens):
-            raise ValueError("'propagated' weighting needs propagation gains (measure_sensitivities(gain_batches=...)); "
-                             "use 'relative' or 'energy' without them")
+            raise ValueError(
+                "'propagated' weighting needs propagation gains (measure_sensitivities(gain_batches=...)); "
+                "use 'relative' or 'energy' without them"
+            )
         scale = [s.gain for s in sens]
     elif weighting == "energy":
         total = sum(s.energy for s in sens) or 1.0

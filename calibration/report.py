@@ -1,4 +1,5 @@
 """Calibration report: the numbers as JSON and a picture (bits per layer, sensitivity curves) as PNG."""
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,27 @@ def build_report(sens: Sequence[LayerSensitivity], alloc: Allocation, group_size
     layers = []
     for s in sens:
         b = alloc.bits_map[s.name]
-        layers.append({
-            "name": s.name,
-            "shape": [s.out_features, s.in_features],
-            "rows": s.rows,
-            "energy": s.energy,
-            "sensitivity": {str(w): s.errors[w] for w in widths},
-            "gain": s.gain,
-            "weight": alloc.weights[s.name],
-            "bits": b,
-            "bytes": round(layer_bytes(s.out_features, s.in_features, b, group_size, s.bias)),
-        })
-    uniform = {str(w): {"mb": sum(layer_bytes(s.out_features, s.in_features, w, group_size, s.bias) for s in sens) / MB,
-                        "objective": sum(alloc.weights[s.name] * s.errors[w] for s in sens),
-                        "sum_sensitivity": sum(s.errors[w] for s in sens)} for w in widths}
+        layers.append(
+            {
+                "name": s.name,
+                "shape": [s.out_features, s.in_features],
+                "rows": s.rows,
+                "energy": s.energy,
+                "sensitivity": {str(w): s.errors[w] for w in widths},
+                "gain": s.gain,
+                "weight": alloc.weights[s.name],
+                "bits": b,
+                "bytes": round(layer_bytes(s.out_features, s.in_features, b, group_size, s.bias)),
+            }
+        )
+    uniform = {
+        str(w): {
+            "mb": sum(layer_bytes(s.out_features, s.in_features, w, group_size, s.bias) for s in sens) / MB,
+            "objective": sum(alloc.weights[s.name] * s.errors[w] for s in sens),
+            "sum_sensitivity": sum(s.errors[w] for s in sens),
+        }
+        for w in widths
+    }
     return {
         **meta,
         "group_size": group_size,
@@ -56,6 +64,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Three panels over the layers: chosen width (bars); relative output error at each width
     (log scale) with the chosen one marked; each layer's weight in the objective (log scale)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -63,20 +72,29 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     names = [layer["name"] for layer in layers]
     prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
     prefix = "" if prefix == "." else prefix
-    labels = [n[len(prefix):] or n for n in names]
+    labels = [n[len(prefix) :] or n for n in names]
     x = list(range(len(layers)))
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(max(8.0, 0.28 * len(layers) + 3), 9.5), sharex=True,
-                                        gridspec_kw={"height_ratios": [1, 2, 1]})
+    fig, (ax1, ax2, ax3) = plt.subplots(
+        3, 1, figsize=(max(8.0, 0.28 * len(layers) + 3), 9.5), sharex=True, gridspec_kw={"height_ratios": [1, 2, 1]}
+    )
     ax1.bar(x, [layer["bits"] for layer in layers], color="tab:blue")
     ax1.set_ylabel("bits")
     ax1.set_yticks(report["widths"])
-    ax1.set_title(f"{report['total_mb']:.3f} MB of {report['budget_mb']:.3f} MB budget, "
-                  f"{report['avg_bits']:.3f} average bits ({report['weighting']} weighting)")
+    ax1.set_title(
+        f"{report['total_mb']:.3f} MB of {report['budget_mb']:.3f} MB budget, "
+        f"{report['avg_bits']:.3f} average bits ({report['weighting']} weighting)"
+    )
     floor = 1e-12
     for w in report["widths"]:
         ax2.plot(x, [max(layer["sensitivity"][str(w)], floor) for layer in layers], marker=".", label=f"{w} bits")
-    ax2.plot(x, [max(layer["sensitivity"][str(layer["bits"])], floor) for layer in layers], "ko",
-             fillstyle="none", markersize=8, label="chosen")
+    ax2.plot(
+        x,
+        [max(layer["sensitivity"][str(layer["bits"])], floor) for layer in layers],
+        "ko",
+        fillstyle="none",
+        markersize=8,
+        label="chosen",
+    )
     ax2.set_yscale("log")
     ax2.set_ylabel("relative output error")
     ax2.legend(fontsize=8, ncol=len(report["widths"]) + 1)

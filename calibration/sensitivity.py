@@ -19,6 +19,7 @@ side network reads) on a few calibration texts, divided by the layer's ``err`` a
 ``gain * err(b)`` then estimates the hidden-state error that width ``b`` of that layer causes
 (first order: output error scales with the injected noise power), one forward pass per layer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -43,10 +44,10 @@ class LayerSensitivity:
     out_features: int
     in_features: int
     bias: bool
-    rows: int                    # calibration token rows the errors were measured on (0: weights only)
-    energy: float                # mean ||x W^T||^2 per row (||W||_F^2 when rows == 0)
+    rows: int  # calibration token rows the errors were measured on (0: weights only)
+    energy: float  # mean ||x W^T||^2 per row (||W||_F^2 when rows == 0)
     errors: dict[int, float] = field(default_factory=dict)  # width -> relative output error
-    gain: float | None = None    # hidden-state error per unit of errors[min width]; None: not measured
+    gain: float | None = None  # hidden-state error per unit of errors[min width]; None: not measured
 
     @property
     def numel(self) -> int:
@@ -102,6 +103,7 @@ def capture_inputs(
     def hook(name: str):
         def fn(_module, args):
             stores[name].add(_keep_rows(args[0], state["mask"]))
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -143,7 +145,9 @@ def _state_rows(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) ->
 
 def hidden_error(states: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
     """Mean over states of ``||state - ref||_F^2 / ||ref||_F^2``."""
-    errs = [float((s - r).double().square().sum() / r.double().square().sum().clamp(min=1e-30)) for s, r in zip(states, ref)]
+    errs = [
+        float((s - r).double().square().sum() / r.double().square().sum().clamp(min=1e-30)) for s, r in zip(states, ref)
+    ]
     return sum(errs) / len(errs)
 
 
@@ -171,7 +175,11 @@ def layer_sensitivity(
             keep[b] = q
         wq = q.dequantize()
         lowest = wq if lowest is None else lowest
-        errors[b] = output_error(x, w, wq) if x is not None else float((w - wq).square().sum() / w.square().sum().clamp(min=1e-30))
+        errors[b] = (
+            output_error(x, w, wq)
+            if x is not None
+            else float((w - wq).square().sum() / w.square().sum().clamp(min=1e-30))
+        )
     if x is None:
         rows, energy = 0, float(w.square().sum())
     else:
@@ -227,11 +235,21 @@ def measure_sensitivities(
                     return hidden_error(_state_rows(model, gain_batches), ref)
                 finally:
                     layer.weight.data.copy_(saved)
+
             return probe
 
-        return [layer_sensitivity(n, m, inputs.get(n), config, widths, probe_for(m),
-                                  None if quantized is None else quantized.setdefault(n, {}))
-                for n, m in tqdm(layers.items(), desc="sensitivity", disable=not progress, leave=False)]
+        return [
+            layer_sensitivity(
+                n,
+                m,
+                inputs.get(n),
+                config,
+                widths,
+                probe_for(m),
+                None if quantized is None else quantized.setdefault(n, {}),
+            )
+            for n, m in tqdm(layers.items(), desc="sensitivity", disable=not progress, leave=False)
+        ]
     finally:
         model.train(was_training)
 
@@ -246,11 +264,13 @@ def apply_bits(model: nn.Module, quantized: dict[str, dict[int, GroupQuant]], bi
         model.set_submodule(name, QuantLinear.from_quantized(quantized[name][bits], lin.bias).to(lin.weight.device))
 
 
-def text_batches(tokenizer_json: str, texts: Sequence[str], max_length: int, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+def text_batches(
+    tokenizer_json: str, texts: Sequence[str], max_length: int, batch_size: int = 32
+) -> list[dict[str, torch.Tensor]]:
     """Backbone inputs for ``texts`` with the model's own tokenizer: truncated to ``max_length``,
     padded per batch to its longest text."""
-    from mpismoe_edge.runtime.spec import TEXT_INPUTS
     from mpismoe_edge.inference import encode, make_tokenizer
+    from mpismoe_edge.runtime.spec import TEXT_INPUTS
 
     tok = make_tokenizer(tokenizer_json, max_length)
-    return [encode(tok, list(texts[i:i + batch_size]), list(TEXT_INPUTS)) for i in range(0, len(texts), batch_size)]
+    return [encode(tok, list(texts[i : i + batch_size]), list(TEXT_INPUTS)) for i in range(0, len(texts), batch_size)]

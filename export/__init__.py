@@ -8,6 +8,7 @@ PyTorch), ``output`` (atomic dirs), ``hf_layout`` (config.json, tokenizer_config
 ``ort_format`` (model.ort for ONNX Runtime Mobile), ``runtimes`` (what each target runs on).
 Importing this package is cheap; torch is imported by the submodules that need it.
 """
+
 from __future__ import annotations
 
 from mpismoe_edge.runtime.spec import TARGETS  # torch-free

@@ -8,6 +8,7 @@ copy whose weights are the packed layers' dequantized weights (bit for bit what 
 model multiplies by), exported with every hidden state as a graph output (the ladder reads
 them all), then fused. :mod:`.int8` swaps the float weights back for packed codes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,13 @@ class _States(nn.Module):
         self.backbone = backbone
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            output_hidden_states=True, return_dict=True)
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+            return_dict=True,
+        )
         return tuple(out.hidden_states)
 
 
@@ -101,9 +107,17 @@ def fused_backbone(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, dict[
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (ids, ids.clone(), torch.zeros_like(ids)), buf, dynamo=False,
-                              opset_version=opset, input_names=list(BACKBONE_INPUTS), output_names=names,
-                              dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(
+                wrapper,
+                (ids, ids.clone(), torch.zeros_like(ids)),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(BACKBONE_INPUTS),
+                output_names=names,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
     finally:
         quiet.setLevel(level)
     proto = onnx.load_from_string(buf.getvalue())
@@ -123,6 +137,8 @@ def fused_backbone(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, dict[
     want = {"EmbedLayerNormalization": 1, "Attention": layers, "SkipLayerNormalization": 2 * layers, "BiasGelu": layers}
     missing = {op: (counts.get(op, 0), n) for op, n in want.items() if counts.get(op, 0) != n}
     if missing:
-        raise ValueError("ORT's BERT optimizer did not fuse the backbone as expected: "
-                         + ", ".join(f"{op} {got} (want {n})" for op, (got, n) in missing.items()))
+        raise ValueError(
+            "ORT's BERT optimizer did not fuse the backbone as expected: "
+            + ", ".join(f"{op} {got} (want {n})" for op, (got, n) in missing.items())
+        )
     return proto, {op: counts[op] for op in FUSED_OPS}

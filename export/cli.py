@@ -3,6 +3,7 @@
 Exit status: 0 written; 2 bad input (unreadable or foreign checkpoint, bad option, unusable
 output path), nothing written; 1 export or validation failed, nothing written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,24 +27,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpismoe-export", description="Export an MP-ISMoE checkpoint to ONNX, validated against PyTorch.")
     p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
     p.add_argument("-o", "--output", required=True, help="output directory (created or replaced atomically)")
-    p.add_argument("--target", default=DEFAULT_TARGET, choices=TARGETS,
-                   help="ort-int8: ORT's fused BERT backbone with int8 compute, packed weights folded at load "
-                        "(fastest on CPU and wasm; int8 activations, logits within ~5e-2); "
-                        "portable: ai.mpismoe functions of standard ONNX ops (any runtime, float-exact); "
-                        "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (float-exact) "
-                        "(default: portable)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",
-                   help="MatMulNBits compute type on ort-* targets: 0 the input's float type (default), "
-                        "4 int8 activations (ORT CPU; faster on int8-dot hardware, looser parity)")
-    p.add_argument("--inline-functions", action="store_true",
-                   help="write the graph with the ai.mpismoe functions inlined, for runtimes that do not read "
-                        "model-local functions (OpenVINO); ONNX Runtime inlines them at load either way")
-    p.add_argument("--ort-format", action="store_true",
-                   help="also write onnx/model.ort and onnx/required_operators.config for ONNX Runtime Mobile "
-                        "(a reduced-operator build); the weights stay packed")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        choices=TARGETS,
+        help="ort-int8: ORT's fused BERT backbone with int8 compute, packed weights folded at load "
+        "(fastest on CPU and wasm; int8 activations, logits within ~5e-2); "
+        "portable: ai.mpismoe functions of standard ONNX ops (any runtime, float-exact); "
+        "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (float-exact) "
+        "(default: portable)",
+    )
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=0,
+        choices=range(5),
+        metavar="{0..4}",
+        help="MatMulNBits compute type on ort-* targets: 0 the input's float type (default), "
+        "4 int8 activations (ORT CPU; faster on int8-dot hardware, looser parity)",
+    )
+    p.add_argument(
+        "--inline-functions",
+        action="store_true",
+        help="write the graph with the ai.mpismoe functions inlined, for runtimes that do not read "
+        "model-local functions (OpenVINO); ONNX Runtime inlines them at load either way",
+    )
+    p.add_argument(
+        "--ort-format",
+        action="store_true",
+        help="also write onnx/model.ort and onnx/required_operators.config for ONNX Runtime Mobile "
+        "(a reduced-operator build); the weights stay packed",
+    )
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
-    p.add_argument("--atol", type=float, default=None,
-                   help="max abs diff allowed vs PyTorch (default 1e-4; 0.25 for ort-int8)")
+    p.add_argument(
+        "--atol", type=float, default=None, help="max abs diff allowed vs PyTorch (default 1e-4; 0.25 for ort-int8)"
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
@@ -64,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     if args.opset > onnx.defs.onnx_opset_version():
-        return _fail(f"opset {args.opset} is newer than the installed onnx supports ({onnx.defs.onnx_opset_version()})", 2)
+        return _fail(
+            f"opset {args.opset} is newer than the installed onnx supports ({onnx.defs.onnx_opset_version()})", 2
+        )
     if args.atol is not None and not args.atol >= 0:
         return _fail(f"--atol must be >= 0, got {args.atol}", 2)
     ckpt, out = Path(args.checkpoint), Path(args.output)
@@ -95,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import ParityError, export_model
 
     try:
-        manifest = export_model(model, out, target=args.target, opset=args.opset, atol=args.atol,
-                                validate=not args.no_validate, accuracy_level=args.accuracy_level,
-                                inline=args.inline_functions, ort_format=args.ort_format, log=log)
+        manifest = export_model(
+            model,
+            out,
+            target=args.target,
+            opset=args.opset,
+            atol=args.atol,
+            validate=not args.no_validate,
+            accuracy_level=args.accuracy_level,
+            inline=args.inline_functions,
+            ort_format=args.ort_format,
+            log=log,
+        )
     except OutputError as e:
         return _fail(str(e), 2)
     except ParityError as e:

@@ -14,10 +14,11 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
   ``(word >> s) & mask`` (BitShift wants unsigned ints). The word is uint32, not uint8 with
   ``hi << (8 - s)``: that shift overflows a byte, and runtimes disagree on uint8 shifts (ONNX and
   ONNX Runtime wrap, OpenVINO saturates left shifts and, inside this body, rounded right
-  shifts); the bodies use only op behaviour they agree on (tests/test_portable_ops.py). One body serves 2, 3, 4 and 8 bits (3-bit codes
-  cross bytes). Everything is laid out ``[K/G, G, N]`` from the bytes on, so the dequantized
-  weight comes out ``[K, N]`` with no float transpose: ONNX Runtime constant-folds this body
-  at session load, and its peak memory there is set by the bytes per weight of these steps.
+  shifts); the bodies use only op behaviour they agree on (tests/test_portable_ops.py).
+  One body serves 2, 3, 4 and 8 bits (3-bit codes cross bytes). Everything is laid out
+  ``[K/G, G, N]`` from the bytes on, so the dequantized weight comes out ``[K, N]`` with no
+  float transpose: ONNX Runtime constant-folds this body at session load, and its peak memory
+  there is set by the bytes per weight of these steps.
 * ``QGather(ids, qweight, scales, zeros; bits, group_size)``: rows ``ids`` of that ``W``
   (a packed embedding table), ``[*ids.shape, K]``. It gathers the packed rows first and
   unpacks only those, so the table stays packed in memory at run time too. This body runs on
@@ -27,9 +28,10 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
 * ``TopKRoute(logits; k)``: softmax over each row's top-k logits scattered into zeros
   (dense routing weights ``[..., E]``).
 """
+
 from __future__ import annotations
 
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import onnxscript
 from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, INT64, UINT8
@@ -42,7 +44,7 @@ DOMAIN = "ai.mpismoe"
 DOMAIN_VERSION = 1
 
 mpismoe = Opset(DOMAIN, DOMAIN_VERSION)
-TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])
+TFloat = TypeVar("TFloat", bound=FLOAT16 | FLOAT | DOUBLE | BFLOAT16)
 
 
 @onnxscript.script(opset=mpismoe, default_opset=op)
@@ -54,11 +56,11 @@ def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, g
     one64 = op.Constant(value_int=1)
     eight64 = op.Constant(value_int=8)
     col = op.Constant(value_ints=[-1, 1])
-    offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)   # bit offset of each code in its group
-    lo_idx = op.Div(offsets, eight64)                           # byte holding the code's low bits
-    hi_idx = op.Add(lo_idx, one64)                              # the next byte (maybe the pad byte)
-    in_byte = op.Mod(offsets, eight64)                          # s in [0, 7]
-    shift = op.Reshape(op.Cast(in_byte, to=12), col)           # uint32 [G, 1]
+    offsets = op.Mul(op.Range(zero64, gsize, one64), nbits)  # bit offset of each code in its group
+    lo_idx = op.Div(offsets, eight64)  # byte holding the code's low bits
+    hi_idx = op.Add(lo_idx, one64)  # the next byte (maybe the pad byte)
+    in_byte = op.Mod(offsets, eight64)  # s in [0, 7]
+    shift = op.Reshape(op.Cast(in_byte, to=12), col)  # uint32 [G, 1]
     one32 = op.Cast(one64, to=12)
     eight32 = op.Cast(eight64, to=12)
     mask = op.Sub(op.BitShift(one32, op.Cast(nbits, to=12), direction="LEFT"), one32)
@@ -69,12 +71,12 @@ def QMatMul(x: TFloat, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, g
     hi = op.Gather(padded, hi_idx, axis=1)
     # the code at bit s of the 16-bit little-endian word lo | hi << 8 (in uint32: nothing overflows)
     word = op.BitwiseOr(op.Cast(lo, to=12), op.BitShift(op.Cast(hi, to=12), eight32, direction="LEFT"))
-    codes = op.BitwiseAnd(op.BitShift(word, shift, direction="RIGHT"), mask)   # uint32 [K/G, G, N]
-    z = op.Unsqueeze(op.Transpose(zeros, perm=[1, 0]), one64)   # [K/G, 1, N]
+    codes = op.BitwiseAnd(op.BitShift(word, shift, direction="RIGHT"), mask)  # uint32 [K/G, G, N]
+    z = op.Unsqueeze(op.Transpose(zeros, perm=[1, 0]), one64)  # [K/G, 1, N]
     s = op.Unsqueeze(op.Transpose(scales, perm=[1, 0]), one64)
     w = op.Mul(op.Sub(op.CastLike(codes, scales), z), s)
     n = op.Shape(qweight, start=0, end=1)
-    w_t = op.Reshape(w, op.Concat(op.Constant(value_ints=[-1]), n, axis=0))   # [K, N]
+    w_t = op.Reshape(w, op.Concat(op.Constant(value_ints=[-1]), n, axis=0))  # [K, N]
     return op.MatMul(x, op.CastLike(w_t, x))
 
 
@@ -90,18 +92,30 @@ def QGather(ids: INT64, qweight: UINT8, scales: FLOAT, zeros: FLOAT, bits: int, 
     # whole-byte units of the bitstream: 1 byte (2, 4, 8 bits) or 3 bytes = 8 codes (3 bits)
     unit_bytes = op.Add(op.Mul(op.Mod(nbits, two64), two64), one64)
     unit_codes = op.Div(op.Mul(unit_bytes, eight64), nbits)
-    byte_weight = op.Cast(op.BitShift(op.Cast(one64, to=12), op.Cast(op.Mul(op.Range(zero64, unit_bytes, one64), eight64), to=12),
-                                      direction="LEFT"), to=6)                      # int32 [1, 256, 65536][:unit_bytes]
+    byte_weight = op.Cast(
+        op.BitShift(
+            op.Cast(one64, to=12),
+            op.Cast(op.Mul(op.Range(zero64, unit_bytes, one64), eight64), to=12),
+            direction="LEFT",
+        ),
+        to=6,
+    )  # int32 [1, 256, 65536][:unit_bytes]
     code_shift = op.Cast(op.Mul(op.Range(zero64, unit_codes, one64), nbits), to=12)  # uint32 [0, b, 2b, ...]
     mask = op.Sub(op.BitShift(op.Cast(one64, to=12), op.Cast(nbits, to=12), direction="LEFT"), op.Cast(one64, to=12))
-    rows = op.Gather(qweight, flat, axis=0)                                        # [T, K/G, G*bits/8]
-    units = op.Reshape(rows, op.Concat(op.Constant(value_ints=[-1]), op.Reshape(unit_bytes, op.Constant(value_ints=[1])), axis=0))
-    word = op.Cast(op.ReduceSum(op.Mul(op.Cast(units, to=6), byte_weight), op.Constant(value_ints=[-1]), keepdims=1), to=12)
+    rows = op.Gather(qweight, flat, axis=0)  # [T, K/G, G*bits/8]
+    units = op.Reshape(
+        rows, op.Concat(op.Constant(value_ints=[-1]), op.Reshape(unit_bytes, op.Constant(value_ints=[1])), axis=0)
+    )
+    word = op.Cast(
+        op.ReduceSum(op.Mul(op.Cast(units, to=6), byte_weight), op.Constant(value_ints=[-1]), keepdims=1), to=12
+    )
     codes = op.BitwiseAnd(op.BitShift(word, code_shift, direction="RIGHT"), mask)  # uint32 [units, unit_codes]
-    z = op.Unsqueeze(op.Gather(zeros, flat, axis=0), op.Constant(value_ints=[-1]))   # [T, K/G, 1]
+    z = op.Unsqueeze(op.Gather(zeros, flat, axis=0), op.Constant(value_ints=[-1]))  # [T, K/G, 1]
     s = op.Unsqueeze(op.Gather(scales, flat, axis=0), op.Constant(value_ints=[-1]))
-    grouped = op.Reshape(op.CastLike(codes, scales), op.Concat(op.Shape(z, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
-    w = op.Mul(op.Sub(grouped, z), s)                                               # [T, K/G, G]
+    grouped = op.Reshape(
+        op.CastLike(codes, scales), op.Concat(op.Shape(z, start=0, end=2), op.Constant(value_ints=[-1]), axis=0)
+    )
+    w = op.Mul(op.Sub(grouped, z), s)  # [T, K/G, G]
     return op.Reshape(w, op.Concat(op.Shape(ids), op.Constant(value_ints=[-1]), axis=0))
 
 
@@ -149,26 +163,44 @@ def register_schemas() -> None:
     floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
     param = OpSchema.FormalParameter
     qmatmul = OpSchema(
-        "QMatMul", DOMAIN, DOMAIN_VERSION,
+        "QMatMul",
+        DOMAIN,
+        DOMAIN_VERSION,
         doc="x @ dequant(qweight, scales, zeros).T for the packed little-endian low-bit layout.",
-        inputs=[param("x", "T"), param("qweight", "tensor(uint8)"), param("scales", "tensor(float)"),
-                param("zeros", "tensor(float)")],
+        inputs=[
+            param("x", "T"),
+            param("qweight", "tensor(uint8)"),
+            param("scales", "tensor(float)"),
+            param("zeros", "tensor(float)"),
+        ],
         outputs=[param("y", "T")],
         type_constraints=[("T", floats, "float types")],
-        attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
-                    OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group")],
+        attributes=[
+            OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
+            OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group"),
+        ],
     )
     qgather = OpSchema(
-        "QGather", DOMAIN, DOMAIN_VERSION,
+        "QGather",
+        DOMAIN,
+        DOMAIN_VERSION,
         doc="Rows ids of dequant(qweight, scales, zeros): a packed low-bit embedding lookup.",
-        inputs=[param("ids", "tensor(int64)"), param("qweight", "tensor(uint8)"), param("scales", "tensor(float)"),
-                param("zeros", "tensor(float)")],
+        inputs=[
+            param("ids", "tensor(int64)"),
+            param("qweight", "tensor(uint8)"),
+            param("scales", "tensor(float)"),
+            param("zeros", "tensor(float)"),
+        ],
         outputs=[param("y", "tensor(float)")],
-        attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
-                    OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group")],
+        attributes=[
+            OpSchema.Attribute("bits", OpSchema.AttrType.INT, "code width: 2, 3, 4 or 8"),
+            OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "codes per (scale, zero) group"),
+        ],
     )
     route = OpSchema(
-        "TopKRoute", DOMAIN, DOMAIN_VERSION,
+        "TopKRoute",
+        DOMAIN,
+        DOMAIN_VERSION,
         doc="Softmax over the top-k logits of the last axis, scattered into zeros.",
         inputs=[param("logits", "T")],
         outputs=[param("weights", "T")],

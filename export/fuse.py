@@ -21,6 +21,7 @@ Exact GELUs, which torch.onnx writes as ``x * 0.5 * (1 + Erf(x / sqrt 2))`` and 
 session optimizer leaves unfused, become one ``com.microsoft.Gelu`` node each (ONNX Runtime's
 own ``FusionGelu`` pattern matcher).
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -31,7 +32,7 @@ import torch
 from onnx import numpy_helper
 
 from mpismoe_edge.quant.pack import pack_bits
-from mpismoe_edge.runtime.spec import INT8_ATOL, TARGETS
+from mpismoe_edge.runtime.spec import INT8_ATOL
 
 from . import functions as F
 from .validate import DEFAULT_ATOL
@@ -69,8 +70,9 @@ def _zero_point_plan(z: np.ndarray, bits: int, mode: str) -> str:
     return "uint8" if integral else "shift"
 
 
-def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
-         accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse(
+    model: onnx.ModelProto, target: str, zero_points: str = "auto", accuracy_level: int = 0
+) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Rewrite ``model`` in place for ``target``; returns it and counts of what was done.
 
     ``zero_points="auto"`` (integers as packed uint8, fractional ones by the shift identity)
@@ -147,18 +149,33 @@ def fuse(model: onnx.ModelProto, target: str, zero_points: str = "auto",
                 stats["bias_folded"] += 1
         mnb_out = output if shift is None else output + "_nbits"
         base = node.name or output
-        new_nodes.append(onnx.helper.make_node(
-            "MatMulNBits", inputs, [mnb_out], name=base, domain=MS_DOMAIN,
-            K=k_in, N=n_out, bits=bits, block_size=group, **({"accuracy_level": accuracy_level} if accuracy_level else {})))
+        new_nodes.append(
+            onnx.helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [mnb_out],
+                name=base,
+                domain=MS_DOMAIN,
+                K=k_in,
+                N=n_out,
+                bits=bits,
+                block_size=group,
+                **({"accuracy_level": accuracy_level} if accuracy_level else {}),
+            )
+        )
         if shift is not None:
             key = (x, k_blocks, group)
             if key not in group_sums:  # one per (input, K, G): q/k/v projections share it
                 group_sums[key] = f"{x}_group_sum_{group}"
-                new_nodes += _group_sum_nodes(x, k_blocks, group, group_sums[key], f"{base}_group_sum", graph, done_inits)
-            new_nodes.append(onnx.helper.make_node("MatMul", [group_sums[key], shift], [output + "_zp_term"],
-                                                   name=f"{base}_zp_term"))
-            new_nodes.append(onnx.helper.make_node("Add", [mnb_out, output + "_zp_term"], [output],
-                                                   name=f"{base}_zp_add"))
+                new_nodes += _group_sum_nodes(
+                    x, k_blocks, group, group_sums[key], f"{base}_group_sum", graph, done_inits
+                )
+            new_nodes.append(
+                onnx.helper.make_node("MatMul", [group_sums[key], shift], [output + "_zp_term"], name=f"{base}_zp_term")
+            )
+            new_nodes.append(
+                onnx.helper.make_node("Add", [mnb_out, output + "_zp_term"], [output], name=f"{base}_zp_add")
+            )
         stats[f"matmulnbits_{bits}bit"] += 1
 
     del graph.node[:]
@@ -186,8 +203,9 @@ def _fuse_gelu(model: onnx.ModelProto) -> int:
     return fused
 
 
-def _group_sum_nodes(x: str, k_blocks: int, group: int, out: str, name: str, graph: onnx.GraphProto,
-                     done_inits: set[str]) -> list[onnx.NodeProto]:
+def _group_sum_nodes(
+    x: str, k_blocks: int, group: int, out: str, name: str, graph: onnx.GraphProto, done_inits: set[str]
+) -> list[onnx.NodeProto]:
     """``out[..., j] = sum(x[..., j*G:(j+1)*G])``: reshape the last axis to ``[K/G, G]``, ReduceSum."""
     dims, axis = f"mpismoe_groups_{k_blocks}x{group}", "mpismoe_last_axis"
     for init, value in ((dims, [k_blocks, group]), (axis, [-1])):

@@ -8,6 +8,7 @@ read next to ``onnx/model.onnx`` and ``tokenizer.json``.
   tokenizer.json itself (its post-processor for CLS/SEP, its model for UNK; PAD is the one our
   runtime pads with), ``model_max_length`` and the model's input names.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,18 @@ def head_architecture(model_type: str, task: str, image: bool = False) -> str | 
     return name if isinstance(name, str) else None
 
 
-def hf_config(backbone_config: dict[str, Any], task: str, labels: list[str] | None, num_outputs: int,
-              image: bool = False) -> dict[str, Any]:
+def hf_config(
+    backbone_config: dict[str, Any], task: str, labels: list[str] | None, num_outputs: int, image: bool = False
+) -> dict[str, Any]:
     """``config.json``: the backbone's config plus the head a loader builds the pipeline from."""
     if task not in HEADS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(HEADS)}")
     names = list(labels or [])
     if len(names) != num_outputs:
         names = [f"LABEL_{i}" for i in range(num_outputs)]
-    cfg = {k: v for k, v in backbone_config.items() if k not in ("id2label", "label2id", "architectures", "problem_type")}
+    cfg = {
+        k: v for k, v in backbone_config.items() if k not in ("id2label", "label2id", "architectures", "problem_type")
+    }
     arch = head_architecture(cfg.get("model_type", ""), task, image)
     if arch:
         cfg["architectures"] = [arch]

@@ -17,6 +17,7 @@ Int8 activations make this an approximation of the PyTorch model (the weights ar
 from their low-bit grid to a per-channel int8 grid, the activations are rounded to int8 per
 tensor), so the target that uses it validates at a looser tolerance.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 INT8_OPS = ("Attention", "MatMul")  # what quantize_dynamic quantizes here (not the embeddings)
-FOLDABLE_BITS = (2, 4, 8)           # codes that whole bytes hold (a shift-and-mask unpack)
+FOLDABLE_BITS = (2, 4, 8)  # codes that whole bytes hold (a shift-and-mask unpack)
 
 
 def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -61,8 +62,16 @@ def _weight_sources(proto: onnx.ModelProto, layers: dict[str, nn.Module]) -> dic
         mat = arr.T if transposed else arr  # rows = output channels (or table rows)
         found, row = [], 0
         while row < mat.shape[0]:
-            hit = next((n for n, w in weights.items() if w.shape[1] == mat.shape[1] and row + w.shape[0] <= mat.shape[0]
-                        and np.array_equal(w, mat[row:row + w.shape[0]])), None)
+            hit = next(
+                (
+                    n
+                    for n, w in weights.items()
+                    if w.shape[1] == mat.shape[1]
+                    and row + w.shape[0] <= mat.shape[0]
+                    and np.array_equal(w, mat[row : row + w.shape[0]])
+                ),
+                None,
+            )
             if hit is None:
                 break
             found.append(hit)
@@ -106,11 +115,24 @@ class _Emitter:
         grouped = self.const(f"int8_unpack_shape_{k_blocks}_{group}", np.array([0, k_blocks, group], dtype=np.int64))
         flat = self.const(f"int8_unpack_shape_{k_blocks * group}", np.array([0, k_blocks * group], dtype=np.int64))
         byte = self.node("Unsqueeze", [qw, last], f"{prefix}.qweight_bytes")
-        codes = self.node("BitwiseAnd", [self.node("BitShift", [byte, shifts], f"{prefix}.codes_shifted", direction="RIGHT"),
-                                         mask], f"{prefix}.codes")
+        codes = self.node(
+            "BitwiseAnd",
+            [self.node("BitShift", [byte, shifts], f"{prefix}.codes_shifted", direction="RIGHT"), mask],
+            f"{prefix}.codes",
+        )
         codes = self.node("Reshape", [codes, grouped], f"{prefix}.codes_grouped")
-        w = self.node("Mul", [self.node("Sub", [self.node("Cast", [codes], f"{prefix}.codes_float", to=onnx.TensorProto.FLOAT),
-                                                zp], f"{prefix}.centered"), sc], f"{prefix}.dequantized_grouped")
+        w = self.node(
+            "Mul",
+            [
+                self.node(
+                    "Sub",
+                    [self.node("Cast", [codes], f"{prefix}.codes_float", to=onnx.TensorProto.FLOAT), zp],
+                    f"{prefix}.centered",
+                ),
+                sc,
+            ],
+            f"{prefix}.dequantized_grouped",
+        )
         return self.node("Reshape", [w, flat], f"{prefix}.dequantized")
 
 
@@ -121,8 +143,11 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
 
     layers = packed_layers(model)
     sources = _weight_sources(proto, layers)
-    int8_nodes = [n.name for n in proto.graph.node if n.op_type in INT8_OPS
-                  and len(n.input) > 1 and sources.get(n.input[1], (None, False))[1]]
+    int8_nodes = [
+        n.name
+        for n in proto.graph.node
+        if n.op_type in INT8_OPS and len(n.input) > 1 and sources.get(n.input[1], (None, False))[1]
+    ]
     with tempfile.TemporaryDirectory(prefix="mpismoe-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(proto.SerializeToString())
@@ -130,9 +155,15 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
         handlers, level = list(root.handlers), root.level
         root.setLevel(logging.ERROR)  # "Please consider to run pre-processing ..." on every call
         try:
-            quantize_dynamic(src, dst, op_types_to_quantize=list(INT8_OPS), nodes_to_quantize=int8_nodes,
-                             per_channel=True, weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            quantize_dynamic(
+                src,
+                dst,
+                op_types_to_quantize=list(INT8_OPS),
+                nodes_to_quantize=int8_nodes,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         finally:  # it also installs a root handler (logging.basicConfig) that makes other libraries chatty
             for h in root.handlers[:]:
                 if h not in handlers:
@@ -156,11 +187,16 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
             raise ValueError(f"quantize_dynamic left {init_name} in float")
         scale, zero = f"{init_name}_scale", f"{init_name}_zero_point"
         expect = numpy_helper.to_array(inits[qname])
-        mine = _quantize(np.concatenate([layers[n].dequantized_weight().numpy() for n in names]).T,
-                         numpy_helper.to_array(inits[scale]), numpy_helper.to_array(inits[zero]))
+        mine = _quantize(
+            np.concatenate([layers[n].dequantized_weight().numpy() for n in names]).T,
+            numpy_helper.to_array(inits[scale]),
+            numpy_helper.to_array(inits[zero]),
+        )
         if not np.array_equal(mine, expect):
-            raise ValueError(f"{init_name}: the folded int8 weight differs from quantize_dynamic's in "
-                             f"{int((mine != expect).sum())} of {expect.size} values")
+            raise ValueError(
+                f"{init_name}: the folded int8 weight differs from quantize_dynamic's in "
+                f"{int((mine != expect).sum())} of {expect.size} values"
+            )
         wt = emit.node("Transpose", [w], f"{init_name}.dequantized_t", perm=[1, 0])
         replaced[qname] = emit.node("QuantizeLinear", [wt, scale, zero], f"{qname}.folded", axis=1)
         stats["int8_weights"] += 1

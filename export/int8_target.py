@@ -10,6 +10,7 @@ Built from two graphs joined at the backbone's hidden states:
   from those hidden states and the attention mask, then fused as for ``ort-cpu``
   (:func:`.fuse.fuse`: packed experts as ``MatMulNBits``, exact GELUs as ``Gelu``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import functions as F
 from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name, supports
-from .fuse import INT8_TARGET, fuse
+from .fuse import fuse
 from .int8 import FOLDABLE_BITS, packed_layers, quantize_backbone
 from .lower import OUTPUT_NAME, _translation_table, finalize
 
@@ -36,7 +37,8 @@ def unsupported(model: nn.Module) -> str | None:
     if not widths:
         return "the int8 path needs a quantized backbone (this one is float)"
     if not widths <= set(FOLDABLE_BITS):
-        return f"the int8 path unpacks {'/'.join(map(str, FOLDABLE_BITS))}-bit backbone layers, this one has {sorted(widths)}"
+        foldable = "/".join(map(str, FOLDABLE_BITS))
+        return f"the int8 path unpacks {foldable}-bit backbone layers, this one has {sorted(widths)}"
     return None
 
 
@@ -73,10 +75,18 @@ def side_graph(model: nn.Module, opset: int) -> onnx.ModelProto:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                _SideOnly(model).eval(), (mask, *states), dynamo=True, opset_version=opset,
-                input_names=names, output_names=[OUTPUT_NAME],
+                _SideOnly(model).eval(),
+                (mask, *states),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
                 dynamic_shapes=(dims, tuple([dims] * (layers + 1))),
-                custom_translation_table=_translation_table(), optimize=True, verbose=False, report=False)
+                custom_translation_table=_translation_table(),
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
     finally:
         quiet.setLevel(level)
     return finalize(program.model_proto, opset)
@@ -96,21 +106,28 @@ def join(backbone: onnx.ModelProto, side: onnx.ModelProto) -> onnx.ModelProto:
     if clash:
         raise ValueError(f"backbone and side graphs share tensor names: {sorted(clash)[:5]}")
     graph = onnx.helper.make_graph(
-        list(bg.node) + list(sg.node), "mpismoe",
+        list(bg.node) + list(sg.node),
+        "mpismoe",
         inputs=[i for i in bg.input if i.name in BACKBONE_INPUTS],
         outputs=list(sg.output),
-        initializer=list(bg.initializer) + list(sg.initializer))
+        initializer=list(bg.initializer) + list(sg.initializer),
+    )
     imports: dict[str, int] = {}
     for proto in (backbone, side):
         for imp in proto.opset_import:
             imports[imp.domain] = max(imports.get(imp.domain, 0), imp.version)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items())],
-                                   functions=list(side.functions))
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items())],
+        functions=list(side.functions),
+    )
     model.ir_version = side.ir_version
     return model
 
 
-def int8_model(model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto") -> tuple[onnx.ModelProto, dict[str, int]]:
+def int8_model(
+    model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto"
+) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The ``ort-int8`` graph of ``model`` and counts of what each step fused (``zero_points``
     is :func:`.fuse.fuse`'s, for side layers it lowers). ValueError if :func:`unsupported`."""
     why = unsupported(model)
@@ -123,4 +140,8 @@ def int8_model(model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "a
     # than MatMulNBits; only the exact GELUs are fused.
     side, sstats = fuse(side_graph(model, opset), "portable", zero_points=zero_points)
     joined = join(backbone, side)
-    return joined, {**{f"backbone_{k}": v for k, v in stats.items()}, **qstats, **{f"side_{k}": v for k, v in sstats.items()}}
+    return joined, {
+        **{f"backbone_{k}": v for k, v in stats.items()},
+        **qstats,
+        **{f"side_{k}": v for k, v in sstats.items()},
+    }

@@ -21,6 +21,7 @@ afterwards, so each op stays one node a runtime may replace, with a standard-ONN
 runtime can inline. Batch and sequence axes stay dynamic (the inputs' and, for per-token
 logits, the output's).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -48,8 +49,9 @@ def input_names(model: nn.Module) -> list[str]:
     params = inspect.signature(model.forward).parameters
     found = [n for n in (*TEXT_INPUTS, *IMAGE_INPUTS) if n in params]
     if not found:
-        raise ValueError(f"{type(model).__name__}.forward takes none of {TEXT_INPUTS + IMAGE_INPUTS}; "
-                         "set model.input_names")
+        raise ValueError(
+            f"{type(model).__name__}.forward takes none of {TEXT_INPUTS + IMAGE_INPUTS}; set model.input_names"
+        )
     return found
 
 
@@ -66,8 +68,9 @@ def vocab_size(model: nn.Module) -> int:
     return int(size) if size else 100
 
 
-def make_inputs(model: nn.Module, batch: int, seq: int, lengths: list[int] | None = None,
-                seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(
+    model: nn.Module, batch: int, seq: int, lengths: list[int] | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random inputs for ``model``: token ids in its vocabulary, rows padded to ``lengths``."""
     gen = torch.Generator().manual_seed(seed)
     names = input_names(model)
@@ -117,8 +120,11 @@ def _translation_table() -> dict:
     def topk_route(logits, k: int):
         return ms.TopKRoute(logits, k=k)
 
-    return {torch.ops.mpismoe.qmatmul.default: qmatmul, torch.ops.mpismoe.qgather.default: qgather,
-            torch.ops.mpismoe.topk_route.default: topk_route}
+    return {
+        torch.ops.mpismoe.qmatmul.default: qmatmul,
+        torch.ops.mpismoe.qgather.default: qgather,
+        torch.ops.mpismoe.topk_route.default: topk_route,
+    }
 
 
 def ir_version_for(opset: int) -> int:
@@ -197,9 +203,16 @@ def to_onnx(model: nn.Module, opset: int = F.MIN_OPSET, optimize: bool = True) -
 
 def _export(model, example, names, opset, optimize):
     return torch.onnx.export(
-        model, (), kwargs=example, dynamo=True, opset_version=opset,
-        input_names=names, output_names=[OUTPUT_NAME],
+        model,
+        (),
+        kwargs=example,
+        dynamo=True,
+        opset_version=opset,
+        input_names=names,
+        output_names=[OUTPUT_NAME],
         dynamic_shapes=_dynamic_shapes(names),
         custom_translation_table=_translation_table(),
-        optimize=optimize, verbose=False, report=False,
+        optimize=optimize,
+        verbose=False,
+        report=False,
     )

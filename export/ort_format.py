@@ -10,6 +10,7 @@ directly, so ``--target ort-cpu --ort-format`` is the mobile build that is both 
 The config lists the operators a reduced-operator ONNX Runtime build needs
 (``--include_ops_by_config``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

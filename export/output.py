@@ -5,6 +5,7 @@ An existing output directory is replaced only if it is empty or holds a previous
 never half-overwritten: it is renamed aside, the new directory renamed into place, and only
 then the old one deleted (restored if the swap fails).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from mpismoe_edge.runtime.spec import EXPORT_FILES, FORMAT, FORMAT_PREFIX, MANIFEST_FILE
+from mpismoe_edge.runtime.spec import EXPORT_FILES, FORMAT_PREFIX, MANIFEST_FILE
 
 
 class OutputError(ValueError):
@@ -30,8 +31,10 @@ def check_target(out: Path) -> None:
         if not entries:
             return
         if MANIFEST_FILE not in entries or entries - EXPORT_FILES:
-            raise OutputError(f"{out} exists and is not an mpismoe-edge export; refusing to replace it "
-                              "(choose a new or empty directory)")
+            raise OutputError(
+                f"{out} exists and is not an mpismoe-edge export; refusing to replace it "
+                "(choose a new or empty directory)"
+            )
         try:
             fmt = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("format", "")
         except (OSError, ValueError, AttributeError):

@@ -1,20 +1,31 @@
 """``export_model``: torch model -> validated ``out/`` in Hugging Face's ONNX layout
 (onnx/model.onnx, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json)
 plus manifest.json for our runtime; optionally the functions inlined, and onnx/model.ort."""
+
 from __future__ import annotations
 
 import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnx
 from torch import nn
 
-from mpismoe_edge.runtime.spec import (CONFIG_FILE, DATA_FILE, FORMAT, MANIFEST_FILE, MODEL_DIR, MODEL_FILE,
-                                       SPECIAL_TOKENS_FILE, TARGETS, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE)
+from mpismoe_edge.runtime.spec import (
+    CONFIG_FILE,
+    DATA_FILE,
+    FORMAT,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    MODEL_FILE,
+    SPECIAL_TOKENS_FILE,
+    TARGETS,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 
 from . import functions as F
 from . import hf_layout as HF
@@ -55,15 +66,22 @@ def quant_bits(model: nn.Module, proto: onnx.ModelProto | None = None) -> dict[s
         moe, sep, rest = name.partition(".experts.")  # experts stacked by ISMoE.prepare_export
         return bool(sep) and f"{moe}.stacked_{rest.rpartition('.')[2]}_qweight" in names
 
-    return {name: int(m.bits) for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and in_graph(name)}
+    return {
+        name: int(m.bits)
+        for name, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and in_graph(name)
+    }
 
 
 def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
     """Bytes of the initializers by role: packed codes, quantization params, float weights."""
     role: dict[str, str] = {}
     for node in proto.graph.node:
-        if (node.domain, node.op_type) in ((F.DOMAIN, "QMatMul"), (F.DOMAIN, "QGather"), ("com.microsoft", "MatMulNBits")):
+        if (node.domain, node.op_type) in (
+            (F.DOMAIN, "QMatMul"),
+            (F.DOMAIN, "QGather"),
+            ("com.microsoft", "MatMulNBits"),
+        ):
             role[node.input[1]] = "packed_codes"
             for name in node.input[2:4]:
                 role.setdefault(name, "quant_params")
@@ -121,8 +139,14 @@ def save_model(proto: onnx.ModelProto, folder: Path, external: bool | None = Non
         external = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES
     path = folder / MODEL_FILE
     if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
         return [MODEL_FILE, DATA_FILE]
     path.write_bytes(proto.SerializeToString())
     return [MODEL_FILE]
@@ -137,8 +161,9 @@ def write_hf_files(model: nn.Module, folder: Path) -> list[str]:
     names = input_names(model)
     backbone_config = dict(getattr(config, "backbone_config", None) or {})
     files = [CONFIG_FILE]
-    HF.write_json(folder / CONFIG_FILE, HF.hf_config(backbone_config, task, labels, num_outputs,
-                                                        image="pixel_values" in names))
+    HF.write_json(
+        folder / CONFIG_FILE, HF.hf_config(backbone_config, task, labels, num_outputs, image="pixel_values" in names)
+    )
     tokenizer_json = getattr(model, "tokenizer_json", None)
     if tokenizer_json:
         (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
@@ -150,14 +175,24 @@ def write_hf_files(model: nn.Module, folder: Path) -> list[str]:
     return files
 
 
-def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset: int,
-                   folder: Path, files: list[str], stats: dict, parity: dict | None, accuracy_level: int = 0,
-                   inlined: bool = False) -> dict:
+def build_manifest(
+    model: nn.Module,
+    proto: onnx.ModelProto,
+    target: str,
+    opset: int,
+    folder: Path,
+    files: list[str],
+    stats: dict,
+    parity: dict | None,
+    accuracy_level: int = 0,
+    inlined: bool = False,
+) -> dict:
     config = getattr(model, "config", None)
     task = getattr(config, "task", "classification")
     labels = list(getattr(config, "labels", []) or []) or None
-    ops = Counter(f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in proto.graph.node
-                  if n.domain in (F.DOMAIN, "com.microsoft"))
+    ops = Counter(
+        f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in proto.graph.node if n.domain in (F.DOMAIN, "com.microsoft")
+    )
     sizes = {name: (folder / name).stat().st_size for name in files}
     sizes.update(weight_sizes(proto))
     return {
@@ -182,10 +217,21 @@ def build_manifest(model: nn.Module, proto: onnx.ModelProto, target: str, opset:
     }
 
 
-def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portable", opset: int = F.MIN_OPSET,
-                 atol: float | None = None, validate: bool = True, external_data: bool | None = None,
-                 zero_points: str = "auto", accuracy_level: int = 0, inline: bool = False, ort_format: bool = False,
-                 log: Callable[[str], None] | None = _stderr) -> dict:
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    target: str = "portable",
+    opset: int = F.MIN_OPSET,
+    atol: float | None = None,
+    validate: bool = True,
+    external_data: bool | None = None,
+    zero_points: str = "auto",
+    accuracy_level: int = 0,
+    inline: bool = False,
+    ort_format: bool = False,
+    log: Callable[[str], None] | None = _stderr,
+) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
 
     ``inline``: write the graph with the functions inlined (runtimes that do not read model-local
@@ -221,8 +267,10 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
             proto, stats = int8_model(model, opset=opset, zero_points=zero_points)
         else:
             proto = to_onnx(model, opset=opset)
-        log(f"  traced and converted in {time.perf_counter() - t0:.1f}s: {len(proto.graph.node)} nodes, "
-            f"{len(proto.graph.initializer)} initializers")
+        log(
+            f"  traced and converted in {time.perf_counter() - t0:.1f}s: {len(proto.graph.node)} nodes, "
+            f"{len(proto.graph.initializer)} initializers"
+        )
         if target == INT8_TARGET:
             log("  int8 backbone, side network for ort-cpu: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         elif target != "portable":
@@ -243,8 +291,9 @@ def export_model(model: nn.Module, out_dir: str | Path, *, target: str = "portab
             parity = check_parity(model, model_path, atol=atol, log=log)
             log(f"  max abs diff {parity['max_abs_diff']:.3g} in {time.perf_counter() - t1:.1f}s")
             if not parity["passed"]:
-                raise ParityError(f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}",
-                                  parity)
+                raise ParityError(
+                    f"parity check failed: max abs diff {parity['max_abs_diff']:.3g} > atol {atol:g}", parity
+                )
         if ort_format:
             from .ort_format import write_ort
 

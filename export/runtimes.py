@@ -10,6 +10,7 @@ with Python ONNX Runtime).
   (standard ops only, so not the com.microsoft ones of the ort-* targets).
 * ``onnxruntime-mobile``: ``onnx/model.ort`` (export option), run here by Python ONNX Runtime.
 """
+
 from __future__ import annotations
 
 ONNXRUNTIME = ("onnxruntime", "onnxruntime-node", "onnxruntime-web", "transformers.js", "onnxruntime-mobile")

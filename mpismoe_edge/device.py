@@ -5,6 +5,7 @@ and the packed backbone's matmuls in that dtype (``QuantLinear`` dequantizes its
 to the compute dtype); parameters, optimizer state and the loss stay float32. ``fp16`` scales the
 loss (``GradScaler``) so that small gradients do not underflow; bf16 needs no scaling.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ batch and a loss scale that makes the ranks' averaged gradient the gradient of t
 mean loss (what one process would compute on that batch). Only the side network is wrapped in
 ``DistributedDataParallel``: the backbone has no gradients to reduce.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Training uses these to score each epoch; a user predicts with ``model.predict(te
 (:func:`predict_labels`). Scoring can be sharded over the ranks of a distributed run: each
 rank scores its share of the rows and the sums are added up across ranks (:func:`evaluate`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,14 +24,20 @@ def tokenize(tok: TextEncoder, texts: list[str] | list[list[str]]) -> list:
     return tok.tokenize_words(texts) if texts and isinstance(texts[0], list) else tok.tokenize(texts)
 
 
-def feed(tok: TextEncoder, encs: list, input_names: list[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def feed(
+    tok: TextEncoder, encs: list, input_names: list[str], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded model inputs of ``encs`` (only the tensors the model takes), on ``device``."""
     arrays = tok.pad(encs).arrays()
     return {k: torch.from_numpy(arrays[k]).to(device) for k in input_names if k in arrays}
 
 
-def encode(tok: TextEncoder, texts: list[str] | list[list[str]], input_names: list[str],
-           device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def encode(
+    tok: TextEncoder,
+    texts: list[str] | list[list[str]],
+    input_names: list[str],
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
     """Tokenize and right-pad a batch to its longest text; only the tensors the model takes."""
     return feed(tok, tokenize(tok, texts), input_names, device)
 
@@ -66,11 +73,15 @@ def loss_sum(task: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[tor
     shards of a batch (ranks) add up to the whole batch's mean. Computed in fp32."""
     logits = logits.float()
     if task == "regression":
-        return torch.nn.functional.mse_loss(logits.squeeze(-1), target, reduction="sum"), target.new_tensor(target.numel())
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), target, reduction="sum"), target.new_tensor(
+            target.numel()
+        )
     if task == "token-classification":
         flat = target.flatten()
-        return (torch.nn.functional.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-100, reduction="sum"),
-                (flat != -100).sum())
+        return (
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-100, reduction="sum"),
+            (flat != -100).sum(),
+        )
     return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), target.new_tensor(target.numel())
 
 
@@ -79,8 +90,14 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def logits_by_length(model: torch.nn.Module, tok: TextEncoder, texts: list[str] | list[list[str]], input_names: list[str],
-                     batch_size: int, progress: str | None = None) -> list[tuple[list[int], list, torch.Tensor]]:
+def logits_by_length(
+    model: torch.nn.Module,
+    tok: TextEncoder,
+    texts: list[str] | list[list[str]],
+    input_names: list[str],
+    batch_size: int,
+    progress: str | None = None,
+) -> list[tuple[list[int], list, torch.Tensor]]:
     """``(row indices, their encodings, logits)`` per batch of similar-length texts, in eval mode
     (each text tokenized once), on the model's device; ``progress`` names a progress bar."""
     from tqdm.auto import tqdm
@@ -100,8 +117,14 @@ def logits_by_length(model: torch.nn.Module, tok: TextEncoder, texts: list[str] 
     return out
 
 
-def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_names: list[str],
-            batch_size: int = 64, progress: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+def predict(
+    model: torch.nn.Module,
+    tok: TextEncoder,
+    texts: list[str],
+    input_names: list[str],
+    batch_size: int = 64,
+    progress: str | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """Logits for ``texts`` in eval mode (batched by length, returned in input order, on the CPU):
     ``[len(texts), outputs]``, or for token-level logits a list with one ``[tokens, labels]``
     tensor per text (its real tokens, special tokens included)."""
@@ -119,8 +142,14 @@ def predict(model: torch.nn.Module, tok: TextEncoder, texts: list[str], input_na
     return rows if out is None else out
 
 
-def evaluate(model, tok: TextEncoder, data: Dataset, batch_size: int = 64, shard: tuple[int, int] = (0, 1),
-             progress: str | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    tok: TextEncoder,
+    data: Dataset,
+    batch_size: int = 64,
+    shard: tuple[int, int] = (0, 1),
+    progress: str | None = None,
+) -> dict[str, float]:
     """Accuracy (classification; for token classification over words, each scored at its first
     sub-token) or MSE (regression), plus the loss; for BIO-tagged token classification also the
     entity-level F1 of the words scored (``metrics.entity_f1``). ``shard=(rank, world)``: this

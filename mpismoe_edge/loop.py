@@ -5,6 +5,7 @@
 states) all run their epochs through :func:`train_epoch`; they differ only in what ``forward``
 does with a batch's inputs.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,11 +45,24 @@ def batch_order(lengths: list[int], size: int, seed: int, window: int = 32) -> l
     return batches
 
 
-def train_epoch(forward: Callable[[Any], torch.Tensor], batches: Iterable[Batch], opt: torch.optim.Optimizer,
-                sched, params: list[torch.nn.Parameter], task: str, *, aux_loss: Callable[[], torch.Tensor] | None = None,
-                grad_clip: float | None = 1.0, device: torch.device = torch.device("cpu"), precision: str = "fp32",
-                scaler: torch.amp.GradScaler | None = None, world: World = World(),
-                after_step: Callable[[], Any] | None = None, desc: str | None = None, progress: bool = True) -> float:
+def train_epoch(
+    forward: Callable[[Any], torch.Tensor],
+    batches: Iterable[Batch],
+    opt: torch.optim.Optimizer,
+    sched,
+    params: list[torch.nn.Parameter],
+    task: str,
+    *,
+    aux_loss: Callable[[], torch.Tensor] | None = None,
+    grad_clip: float | None = 1.0,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    world: World = World(),
+    after_step: Callable[[], Any] | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+) -> float:
     """One pass of optimizer steps over ``batches``; returns the mean task loss of the steps
     (this rank's rows).
 

@@ -21,6 +21,7 @@ between steps 128 -> 87 MB, peak 245 -> 233 MB, no slower). oneDNN reads the cap
 first primitive, so it only works before the process's first torch computation; ``mpismoe-train``
 sets it at start.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -51,8 +52,10 @@ def return_freed_memory(threshold: int = 128 * 1024) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    return all(libc.mallopt(opt, value) == 1 for opt, value in
-               ((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold), (_M_TOP_PAD, 0)))
+    return all(
+        libc.mallopt(opt, value) == 1
+        for opt, value in ((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold), (_M_TOP_PAD, 0))
+    )
 
 
 def release_free_pages() -> bool:

@@ -5,6 +5,7 @@ that starts at a ``B-`` tag, or at an ``I-`` tag whose type differs from the pre
 continues over ``I-`` tags of its type; a prediction counts only when type and span match
 exactly; micro-averaged over all entities.
 """
+
 from __future__ import annotations
 
 import math

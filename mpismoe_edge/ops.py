@@ -10,6 +10,7 @@ implementations below), and the exporter maps each one to an ONNX function in th
 * ``mpismoe::topk_route(logits, k)``: dense routing weights ``[..., E]``: softmax over each
   token's top-k logits, zero for the experts it does not pick. Differentiable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ from .quant.pack import dequantize
 
 
 @torch.library.custom_op("mpismoe::qmatmul", mutates_args=())
-def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     w = dequantize(qweight, scales, zeros, bits, group_size).to(x.dtype)
     return x @ w.t()
 
@@ -43,9 +46,13 @@ qmatmul.register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup)
 
 
 @torch.library.custom_op("mpismoe::qgather", mutates_args=())
-def qgather(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def qgather(
+    ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     flat = ids.reshape(-1)
-    rows = dequantize(qweight.index_select(0, flat), scales.index_select(0, flat), zeros.index_select(0, flat), bits, group_size)
+    rows = dequantize(
+        qweight.index_select(0, flat), scales.index_select(0, flat), zeros.index_select(0, flat), bits, group_size
+    )
     return rows.reshape(*ids.shape, rows.shape[-1])
 
 

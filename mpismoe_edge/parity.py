@@ -6,6 +6,7 @@ exits 1 when a bar is missed, 2 on bad input. For a token-classification model t
 every real token are compared and the agreement is per token (no accuracies: gold tags are not
 read); its data may also be the training JSONL, whose "tokens" (words) are joined by spaces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,21 +18,33 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpismoe-parity", description=__doc__)
     p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
     p.add_argument("onnx_dir", help="directory written by mpismoe-export")
-    p.add_argument("--data", help="CSV/JSONL with a text column (and optional label column; a token-classification "
-                   "model also takes JSONL with a 'tokens' list per line); default: the bundled test split")
+    p.add_argument(
+        "--data",
+        help="CSV/JSONL with a text column (and optional label column; a token-classification "
+        "model also takes JSONL with a 'tokens' list per line); default: the bundled test split",
+    )
     p.add_argument("--limit", type=int, default=500, help="at most this many rows (default 500)")
-    p.add_argument("--atol", type=float, default=None,
-                   help="max allowed |logit difference| (default 1e-3; 0.25 for an ort-int8 export)")
-    p.add_argument("--min-agreement", type=float, default=None,
-                   help="min fraction of equal argmax labels (default 0.999; 0.995 for an ort-int8 export)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="max allowed |logit difference| (default 1e-3; 0.25 for an ort-int8 export)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="min fraction of equal argmax labels (default 0.999; 0.995 for an ort-int8 export)",
+    )
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
-def _texts_and_labels(path: str | None, limit: int, labels: list[str],
-                      task: str = "classification") -> tuple[list[str], list[int] | None]:
+def _texts_and_labels(
+    path: str | None, limit: int, labels: list[str], task: str = "classification"
+) -> tuple[list[str], list[int] | None]:
     from .data import load_default
     from .runtime import records
 
@@ -46,7 +59,9 @@ def _texts_and_labels(path: str | None, limit: int, labels: list[str],
     texts = records.texts(rows, path)
     if token_task or "label" not in first or not labels:  # per-word tags are not compared
         return texts, None
-    return texts, records.label_ids(records.column(rows, "label", path), labels, [f"{path} line {no}" for no, _ in rows])
+    return texts, records.label_ids(
+        records.column(rows, "label", path), labels, [f"{path} line {no}" for no, _ in rows]
+    )
 
 
 def _joined_words(path: str, rows: list) -> list[str]:
@@ -85,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.spec import DEFAULT_PARITY_BARS, PARITY_BARS
 
     atol, min_agreement = PARITY_BARS.get(predictor.manifest.target, DEFAULT_PARITY_BARS)
-    report = compare_logits(torch_logits, onnx_logits, labels, task=model.config.task,
-                            atol=atol if args.atol is None else args.atol,
-                            min_agreement=min_agreement if args.min_agreement is None else args.min_agreement)
+    report = compare_logits(
+        torch_logits,
+        onnx_logits,
+        labels,
+        task=model.config.task,
+        atol=atol if args.atol is None else args.atol,
+        min_agreement=min_agreement if args.min_agreement is None else args.min_agreement,
+    )
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     if not report.passed:
         print("parity FAILED: " + "; ".join(report.failures), file=sys.stderr)

@@ -10,6 +10,7 @@ A run also takes at least ``min_steps`` optimizer steps: ``epochs`` is raised fo
 small to reach them (500 rows at batch 32 give 16 steps an epoch), and early stopping waits
 until they are done. Large data is unaffected.
 """
+
 from __future__ import annotations
 
 import math

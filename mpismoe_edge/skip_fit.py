@@ -8,6 +8,7 @@ and is frozen; the side network's head starts at zero, so the model before the f
 the probe, and the side network learns only what the probe leaves. The probe is scored as
 epoch 0, so a side network that never beats it on validation is not chosen.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ SKIP_INITS = ("ridge", "zero")  # zero: the skip starts at zero and trains with 
 
 
 @torch.no_grad()
-def skip_features(model, tok: TextEncoder, data: Dataset, batch_size: int, device: torch.device,
-                  desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def skip_features(
+    model, tok: TextEncoder, data: Dataset, batch_size: int, device: torch.device, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, targets)`` of every scored row (token classification: every scored word's
     first sub-token) as the skip sees them, in eval mode."""
     was = model.training
@@ -45,14 +47,25 @@ def skip_features(model, tok: TextEncoder, data: Dataset, batch_size: int, devic
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_skip(model, tok: TextEncoder, train_data: Dataset, eval_data: Dataset, batch_size: int,
-             device: torch.device, progress: bool = True) -> Probe:
+def fit_skip(
+    model,
+    tok: TextEncoder,
+    train_data: Dataset,
+    eval_data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> Probe:
     """Put the ridge probe into ``model.side.skip``, freeze it, and zero the side network's head."""
     side = model.side
     if side.skip is None:
         raise ValueError("skip_init='ridge' needs a side network with the linear skip (SideConfig.skip=True)")
-    x_train, y_train = skip_features(model, tok, train_data, batch_size, device, "skip features (train)" if progress else None)
-    x_val, y_val = skip_features(model, tok, eval_data, batch_size, device, "skip features (validation)" if progress else None)
+    x_train, y_train = skip_features(
+        model, tok, train_data, batch_size, device, "skip features (train)" if progress else None
+    )
+    x_val, y_val = skip_features(
+        model, tok, eval_data, batch_size, device, "skip features (validation)" if progress else None
+    )
     kind = "regression" if model.config.task == "regression" else "classification"
     probe = fit_probe(kind, x_train, y_train, x_val, y_val, model.config.num_outputs)
     with torch.no_grad():

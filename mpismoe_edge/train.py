@@ -7,6 +7,7 @@ data-parallel over the ranks that ``torchrun`` started (``distributed.py``): eve
 on its own rows of each global batch, evaluation is summed over the ranks, and only rank 0
 writes ``last.pt``, ``model.pt`` and ``metrics.json``. The steps themselves are ``loop.train_epoch``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,26 +33,26 @@ from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
-from .skip_fit import SKIP_INITS, fit_skip
 from .selection import planned_epochs, selection_key, should_stop, steps_per_epoch
+from .skip_fit import SKIP_INITS, fit_skip
 
 
 @dataclass
 class TrainConfig(JsonConfig):
     epochs: int = 3
-    batch_size: int = 32      # the global batch: split over the ranks of a distributed run
+    batch_size: int = 32  # the global batch: split over the ranks of a distributed run
     eval_batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
-    patience: int = 2         # epochs without a better (metric, -loss) on validation before stopping early
-    min_steps: int = 200      # optimizer steps at least: small data trains more epochs (selection.py)
+    patience: int = 2  # epochs without a better (metric, -loss) on validation before stopping early
+    min_steps: int = 200  # optimizer steps at least: small data trains more epochs (selection.py)
     seed: int = 0
     threads: int | None = None
     return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
-    device: str = "auto"      # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
-    precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the forward pass (device.py)
+    device: str = "auto"  # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (device.py)
     skip_init: str = "ridge"  # with SideConfig.skip: ridge (the closed-form probe, frozen; skip_fit.py) | zero
 
     def __post_init__(self):
@@ -80,8 +81,8 @@ class TrainResult:
     trainable_params: int
     world_size: int
     device: str
-    peak_rss_mb: float                      # this process (rank 0), since it started
-    peak_cuda_allocated_mb: float | None    # rank 0's device, over training and evaluation; None on the CPU
+    peak_rss_mb: float  # this process (rank 0), since it started
+    peak_cuda_allocated_mb: float | None  # rank 0's device, over training and evaluation; None on the CPU
     train_config: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,12 +117,16 @@ def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
             raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (``cfg.lr``, ``cfg.weight_decay``) with a linear warmup over ``cfg.warmup_ratio`` of
     ``steps``, then a linear decay to zero at ``steps``; call ``sched.step()`` after each step."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
     return opt, sched
 
 
@@ -137,8 +142,16 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig, out_dir: str | Path,
-          resume: bool = False, progress: bool = True, test_data: Dataset | None = None) -> TrainResult:
+def train(
+    model: MPISMoEModel,
+    train_data: Dataset,
+    eval_data: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    test_data: Dataset | None = None,
+) -> TrainResult:
     """Train the side network; write ``out_dir/model.pt`` (experts packed) and ``metrics.json``.
 
     ``eval_data`` chooses the best epoch and stops early; ``test_data``, when given, is only
@@ -180,8 +193,10 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     if epochs > cfg.epochs and show:
-        tqdm.write(f"{len(train_data)} rows make {per_epoch} steps an epoch: training {epochs} epochs "
-                   f"to take at least min_steps={cfg.min_steps} steps")
+        tqdm.write(
+            f"{len(train_data)} rows make {per_epoch} steps an epoch: training {epochs} epochs "
+            f"to take at least min_steps={cfg.min_steps} steps"
+        )
     opt, sched = make_optimizer(params, cfg, epochs * per_epoch)
     scaler = grad_scaler(device, cfg.precision)
     state = {"epoch": 0, "history": [], "best_key": None, "best_side": None, "bad_epochs": 0}
@@ -204,7 +219,11 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         for idx in batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch):
             rows, weight = distributed.shard(idx, world)
             encs = tokenize(tok, [train_data.texts[j] for j in rows])
-            yield Batch(feed(tok, encs, model.input_names, device), targets(task, encs, [train_data.targets[j] for j in rows]), weight)
+            yield Batch(
+                feed(tok, encs, model.input_names, device),
+                targets(task, encs, [train_data.targets[j] for j in rows]),
+                weight,
+            )
 
     def judge(metrics: dict[str, float]) -> None:
         """Record an epoch's validation; keep the side network if it is the best so far."""
@@ -221,7 +240,10 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
         metrics["epoch"], metrics["seconds"] = 0, probe_seconds
         judge(metrics)
         if show:
-            tqdm.write("epoch 0 (ridge probe): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds")))
+            tqdm.write(
+                "epoch 0 (ridge probe): "
+                + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+            )
     lengths = token_lengths(tok, train_data.texts)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -230,20 +252,43 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
             break
         model.train()
         epoch_start = time.perf_counter()
-        train_epoch(forward, batches(epoch), opt, sched, params, task, aux_loss=model.aux_loss, grad_clip=cfg.grad_clip,
-                    device=device, precision=cfg.precision, scaler=scaler if scaler.is_enabled() else None, world=world,
-                    after_step=release_free_pages if cfg.return_freed_memory else None,  # the step's small tensors left holes in the heap
-                    desc=f"epoch {epoch + 1}/{epochs}", progress=show)
+        train_epoch(
+            forward,
+            batches(epoch),
+            opt,
+            sched,
+            params,
+            task,
+            aux_loss=model.aux_loss,
+            grad_clip=cfg.grad_clip,
+            device=device,
+            precision=cfg.precision,
+            scaler=scaler if scaler.is_enabled() else None,
+            world=world,
+            after_step=release_free_pages
+            if cfg.return_freed_memory
+            else None,  # the step's small tensors left holes in the heap
+            desc=f"epoch {epoch + 1}/{epochs}",
+            progress=show,
+        )
         seconds = time.perf_counter() - epoch_start
         metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
         metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
         judge(metrics)
         state["epoch"] = epoch + 1
         if show:
-            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
-                       + f" ({seconds:.1f} s)")
+            tqdm.write(
+                f"epoch {epoch + 1}: "
+                + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+                + f" ({seconds:.1f} s)"
+            )
         if world.is_main:
-            saved = {"side": model.side.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state}
+            saved = {
+                "side": model.side.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "state": state,
+            }
             if scaler.is_enabled():
                 saved["scaler"] = scaler.state_dict()
             _save_state(last, saved)
@@ -253,19 +298,33 @@ def train(model: MPISMoEModel, train_data: Dataset, eval_data: Dataset, cfg: Tra
     model.eval()
     if model.config.side.expert_bits is not None:
         if show:
-            tqdm.write(f"packing the experts ({model.config.quant.method if model.config.quant else 'gnpiq'}, "
-                       f"{model.config.side.expert_bits} bits)")
+            tqdm.write(
+                f"packing the experts ({model.config.quant.method if model.config.quant else 'gnpiq'}, "
+                f"{model.config.side.expert_bits} bits)"
+            )
         model.to("cpu")  # the quantizers' home; every rank packs the same weights the same way
         model.pack_experts()
         model.to(device)
     final = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="final validation" if show else None)
     train_seconds = time.perf_counter() - start  # as before: training, packing and the final validation
-    test = evaluate(model, tok, test_data, cfg.eval_batch_size, shard, progress="test" if show else None) if test_data is not None else None
+    test = (
+        evaluate(model, tok, test_data, cfg.eval_batch_size, shard, progress="test" if show else None)
+        if test_data is not None
+        else None
+    )
     memory = peak_memory(device)
-    result = TrainResult(history=state["history"], final=final, test=test, train_seconds=train_seconds,
-                         trainable_params=sum(p.numel() for p in params), world_size=world.size, device=str(device),
-                         peak_rss_mb=memory["peak_rss_mb"], peak_cuda_allocated_mb=memory.get("peak_cuda_allocated_mb"),
-                         train_config=cfg.to_dict())
+    result = TrainResult(
+        history=state["history"],
+        final=final,
+        test=test,
+        train_seconds=train_seconds,
+        trainable_params=sum(p.numel() for p in params),
+        world_size=world.size,
+        device=str(device),
+        peak_rss_mb=memory["peak_rss_mb"],
+        peak_cuda_allocated_mb=memory.get("peak_cuda_allocated_mb"),
+        train_config=cfg.to_dict(),
+    )
     if world.is_main:
         save_checkpoint(model, out / CHECKPOINT_FILE)
         _write_json(out / METRICS_FILE, result.to_dict())

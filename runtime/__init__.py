@@ -7,12 +7,18 @@ lazily, so ``mpismoe_edge.runtime.parity`` works with numpy alone.
     p = Predictor.from_dir("out/", provider="auto")
     p.predict(["some text"])
 """
+
 from __future__ import annotations
 
 _LAZY = {
-    "Predictor": "session", "create_session": "session", "TruncationWarning": "session",
-    "ProviderFallbackWarning": "session", "Manifest": "manifest", "load_manifest": "manifest",
-    "compare_logits": "parity", "ParityReport": "parity",
+    "Predictor": "session",
+    "create_session": "session",
+    "TruncationWarning": "session",
+    "ProviderFallbackWarning": "session",
+    "Manifest": "manifest",
+    "load_manifest": "manifest",
+    "compare_logits": "parity",
+    "ParityReport": "parity",
 }
 __all__ = sorted(_LAZY)
 

@@ -1,4 +1,5 @@
 """Argument checks shared by the runtime's API and the command lines (standard library only)."""
+
 from __future__ import annotations
 
 

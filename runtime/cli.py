@@ -12,6 +12,7 @@ among the inputs) and, for --input, "line" (1-based line number in the file); fo
 token-classification model the prediction is {"words": [{"word", "start", "end", "label",
 "score"}, ...], "truncated"}, all of a text's words on its one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def read_jsonl(path: str) -> list[tuple[int, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpismoe-run", description="Run an exported mpismoe-edge model "
-                                "(numpy + onnxruntime + tokenizers only); prints JSON lines.")
+    p = argparse.ArgumentParser(
+        prog="mpismoe-run",
+        description="Run an exported mpismoe-edge model (numpy + onnxruntime + tokenizers only); prints JSON lines.",
+    )
     p.add_argument("model_dir", help="exported directory (model.onnx, tokenizer.json, manifest.json)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to run the model on (repeatable)")
@@ -54,12 +57,16 @@ def _run(args) -> int:
 
     from .session import Predictor  # imported late: argument errors stay fast
 
-    predictor = Predictor.from_dir(args.model_dir, provider=args.provider, threads=args.threads,
-                                   graph_optimization=args.graph_optimization,
-                                   batch_size=args.batch_size)
+    predictor = Predictor.from_dir(
+        args.model_dir,
+        provider=args.provider,
+        threads=args.threads,
+        graph_optimization=args.graph_optimization,
+        batch_size=args.batch_size,
+    )
     chunk = max(args.batch_size * 16, 512)  # bound memory; output flows while we work
     for start in range(0, len(items), chunk):
-        part = items[start:start + chunk]
+        part = items[start : start + chunk]
         results = predictor.predict([t for _, t in part])
         for k, ((line, _), res) in enumerate(zip(part, results)):
             out = {"index": start + k}

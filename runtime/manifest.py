@@ -13,17 +13,36 @@ Exports made before the Hugging Face layout hold ``out/model.onnx``; :func:`find
 Only the fields the runtime needs are read; the rest (bits per layer, sizes, parity...) is kept
 in :attr:`Manifest.raw` for callers that want it.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .spec import (DEFAULT_TARGET, FORMAT_MAJOR, FORMAT_PREFIX, MANIFEST_FILE, MODEL_FILE, MODEL_PATHS, OUTPUT_NAME,
-                   TASKS, TEXT_INPUTS, TOKENIZER_FILE)
+from .spec import (
+    DEFAULT_TARGET,
+    FORMAT_MAJOR,
+    FORMAT_PREFIX,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    MODEL_PATHS,
+    OUTPUT_NAME,
+    TASKS,
+    TEXT_INPUTS,
+    TOKENIZER_FILE,
+)
 
-__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "MANIFEST_FILE", "Manifest", "find_model", "load_manifest", "parse_manifest",
-           "require_file"]
+__all__ = [
+    "MODEL_FILE",
+    "TOKENIZER_FILE",
+    "MANIFEST_FILE",
+    "Manifest",
+    "find_model",
+    "load_manifest",
+    "parse_manifest",
+    "require_file",
+]
 
 
 @dataclass(frozen=True)
@@ -72,10 +91,9 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
     fmt = raw.get("format")
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
         raise ValueError(f"{source}: 'format' must be '{FORMAT_PREFIX}{FORMAT_MAJOR}', got {fmt!r}")
-    major = fmt[len(FORMAT_PREFIX):].split(".")[0]
+    major = fmt[len(FORMAT_PREFIX) :].split(".")[0]
     if major != str(FORMAT_MAJOR):
-        raise ValueError(f"{source}: unsupported format {fmt!r}; this runtime reads "
-                         f"{FORMAT_PREFIX}{FORMAT_MAJOR}")
+        raise ValueError(f"{source}: unsupported format {fmt!r}; this runtime reads {FORMAT_PREFIX}{FORMAT_MAJOR}")
 
     task = raw.get("task", "classification")
     if task not in TASKS:
@@ -98,6 +116,13 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
             raise ValueError(f"{source}: '{key}' must be a non-empty list of names")
 
     opset = raw.get("opset")
-    return Manifest(task=task, labels=labels, max_length=max_length, inputs=tuple(inputs),
-                    outputs=tuple(outputs), target=str(raw.get("target", DEFAULT_TARGET)),
-                    opset=opset if isinstance(opset, int) else None, raw=raw)
+    return Manifest(
+        task=task,
+        labels=labels,
+        max_length=max_length,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        target=str(raw.get("target", DEFAULT_TARGET)),
+        opset=opset if isinstance(opset, int) else None,
+        raw=raw,
+    )

@@ -9,10 +9,11 @@ numpy only::
 For ``task="token-classification"`` the logits are one ``[tokens, labels]`` array per text (real
 tokens only, as ``Predictor.predict_logits`` returns them); they are compared token by token.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -25,15 +26,15 @@ class ParityReport:
     n: int
     max_abs_diff: float
     mean_abs_diff: float
-    label_agreement: float | None      # fraction of rows (texts, or tokens) whose argmax agrees
-    reference_accuracy: float | None   # vs the given labels, when labels are given
+    label_agreement: float | None  # fraction of rows (texts, or tokens) whose argmax agrees
+    reference_accuracy: float | None  # vs the given labels, when labels are given
     candidate_accuracy: float | None
     atol: float | None
     min_agreement: float | None
     max_accuracy_drop: float | None
     passed: bool
     failures: list[str] = field(default_factory=list)
-    tokens: int | None = None          # token classification: real tokens compared (n counts texts)
+    tokens: int | None = None  # token classification: real tokens compared (n counts texts)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,8 +48,7 @@ class ParityReport:
         if self.label_agreement is not None:
             parts.append(f"label_agreement={self.label_agreement:.4f}")
         if self.reference_accuracy is not None:
-            parts.append(f"accuracy reference={self.reference_accuracy:.4f} "
-                         f"candidate={self.candidate_accuracy:.4f}")
+            parts.append(f"accuracy reference={self.reference_accuracy:.4f} candidate={self.candidate_accuracy:.4f}")
         verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         return ", ".join(parts) + " -> " + verdict
 
@@ -129,10 +129,17 @@ def accuracy(logits, labels: Sequence, label_names: Sequence[str] | None = None)
     return float((a.argmax(-1) == y).mean())
 
 
-def compare_logits(reference, candidate, labels: Sequence | None = None, *,
-                   label_names: Sequence[str] | None = None, task: str = "classification",
-                   atol: float | None = 1e-3, min_agreement: float | None = 0.99,
-                   max_accuracy_drop: float | None = None) -> ParityReport:
+def compare_logits(
+    reference,
+    candidate,
+    labels: Sequence | None = None,
+    *,
+    label_names: Sequence[str] | None = None,
+    task: str = "classification",
+    atol: float | None = 1e-3,
+    min_agreement: float | None = 0.99,
+    max_accuracy_drop: float | None = None,
+) -> ParityReport:
     """Compare ``candidate`` logits (e.g. ONNX) against ``reference`` (e.g. PyTorch).
 
     Passes when max |diff| <= ``atol`` (skip with None), the argmax agreement is at least
@@ -156,8 +163,11 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
         if a.shape != b.shape:
             raise ValueError(f"shape mismatch: reference {list(a.shape)} vs candidate {list(b.shape)}")
         n = int(a.shape[0])
-    failures = [f"{name} logits contain NaN or inf" for name, x in (("reference", a), ("candidate", b))
-                if not np.isfinite(x).all()]
+    failures = [
+        f"{name} logits contain NaN or inf"
+        for name, x in (("reference", a), ("candidate", b))
+        if not np.isfinite(x).all()
+    ]
     mad, mean = abs_diff(a, b)
     if atol is not None and not mad <= atol:
         failures.append(f"max_abs_diff {mad:.3g} > atol {atol:g}")
@@ -171,8 +181,17 @@ def compare_logits(reference, candidate, labels: Sequence | None = None, *,
             ref_acc, cand_acc = accuracy(a, labels, label_names), accuracy(b, labels, label_names)
             if max_accuracy_drop is not None and cand_acc < ref_acc - max_accuracy_drop:
                 failures.append(f"accuracy dropped {ref_acc - cand_acc:.4f} > {max_accuracy_drop:g}")
-    return ParityReport(n=n, max_abs_diff=mad, mean_abs_diff=mean,
-                        label_agreement=agree, reference_accuracy=ref_acc,
-                        candidate_accuracy=cand_acc, atol=atol, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop, passed=not failures, failures=failures,
-                        tokens=tokens)
+    return ParityReport(
+        n=n,
+        max_abs_diff=mad,
+        mean_abs_diff=mean,
+        label_agreement=agree,
+        reference_accuracy=ref_acc,
+        candidate_accuracy=cand_acc,
+        atol=atol,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+        passed=not failures,
+        failures=failures,
+        tokens=tokens,
+    )

@@ -4,6 +4,7 @@ shared by training, calibration, the parity gate and ``mpismoe-run``.
 Standard library only (the runtime's import boundary). Every error is a ``ValueError`` (or
 ``FileNotFoundError``) naming the file and line, so a CLI can print it as one ``error: ...`` line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,8 +40,10 @@ def _decode(data: bytes, name: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{name} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         "save the file as UTF-8") from None
+        raise ValueError(
+            f"{name} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[Row]:
@@ -128,6 +131,7 @@ def label_ids(values: Sequence, labels: Sequence[str], where: Sequence[str] | No
             ids.append(int(value))
         else:
             place = where[i] if where is not None else f"label #{i}"
-            raise ValueError(f"{place}: label {value!r} is neither one of {list(labels)} "
-                             f"nor a class id in [0, {len(labels)})")
+            raise ValueError(
+                f"{place}: label {value!r} is neither one of {list(labels)} nor a class id in [0, {len(labels)})"
+            )
     return ids

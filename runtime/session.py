@@ -5,6 +5,7 @@ Imports only numpy, onnxruntime and tokenizers. One :class:`Predictor` may be us
 threads at once: ONNX Runtime's ``InferenceSession.run`` is thread safe, and the tokenizer is
 configured once at load and never mutated.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,12 @@ GRAPH_OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
 _ORT_DTYPES = {
-    "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32),
-    "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
-    "tensor(double)": np.dtype(np.float64), "tensor(bool)": np.dtype(np.bool_),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(bool)": np.dtype(np.bool_),
 }
 DEFAULT_BATCH_SIZE = 32
 
@@ -48,8 +52,7 @@ class ProviderFallbackWarning(UserWarning):
 
 def _session_options(threads: int | None, graph_optimization: str, quiet: bool) -> ort.SessionOptions:
     if graph_optimization not in GRAPH_OPTIMIZATION:
-        raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
-                         f"got {graph_optimization!r}")
+        raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, got {graph_optimization!r}")
     so = ort.SessionOptions()
     so.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
     if positive_int("threads", threads, optional=True) is not None:
@@ -70,8 +73,9 @@ def _load(model_path: Path, so: ort.SessionOptions, providers: list[str]) -> ort
         raise RuntimeError(f"cannot load {model_path}: {e}") from e
 
 
-def create_session(model_path: str | Path, provider: str = "cpu", threads: int | None = None,
-                   graph_optimization: str = "all") -> tuple[ort.InferenceSession, str]:
+def create_session(
+    model_path: str | Path, provider: str = "cpu", threads: int | None = None, graph_optimization: str = "all"
+) -> tuple[ort.InferenceSession, str]:
     """Create an ORT session; returns it and the provider really used ("cpu" or "cuda").
 
     ``provider="cuda"`` falls back to CPU with a :class:`ProviderFallbackWarning` when CUDA is
@@ -127,32 +131,47 @@ class Predictor:
     [{'label': 'positive', 'probabilities': {...}, 'truncated': False}, ...]
     """
 
-    def __init__(self, session: ort.InferenceSession, encoder: TextEncoder, manifest: Manifest,
-                 provider: str, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        encoder: TextEncoder,
+        manifest: Manifest,
+        provider: str,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
         positive_int("batch_size", batch_size)
         self.session, self.encoder, self.manifest = session, encoder, manifest
         self.provider, self.batch_size = provider, batch_size
         self._inputs = {i.name: (_ORT_DTYPES.get(i.type), list(i.shape)) for i in session.get_inputs()}
         unknown = [n for n in self._inputs if n not in TEXT_INPUTS]
         if unknown:
-            raise ValueError(f"model inputs {unknown} cannot be built from text; "
-                             f"expected a subset of {list(TEXT_INPUTS)} (use run_arrays for raw feeds)")
+            raise ValueError(
+                f"model inputs {unknown} cannot be built from text; "
+                f"expected a subset of {list(TEXT_INPUTS)} (use run_arrays for raw feeds)"
+            )
         outs = [o.name for o in session.get_outputs()]
         self.output_name = manifest.outputs[0]
         if self.output_name not in outs:
             raise ValueError(f"manifest output {self.output_name!r} is not a model output; model has {outs}")
 
     @classmethod
-    def from_dir(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-                 graph_optimization: str = "all", batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+    def from_dir(
+        cls,
+        path: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        graph_optimization: str = "all",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Predictor:
         path = Path(path)
         manifest = load_manifest(path)
         tok_path = require_file(path / TOKENIZER_FILE)
         model_path = find_model(path)
         session, used = create_session(model_path, provider, threads, graph_optimization)
         if manifest.target == "ort-cuda" and used != "cuda":
-            warnings.warn("model was exported for target 'ort-cuda' but runs on CPU",
-                          ProviderFallbackWarning, stacklevel=2)
+            warnings.warn(
+                "model was exported for target 'ort-cuda' but runs on CPU", ProviderFallbackWarning, stacklevel=2
+            )
         return cls(session, TextEncoder(tok_path, manifest.max_length), manifest, used, batch_size)
 
     # ---- properties -------------------------------------------------------------------------
@@ -173,8 +192,10 @@ class Predictor:
         return {n: (str(dt), _dim_str(shape)) for n, (dt, shape) in self._inputs.items()}
 
     def __repr__(self) -> str:
-        return (f"Predictor(task={self.task!r}, labels={self.labels}, max_length={self.max_length}, "
-                f"provider={self.provider!r})")
+        return (
+            f"Predictor(task={self.task!r}, labels={self.labels}, max_length={self.max_length}, "
+            f"provider={self.provider!r})"
+        )
 
     # ---- raw arrays -------------------------------------------------------------------------
     def _expected(self) -> str:
@@ -187,39 +208,38 @@ class Predictor:
         missing = [n for n in self._inputs if n not in feed]
         extra = [n for n in feed if n not in self._inputs]
         if missing or extra:
-            raise ValueError(f"wrong input names (missing {missing}, unexpected {extra}); "
-                             f"expected {self._expected()}")
+            raise ValueError(f"wrong input names (missing {missing}, unexpected {extra}); expected {self._expected()}")
         dims: dict[str, tuple[int, str]] = {}
         for name, (dtype, shape) in self._inputs.items():
             arr = feed[name]
             if not isinstance(arr, np.ndarray):
-                raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}; "
-                                f"expected {self._expected()}")
+                raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}; expected {self._expected()}")
             if arr.dtype != dtype:
-                raise ValueError(f"{name} has dtype {arr.dtype}, expected {dtype}; "
-                                 f"expected {self._expected()}")
+                raise ValueError(f"{name} has dtype {arr.dtype}, expected {dtype}; expected {self._expected()}")
             if arr.ndim != len(shape):
-                raise ValueError(f"{name} has shape {list(arr.shape)} (rank {arr.ndim}), expected "
-                                 f"rank {len(shape)}; expected {self._expected()}")
+                raise ValueError(
+                    f"{name} has shape {list(arr.shape)} (rank {arr.ndim}), expected "
+                    f"rank {len(shape)}; expected {self._expected()}"
+                )
             for axis, (want, got) in enumerate(zip(shape, arr.shape)):
                 if got == 0:
                     raise ValueError(f"{name} has an empty axis {axis} (shape {list(arr.shape)}): empty batch")
                 if isinstance(want, int) and want != got:
-                    raise ValueError(f"{name} axis {axis} is {got}, model requires {want}; "
-                                     f"expected {self._expected()}")
+                    raise ValueError(f"{name} axis {axis} is {got}, model requires {want}; expected {self._expected()}")
                 if isinstance(want, str):
                     if want in dims and dims[want][0] != got:
                         other = dims[want][1]
-                        raise ValueError(f"{name} axis {axis} is {got} but {other} has {dims[want][0]} "
-                                         f"for the same dimension '{want}'")
+                        raise ValueError(
+                            f"{name} axis {axis} is {got} but {other} has {dims[want][0]} "
+                            f"for the same dimension '{want}'"
+                        )
                     dims.setdefault(want, (got, name))
             if arr.dtype.kind == "f" and np.isnan(arr).any():
                 raise ValueError(f"{name} contains NaN")
             if name == "input_ids":
                 vocab = self.encoder.vocab_size
                 if arr.min() < 0 or arr.max() >= vocab:
-                    raise ValueError(f"input_ids must lie in [0, {vocab}), got range "
-                                     f"[{arr.min()}, {arr.max()}]")
+                    raise ValueError(f"input_ids must lie in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
 
     def run_arrays(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         """Run the model on a feed you built yourself; returns the logits (float32)."""
@@ -234,8 +254,9 @@ class Predictor:
     def _batch_size(self, batch_size: int | None) -> int:
         return self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
 
-    def _logits_and_encodings(self, texts, batch_size: int | None) -> tuple[np.ndarray | list[np.ndarray],
-                                                                            list[Encoding]]:
+    def _logits_and_encodings(
+        self, texts, batch_size: int | None
+    ) -> tuple[np.ndarray | list[np.ndarray], list[Encoding]]:
         texts = check_texts(texts)
         bs = self._batch_size(batch_size)
         encs = self.encoder.tokenize(texts)
@@ -243,7 +264,7 @@ class Predictor:
         order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
         chunks = []
         for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             arrays = self.encoder.pad([encs[i] for i in idx]).arrays()
             feed = {n: arrays[n].astype(dt, copy=False) for n, (dt, _) in self._inputs.items()}
             chunks.append((idx, self._run(feed)))
@@ -256,8 +277,11 @@ class Predictor:
                 logits[idx] = out
         n_cut = sum(was_truncated(e) for e in encs)
         if n_cut:
-            warnings.warn(f"{n_cut} of {len(texts)} text(s) exceeded max_length={self.max_length} "
-                          f"tokens and were truncated", TruncationWarning, stacklevel=3)
+            warnings.warn(
+                f"{n_cut} of {len(texts)} text(s) exceeded max_length={self.max_length} tokens and were truncated",
+                TruncationWarning,
+                stacklevel=3,
+            )
         return logits, encs
 
     @staticmethod
@@ -268,10 +292,12 @@ class Predictor:
         for idx, out in chunks:
             seq = max(1, max(len(encs[i].ids) for i in idx))  # as TextEncoder.pad
             if out.ndim != 3 or out.shape[:2] != (len(idx), seq):
-                raise ValueError(f"a token-classification model must return logits [batch, seq, labels] "
-                                 f"([{len(idx)}, {seq}, labels] here), got {list(out.shape)}")
+                raise ValueError(
+                    f"a token-classification model must return logits [batch, seq, labels] "
+                    f"([{len(idx)}, {seq}, labels] here), got {list(out.shape)}"
+                )
             for i, row in zip(idx, out):
-                rows[i] = row[:len(encs[i].ids)].copy()
+                rows[i] = row[: len(encs[i].ids)].copy()
         return rows
 
     def predict_logits(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
@@ -299,19 +325,27 @@ class Predictor:
         flags = [was_truncated(e) for e in encs]
         if self.task == "token-classification":
             labels = self._label_names(logits[0].shape[-1])
-            return [{"words": _words(text, enc, _softmax(rows), labels), "truncated": cut}
-                    for text, enc, rows, cut in zip(texts, encs, logits, flags)]
+            return [
+                {"words": _words(text, enc, _softmax(rows), labels), "truncated": cut}
+                for text, enc, rows, cut in zip(texts, encs, logits, flags)
+            ]
         if logits.ndim == 1:
             logits = logits[:, None]
         if self.task == "regression":
-            return [{"score": float(row[0]) if row.size == 1 else row.tolist(), "truncated": cut}
-                    for row, cut in zip(logits.reshape(len(flags), -1), flags)]
+            return [
+                {"score": float(row[0]) if row.size == 1 else row.tolist(), "truncated": cut}
+                for row, cut in zip(logits.reshape(len(flags), -1), flags)
+            ]
         labels = self._label_names(logits.shape[-1])
         probs = _softmax(logits)
-        return [{"label": labels[int(p.argmax())],
-                 "probabilities": {lab: float(v) for lab, v in zip(labels, p)},
-                 "truncated": cut}
-                for p, cut in zip(probs, flags)]
+        return [
+            {
+                "label": labels[int(p.argmax())],
+                "probabilities": {lab: float(v) for lab, v in zip(labels, p)},
+                "truncated": cut,
+            }
+            for p, cut in zip(probs, flags)
+        ]
 
     def _label_names(self, n: int) -> list[str]:
         labels = self.labels or [str(i) for i in range(n)]
@@ -341,6 +375,7 @@ def _words(text: str, enc: Encoding, probs: np.ndarray, labels: list[str]) -> li
     for first, end in spans.values():
         start = enc.offsets[first][0]
         k = int(probs[first].argmax())
-        words.append({"word": text[start:end], "start": start, "end": end, "label": labels[k],
-                      "score": float(probs[first, k])})
+        words.append(
+            {"word": text[start:end], "start": start, "end": end, "label": labels[k], "score": float(probs[first, k])}
+        )
     return words

@@ -3,6 +3,7 @@
 The torch-free runtime owns these facts, so the training and export sides import them from here
 instead of keeping copies (this module imports nothing but the standard library).
 """
+
 from __future__ import annotations
 
 import enum
@@ -37,19 +38,29 @@ FORMAT_PREFIX = "mpismoe-edge-onnx/"
 FORMAT_MAJOR = 1
 FORMAT = f"{FORMAT_PREFIX}{FORMAT_MAJOR}"
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"        # external weights, when the model is large
-MODEL_DIR = "onnx"                   # Hugging Face's ONNX layout keeps the graph under onnx/
+DATA_FILE = "model.onnx.data"  # external weights, when the model is large
+MODEL_DIR = "onnx"  # Hugging Face's ONNX layout keeps the graph under onnx/
 MODEL_PATHS = (f"{MODEL_DIR}/{MODEL_FILE}", MODEL_FILE)  # where the graph is: this layout, then the old one
 TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"      # ours; the Hugging Face loaders read the three below
+MANIFEST_FILE = "manifest.json"  # ours; the Hugging Face loaders read the three below
 CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 # top-level entries an export may hold (model.onnx(.data) of the old layout too, so an old export can be replaced)
-EXPORT_FILES = frozenset({MODEL_DIR, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE,
-                          MANIFEST_FILE, MODEL_FILE, DATA_FILE})
+EXPORT_FILES = frozenset(
+    {
+        MODEL_DIR,
+        CONFIG_FILE,
+        TOKENIZER_FILE,
+        TOKENIZER_CONFIG_FILE,
+        SPECIAL_TOKENS_FILE,
+        MANIFEST_FILE,
+        MODEL_FILE,
+        DATA_FILE,
+    }
+)
 
 # ---- the training run's directory ----------------------------------------------------------
 CHECKPOINT_FILE = "model.pt"
-LAST_CHECKPOINT_FILE = "last.pt"     # resumable state of the last epoch
+LAST_CHECKPOINT_FILE = "last.pt"  # resumable state of the last epoch
 METRICS_FILE = "metrics.json"

@@ -4,6 +4,7 @@ The ``tokenizers.Tokenizer`` is configured once at load (truncation on, padding 
 mutated afterwards, so one :class:`TextEncoder` can be shared by many threads. Padding is done
 here in numpy, per batch, to the longest sequence of that batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,13 +18,16 @@ _PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>")
 
 @dataclass(frozen=True)
 class Batch:
-    input_ids: np.ndarray       # int64 [batch, seq]
+    input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_type_ids: np.ndarray  # int64 [batch, seq]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "token_type_ids": self.token_type_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
 
 
 def check_texts(texts) -> list[str]:

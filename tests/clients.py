@@ -3,6 +3,7 @@
 A client missing here skips its tests with the reason; under CI (``CI=true``, set by .ci/run)
 it fails them, so CI cannot pass without running every client (.ci/run installs them all).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ import pytest
 from mpismoe_edge.export.runtimes import OPENVINO_CONFIG
 
 JS_DIR = Path(__file__).parent / "js"
-JS_PACKAGES = {"onnxruntime-node": "onnxruntime-node", "onnxruntime-web": "onnxruntime-web",
-               "transformers.js": "@huggingface/transformers"}
+JS_PACKAGES = {
+    "onnxruntime-node": "onnxruntime-node",
+    "onnxruntime-web": "onnxruntime-web",
+    "transformers.js": "@huggingface/transformers",
+}
 
 
 def _missing(client: str) -> str | None:
@@ -58,7 +62,9 @@ def run_reference(model: Path, feed: dict[str, np.ndarray], output: str = "logit
     return ReferenceEvaluator(str(model)).run([output], feed)[0]
 
 
-def run_openvino(model: Path, feed: dict[str, np.ndarray], output: str = "logits", config=OPENVINO_CONFIG) -> np.ndarray:
+def run_openvino(
+    model: Path, feed: dict[str, np.ndarray], output: str = "logits", config=OPENVINO_CONFIG
+) -> np.ndarray:
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(model), "CPU", dict(config))
@@ -80,6 +86,9 @@ def array(reply: dict) -> np.ndarray:
 
 
 def run_node_ort(client: str, model: Path, feed: dict[str, np.ndarray], tmp_path: Path) -> np.ndarray:
-    request = {"client": client, "model": str(model),
-               "feed": {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feed.items()}}
+    request = {
+        "client": client,
+        "model": str(model),
+        "feed": {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feed.items()},
+    }
     return array(run_js(request, tmp_path)["logits"])

@@ -1,4 +1,5 @@
 """benchmarks/frozen_probe.py: the closed-form ridge and the strength chosen on validation, on synthetic features."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +9,9 @@ import torch
 
 from mpismoe_edge.data import Dataset
 
-_SPEC = importlib.util.spec_from_file_location("bench_frozen_probe", Path(__file__).parents[1] / "benchmarks" / "frozen_probe.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_frozen_probe", Path(__file__).parents[1] / "benchmarks" / "frozen_probe.py"
+)
 probe = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(probe)
 

@@ -1,4 +1,5 @@
 """benchmarks/tasks.py: task loading, the scoring helpers and the summary table, on synthetic rows."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,7 +26,11 @@ def _write(folder: Path, info: dict, rows: dict[str, list[dict]]) -> None:
 
 def test_train_rows_subsample_is_seeded_and_val_rows_keep_the_first(tmp_path):
     rows = [{"text": f"t{i}", "label": "a" if i % 3 else "b"} for i in range(50)]
-    _write(tmp_path / "toy", {"task": "classification", "labels": ["a", "b"]}, {"train": rows, "validation": rows, "test": rows})
+    _write(
+        tmp_path / "toy",
+        {"task": "classification", "labels": ["a", "b"]},
+        {"train": rows, "validation": rows, "test": rows},
+    )
     info, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10, val_rows=5)
     assert len(train) == 10 and val.texts == [f"t{i}" for i in range(5)] and len(test) == 50
     assert tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10)[1].texts == train.texts
@@ -44,7 +49,11 @@ def test_each_word_is_labelled_by_its_first_sub_token_and_cut_words_get_the_fill
 
 
 def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
-    cls = tasks.baseline({"task": "classification"}, Dataset(["x"] * 3, [1, 1, 0], ["a", "b"]), Dataset(["x"] * 4, [1, 0, 0, 1], ["a", "b"]))
+    cls = tasks.baseline(
+        {"task": "classification"},
+        Dataset(["x"] * 3, [1, 1, 0], ["a", "b"]),
+        Dataset(["x"] * 4, [1, 0, 0, 1], ["a", "b"]),
+    )
     assert cls == {"accuracy": 0.5}
     ner_info = {"task": "token-classification", "labels": ["B-x", "O"]}
     test = Dataset([["a", "b"]], [[0, 1]], ner_info["labels"])
@@ -54,15 +63,31 @@ def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
 
 
 def _row(task, method, seed, value, rss=100.0):
-    return {"task": task, "backbone": "minilm", "method": method, "seed": seed, "kind": "run", "epoch": 1,
-            "val": {"accuracy": value}, "test": {"accuracy": value}, "peak_rss_mb": rss, "trainable_params": 10,
-            "seconds": 1.0, "train_rows": 500, "epochs": 3}
+    return {
+        "task": task,
+        "backbone": "minilm",
+        "method": method,
+        "seed": seed,
+        "kind": "run",
+        "epoch": 1,
+        "val": {"accuracy": value},
+        "test": {"accuracy": value},
+        "peak_rss_mb": rss,
+        "trainable_params": 10,
+        "seconds": 1.0,
+        "train_rows": 500,
+        "epochs": 3,
+    }
 
 
 def test_summary_reports_means_and_paired_differences():
-    rows = [_row("tweets", "lst", 0, 0.70, 200), _row("tweets", "lst", 1, 0.72, 200),
-            _row("tweets", "mp-ismoe", 0, 0.73, 100), _row("tweets", "mp-ismoe", 1, 0.73, 100),
-            {"task": "tweets", "backbone": "minilm", "method": "lst", "seed": 0, "kind": "probe", "tensor_peak_mb": 50.0}]
+    rows = [
+        _row("tweets", "lst", 0, 0.70, 200),
+        _row("tweets", "lst", 1, 0.72, 200),
+        _row("tweets", "mp-ismoe", 0, 0.73, 100),
+        _row("tweets", "mp-ismoe", 1, 0.73, 100),
+        {"task": "tweets", "backbone": "minilm", "method": "lst", "seed": 0, "kind": "probe", "tensor_peak_mb": 50.0},
+    ]
     text = tasks.summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
     assert "| tweets | majority / mean | 40.00 |" in text
     assert "| tweets | mp-ismoe | 73.00 | 73.00 / 73.00 |" in text
@@ -71,11 +96,15 @@ def test_summary_reports_means_and_paired_differences():
 
 
 def test_the_split_files_hold_the_rows_the_benchmark_loads(tmp_path):
-    rows = [{"text": f"t{i}\u2028line", "label": "a" if i % 3 else "b"} for i in range(50)]  # a line separator inside a string
+    rows = [
+        {"text": f"t{i}\u2028line", "label": "a" if i % 3 else "b"} for i in range(50)
+    ]  # a line separator inside a string
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "task.json").write_text(json.dumps({"task": "classification", "labels": ["a", "b"]}))
     for split in ("train", "validation", "test"):
-        (tmp_path / "toy" / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (tmp_path / "toy" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
     args = SimpleNamespace(data=str(tmp_path), task="toy", seed=3, train_rows=10, val_rows=5)
     files = tasks._write_split_files(args, tmp_path / "out")
     _, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=3, train_rows=10, val_rows=5)
@@ -85,13 +114,14 @@ def test_the_split_files_hold_the_rows_the_benchmark_loads(tmp_path):
 
 def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
     info = {"tweets": {"task": "classification"}, "vader-movies": {"task": "regression"}}
-    rows = [{**_row("tweets", "full-ft", 0, 0.60), "epochs": 3},
-            {**_row("tweets", "mpismoe-train", 0, 0.50), "epoch": 9, "epochs": 13},
-            {**_row("vader-movies", "full-ft", 0, 0), "test": {"mse": 2.0}},
-            {**_row("vader-movies", "mpismoe-train", 0, 0), "test": {"mse": 2.5}, "epochs": 13}]
+    rows = [
+        {**_row("tweets", "full-ft", 0, 0.60), "epochs": 3},
+        {**_row("tweets", "mpismoe-train", 0, 0.50), "epoch": 9, "epochs": 13},
+        {**_row("vader-movies", "full-ft", 0, 0), "test": {"mse": 2.0}},
+        {**_row("vader-movies", "mpismoe-train", 0, 0), "test": {"mse": 2.5}, "epochs": 13},
+    ]
     base = {("tweets", 0): {"accuracy": 0.55}, ("vader-movies", 0): {"mse": 3.0}}
     text = tasks.small_data_report(rows, "minilm", info, base)
     assert "| tweets | 0 | accuracy | 55.00 | 60.00 | 50.00 | 9 / 13 | yes | no |" in text
     assert "| vader-movies | 0 | mse | 3.00 | 2.00 | 2.50 | 1 / 13 | yes | yes |" in text
     assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text
-

@@ -1,4 +1,5 @@
 """Calibration: sensitivities on layer outputs, exact bit allocation, report, CLI (tiny random models)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from mpismoe_edge.calibration import allocate, capture_inputs, layer_bytes, measure_sensitivities, output_error, solve_mckp
+from mpismoe_edge.calibration import (
+    allocate,
+    capture_inputs,
+    layer_bytes,
+    measure_sensitivities,
+    output_error,
+    solve_mckp,
+)
 from mpismoe_edge.calibration.allocate import MB
 from mpismoe_edge.calibration.report import build_report, write_report
 from mpismoe_edge.calibration.sensitivity import LayerSensitivity, layer_sensitivity, text_batches
@@ -30,8 +38,14 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(WORDS) + 4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
     return BertModel(cfg).eval()
 
 
@@ -41,7 +55,9 @@ def tiny_tokenizer_json() -> str:
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     return tok.to_str()
 
 
@@ -55,6 +71,7 @@ def padded_batches(n_batches: int = 3, seed: int = 0) -> list[dict[str, torch.Te
 
 
 # ---------------------------------------------------------------- sensitivity
+
 
 def test_output_error_is_relative_output_error():
     g = torch.Generator().manual_seed(0)
@@ -72,7 +89,9 @@ def test_output_error_is_relative_output_error():
 
 
 def test_text_batches_pad_and_mask():
-    batches = text_batches(tiny_tokenizer_json(), ["good day", "not a very good movie at all"], max_length=5, batch_size=2)
+    batches = text_batches(
+        tiny_tokenizer_json(), ["good day", "not a very good movie at all"], max_length=5, batch_size=2
+    )
     (b,) = batches
     assert b["input_ids"].shape == (2, 5)
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
@@ -115,7 +134,7 @@ def test_layer_sensitivity_measures_outputs_and_falls_back_to_weights():
     wq = quantize_weight(lin.weight.detach(), 2, QUANT, "fc").dequantize()
     assert w.rows == 0
     w0 = lin.weight.detach()
-    assert w.errors[2] == pytest.approx(float(((w0 - wq) ** 2).sum() / (w0 ** 2).sum()), rel=1e-5)
+    assert w.errors[2] == pytest.approx(float(((w0 - wq) ** 2).sum() / (w0**2).sum()), rel=1e-5)
 
 
 def test_measure_sensitivities_every_layer_decreasing_in_width_with_gains():
@@ -139,8 +158,11 @@ def test_gain_is_hidden_state_error_per_unit_of_layer_error():
 
     model, batches = tiny_bert(), padded_batches(1, seed=5)
     name = "encoder.layer.0.intermediate.dense"
-    (s,) = [s for s in measure_sensitivities(model, QUANT, padded_batches(1), gain_batches=batches, widths=(2, 4))
-            if s.name == name]
+    (s,) = [
+        s
+        for s in measure_sensitivities(model, QUANT, padded_batches(1), gain_batches=batches, widths=(2, 4))
+        if s.name == name
+    ]
     ref = _state_rows(model, batches)
     layer = model.get_submodule(name)
     layer.weight.data.copy_(quantize_weight(layer.weight.detach(), 2, QUANT, name).dequantize())
@@ -159,6 +181,7 @@ def test_measure_sensitivities_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- allocation
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_layer_bytes_is_what_quantlinear_stores(bits):
@@ -182,9 +205,9 @@ def test_mckp_is_optimal_against_brute_force():
         n_layers = rng.randint(1, 5)
         shapes = [(16 * rng.randint(1, 6), 16 * rng.randint(1, 6)) for _ in range(n_layers)]
         sizes = [[round(layer_bytes(n, k, b, 16)) for b in (2, 3, 4, 8)] for n, k in shapes]
-        if case % 2:   # sensitivities falling with width, as measured
+        if case % 2:  # sensitivities falling with width, as measured
             costs = [sorted((rng.random() for _ in range(4)), reverse=True) for _ in shapes]
-        else:          # any costs at all
+        else:  # any costs at all
             costs = [[rng.random() for _ in range(4)] for _ in shapes]
         lo, hi = sum(r[0] for r in sizes), sum(r[-1] for r in sizes)
         capacity = rng.randint(lo, hi + 100)
@@ -212,8 +235,18 @@ def _fake_sens(n_layers: int = 6, seed: int = 0) -> list[LayerSensitivity]:
     for i in range(n_layers):
         n, k = rng.choice([(64, 64), (128, 64), (64, 128)])
         e2 = rng.uniform(0.05, 0.5)
-        out.append(LayerSensitivity(f"l{i}", n, k, True, 100, rng.uniform(0.1, 10),
-                                    {2: e2, 3: e2 / 4, 4: e2 / 16, 8: e2 / 4096}, gain=rng.uniform(0.01, 2)))
+        out.append(
+            LayerSensitivity(
+                f"l{i}",
+                n,
+                k,
+                True,
+                100,
+                rng.uniform(0.1, 10),
+                {2: e2, 3: e2 / 4, 4: e2 / 16, 8: e2 / 4096},
+                gain=rng.uniform(0.01, 2),
+            )
+        )
     return out
 
 
@@ -222,7 +255,9 @@ def test_allocate_meets_budget_and_reports_sizes():
     g = QUANT.group_size
     a = allocate(sens, g, avg_bits=3.0)
     assert a.exact and a.avg_bits <= 3.0 and a.total_bytes <= a.budget_bytes
-    assert a.total_bytes == round(sum(layer_bytes(s.out_features, s.in_features, a.bits_map[s.name], g, True) for s in sens))
+    assert a.total_bytes == round(
+        sum(layer_bytes(s.out_features, s.in_features, a.bits_map[s.name], g, True) for s in sens)
+    )
     # the optimum is never worse than uniform 3 bits, which fits the same budget
     assert a.objective <= sum(s.gain * s.errors[3] for s in sens) + 1e-15
     assert a.weights == {s.name: s.gain for s in sens}
@@ -261,7 +296,9 @@ def test_allocation_feeds_quantize_model_and_apply_bits_matches_it():
     linears_only = QuantConfig(**{**QUANT.to_dict(), "bits_map": a.bits_map, "embeddings": False})
     applied = quantize_model(model, linears_only, progress=False)
     assert applied == a.bits_map
-    stored = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) for t in m.buffers())
+    stored = sum(
+        t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) for t in m.buffers()
+    )
     assert stored == a.total_bytes
     apply_bits(twin, kept, a.bits_map)
     ours, ref = twin.state_dict(), model.state_dict()
@@ -269,6 +306,7 @@ def test_allocation_feeds_quantize_model_and_apply_bits_matches_it():
 
 
 # ---------------------------------------------------------------- report
+
 
 def test_report_json_and_png(tmp_path):
     sens = _fake_sens()
@@ -286,19 +324,24 @@ def test_report_json_and_png(tmp_path):
 def test_report_png_is_a_picture_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     sens = _fake_sens()
-    _, png = write_report(build_report(sens, allocate(sens, QUANT.group_size, avg_bits=3.0), QUANT.group_size), tmp_path)
+    _, png = write_report(
+        build_report(sens, allocate(sens, QUANT.group_size, avg_bits=3.0), QUANT.group_size), tmp_path
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_report_without_matplotlib_writes_the_json_and_no_png(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     sens = _fake_sens()
-    js, png = write_report(build_report(sens, allocate(sens, QUANT.group_size, avg_bits=3.0), QUANT.group_size), tmp_path)
+    js, png = write_report(
+        build_report(sens, allocate(sens, QUANT.group_size, avg_bits=3.0), QUANT.group_size), tmp_path
+    )
     assert png is None and not (tmp_path / "calibration.png").exists()
     assert json.loads(js.read_text())["layers"]
 
 
 # ---------------------------------------------------------------- CLI
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -307,9 +350,15 @@ def checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("calib")
     tiny_bert().save_pretrained(root / "backbone")
-    config = ModelConfig(backbone=str(root / "backbone"), labels=["neg", "pos"], max_length=16,
-                         side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
+    config = ModelConfig(
+        backbone=str(root / "backbone"),
+        labels=["neg", "pos"],
+        max_length=16,
+        side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None),
+        quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}),
+    )
     from transformers import AutoModel
+
     model = build_model(AutoModel.from_pretrained(root / "backbone"), config, tiny_tokenizer_json(), progress=False)
     save_checkpoint(model, root / "model.pt")
     data = root / "train.jsonl"
@@ -330,8 +379,20 @@ def test_cli_without_matplotlib_writes_the_calibrated_model_and_the_json(checkpo
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as installed without the 'bench' extra
     out, rep = checkpoint / "model.nompl.pt", checkpoint / "report-nompl"
-    rc, stdout, err = _run_cli(capsys, checkpoint / "model.pt", "--avg-bits", "3", "-o", out,
-                               "--data", checkpoint / "train.jsonl", "--samples", "8", "--report-dir", rep)
+    rc, stdout, err = _run_cli(
+        capsys,
+        checkpoint / "model.pt",
+        "--avg-bits",
+        "3",
+        "-o",
+        out,
+        "--data",
+        checkpoint / "train.jsonl",
+        "--samples",
+        "8",
+        "--report-dir",
+        rep,
+    )
     assert rc == 0, err
     assert load_checkpoint(out).config.quant.bits_map
     assert (rep / "calibration.json").is_file() and not (rep / "calibration.png").exists()
@@ -342,8 +403,20 @@ def test_cli_calibrates_checkpoint(checkpoint, capsys):
     from mpismoe_edge.model import load_checkpoint
 
     out, rep = checkpoint / "model.calibrated.pt", checkpoint / "report"
-    rc, stdout, err = _run_cli(capsys, checkpoint / "model.pt", "--avg-bits", "2.5", "-o", out,
-                               "--data", checkpoint / "train.jsonl", "--samples", "24", "--report-dir", rep)
+    rc, stdout, err = _run_cli(
+        capsys,
+        checkpoint / "model.pt",
+        "--avg-bits",
+        "2.5",
+        "-o",
+        out,
+        "--data",
+        checkpoint / "train.jsonl",
+        "--samples",
+        "24",
+        "--report-dir",
+        rep,
+    )
     assert rc == 0, err
     assert "average bits" in stdout
     report = json.loads((rep / "calibration.json").read_text())
@@ -352,7 +425,12 @@ def test_cli_calibrates_checkpoint(checkpoint, capsys):
     bits = {n: m.bits for n, m in model.backbone.named_modules() if isinstance(m, QuantLinear)}
     assert bits == report["bits_map"] == model.config.quant.bits_map
     assert len(set(bits.values())) > 1  # mixed precision
-    stored = sum(t.numel() * t.element_size() for m in model.backbone.modules() if isinstance(m, QuantLinear) for t in m.buffers())
+    stored = sum(
+        t.numel() * t.element_size()
+        for m in model.backbone.modules()
+        if isinstance(m, QuantLinear)
+        for t in m.buffers()
+    )
     assert stored == report["total_bytes"]
     # embeddings stay packed (at the config's width; they are outside the calibrated budget)
     assert isinstance(model.backbone.embeddings.word_embeddings, QuantEmbedding)
@@ -377,8 +455,13 @@ def test_cli_bad_input_exit_2_writes_nothing(checkpoint, capsys, case):
     rc, _, err = _run_cli(capsys, checkpoint / "model.pt", *budget, "-o", out, "--data", data, "--report-dir", rep)
     assert rc == 2
     assert err.strip().splitlines()[-1].startswith("error: ")
-    assert {"budget": "minimum of 0.", "no_text_column": "line 2: 'text' missing", "binary": "not valid UTF-8",
-            "empty": "holds no rows", "missing": "not found"}[case] in err
+    assert {
+        "budget": "minimum of 0.",
+        "no_text_column": "line 2: 'text' missing",
+        "binary": "not valid UTF-8",
+        "empty": "holds no rows",
+        "missing": "not found",
+    }[case] in err
     assert not out.exists() and not rep.exists()
 
 
@@ -389,15 +472,36 @@ def test_cli_needs_a_budget(checkpoint, capsys):
 
 
 def test_cli_calibrates_a_token_classification_checkpoint(checkpoint, tmp_path, capsys):
-    from mpismoe_edge.config import ModelConfig, SideConfig
-    from mpismoe_edge.model import build_model, save_checkpoint
     from transformers import AutoModel
 
-    config = ModelConfig(backbone=str(checkpoint / "backbone"), task="token-classification", labels=["O", "X"], max_length=16,
-                         side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None), quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}))
-    model = build_model(AutoModel.from_pretrained(checkpoint / "backbone"), config, tiny_tokenizer_json(), progress=False)
+    from mpismoe_edge.config import ModelConfig, SideConfig
+    from mpismoe_edge.model import build_model, save_checkpoint
+
+    config = ModelConfig(
+        backbone=str(checkpoint / "backbone"),
+        task="token-classification",
+        labels=["O", "X"],
+        max_length=16,
+        side=SideConfig(num_experts=2, top_k=1, num_heads=2, expert_bits=None),
+        quant=QuantConfig(**{**QUANT.to_dict(), "bits": 4}),
+    )
+    model = build_model(
+        AutoModel.from_pretrained(checkpoint / "backbone"), config, tiny_tokenizer_json(), progress=False
+    )
     save_checkpoint(model, tmp_path / "model.pt")
-    rc, stdout, err = _run_cli(capsys, tmp_path / "model.pt", "--avg-bits", "3", "-o", tmp_path / "calibrated.pt",
-                               "--data", checkpoint / "train.jsonl", "--samples", "24", "--batch-size", "4")
+    rc, stdout, err = _run_cli(
+        capsys,
+        tmp_path / "model.pt",
+        "--avg-bits",
+        "3",
+        "-o",
+        tmp_path / "calibrated.pt",
+        "--data",
+        checkpoint / "train.jsonl",
+        "--samples",
+        "24",
+        "--batch-size",
+        "4",
+    )
     assert rc == 0, err
     assert "% of predictions on calibration texts unchanged" in stdout

@@ -1,4 +1,5 @@
 """The bundled tweets split: train, test and validation are fixed by the seed and disjoint."""
+
 import pytest
 
 from mpismoe_edge.data import Dataset, load_default, load_default_validation

@@ -1,31 +1,34 @@
 """Runs wherever the target says: every (target, runtime) pair of export/runtimes.py runs a tiny
 export and matches Python ONNX Runtime's logits (atol 1e-4; 1e-3 for int8) and labels; the Hugging Face layout
 loads as the task's transformers.js pipeline; the .ort keeps the weights packed."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from clients import array, require, run_js, run_node_ort, run_onnxruntime, run_openvino, run_reference
+from conftest import TEXTS, tiny_model
 
-from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
 from mpismoe_edge.export.fuse import INT8_TARGET
 from mpismoe_edge.export.ort_format import OPS_CONFIG_FILE, ORT_FILE
 from mpismoe_edge.export.runtimes import NEEDS_INLINED, TARGET_RUNTIMES
 from mpismoe_edge.runtime import Predictor
 from mpismoe_edge.runtime.manifest import find_model
+from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
 from mpismoe_edge.runtime.text import TextEncoder
-
-from clients import array, require, run_js, run_node_ort, run_onnxruntime, run_openvino, run_reference
-from conftest import TEXTS, tiny_model
 
 ATOL = 1e-4
 # ort-int8 quantizes activations at run time: x86 MLAS (VNNI/AMX) and wasm round them on different
 # kernels, a one-step flip moves a logit by ~1e-4..1e-3 (3.4e-4 seen in onnxruntime-web 1.30.0).
 INT8_CROSS_RUNTIME_ATOL = 1e-3  # the same int8 graph in two runtimes (runtime.spec.INT8_ATOL: int8 vs PyTorch)
 PAIRS = [(t, r) for t, runtimes in TARGET_RUNTIMES.items() for r in runtimes]
-PIPELINES = {"classification": "text-classification", "regression": "text-classification",
-             "token-classification": "token-classification"}
+PIPELINES = {
+    "classification": "text-classification",
+    "regression": "text-classification",
+    "token-classification": "token-classification",
+}
 TAGS = ["O", "B-X", "I-X"]
 
 
@@ -48,6 +51,7 @@ def exports(tmp_path_factory):
         if (target, inline) not in cache:
             cache[target, inline] = _export(tmp_path_factory, target=target, inline=inline, ort_format=not inline)
         return cache[target, inline]
+
     return get
 
 
@@ -87,7 +91,9 @@ def test_target_runs_in_each_runtime_it_states(exports, target, runtime, tmp_pat
 def test_transformers_js_text_classification_pipeline_matches(exports, target, tmp_path):
     require("transformers.js")
     out = exports(target)
-    reply = run_js({"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": TEXTS}, tmp_path)
+    reply = run_js(
+        {"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": TEXTS}, tmp_path
+    )
     feed = _feed(out)
     np.testing.assert_array_equal(array(reply["input_ids"]), feed["input_ids"])  # same tokens, same padding
     ref = run_onnxruntime(find_model(out), feed)
@@ -101,7 +107,9 @@ def test_transformers_js_text_classification_pipeline_matches(exports, target, t
 def test_transformers_js_token_classification_pipeline_matches(tmp_path_factory, tmp_path):
     require("transformers.js")
     out = _export(tmp_path_factory, task="token-classification", labels=TAGS)
-    reply = run_js({"client": "transformers.js", "dir": str(out), "task": "token-classification", "texts": TEXTS}, tmp_path)
+    reply = run_js(
+        {"client": "transformers.js", "dir": str(out), "task": "token-classification", "texts": TEXTS}, tmp_path
+    )
     feed = _feed(out)
     ref = run_onnxruntime(find_model(out), feed)
     np.testing.assert_allclose(array(reply["logits"]), ref, atol=ATOL, rtol=0)
@@ -117,31 +125,48 @@ def test_transformers_js_regression_model_returns_the_score_as_its_logit(tmp_pat
     one logit (score 1.0), so the score is read from the pipeline's model output."""
     require("transformers.js")
     out = _export(tmp_path_factory, task="regression", labels=("score",))
-    reply = run_js({"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": TEXTS}, tmp_path)
+    reply = run_js(
+        {"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": TEXTS}, tmp_path
+    )
     scores = [r["score"] for r in Predictor.from_dir(out).predict(TEXTS)]
     np.testing.assert_allclose(array(reply["logits"])[:, 0], scores, atol=ATOL, rtol=0)
     assert [(r[0]["label"], r[0]["score"]) for r in reply["pipeline"]] == [("score", 1.0)] * len(TEXTS)
 
 
-@pytest.mark.parametrize("task,labels", [("classification", ["neg", "neu", "pos"]), ("regression", ["score"]),
-                                         ("token-classification", TAGS)])
+@pytest.mark.parametrize(
+    "task,labels",
+    [("classification", ["neg", "neu", "pos"]), ("regression", ["score"]), ("token-classification", TAGS)],
+)
 def test_export_writes_the_hugging_face_layout(tmp_path_factory, task, labels):
     out = _export(tmp_path_factory, task=task, labels=labels)
-    assert {p.name for p in out.iterdir()} == {"onnx", "manifest.json", "tokenizer.json", CONFIG_FILE,
-                                               TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE}
+    assert {p.name for p in out.iterdir()} == {
+        "onnx",
+        "manifest.json",
+        "tokenizer.json",
+        CONFIG_FILE,
+        TOKENIZER_CONFIG_FILE,
+        SPECIAL_TOKENS_FILE,
+    }
     assert {p.name for p in (out / "onnx").iterdir()} == {"model.onnx"}
     config = json.loads((out / CONFIG_FILE).read_text())
     head = "TokenClassification" if task == "token-classification" else "SequenceClassification"
     assert config["model_type"] == "bert" and config["architectures"] == [f"BertFor{head}"]
     assert config["id2label"] == {str(i): name for i, name in enumerate(labels)}
     assert config["label2id"] == {name: i for i, name in enumerate(labels)}
-    assert config.get("problem_type") == {"classification": "single_label_classification",
-                                          "regression": "regression"}.get(task)
+    assert config.get("problem_type") == {
+        "classification": "single_label_classification",
+        "regression": "regression",
+    }.get(task)
     tok = json.loads((out / TOKENIZER_CONFIG_FILE).read_text())
     assert tok["model_max_length"] == 16
     assert tok["model_input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
-    special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-               "mask_token": "[MASK]"}
+    special = {
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "mask_token": "[MASK]",
+    }
     assert json.loads((out / SPECIAL_TOKENS_FILE).read_text()) == special
     assert {k: tok[k] for k in special} == special
 
@@ -168,7 +193,9 @@ def test_runtime_still_reads_the_old_layout(exports, tmp_path):
     for name in ("manifest.json", "tokenizer.json"):
         shutil.copy(new / name, old / name)
     shutil.copy(new / "onnx" / "model.onnx", old / "model.onnx")
-    np.testing.assert_array_equal(Predictor.from_dir(old).predict_logits(TEXTS), Predictor.from_dir(new).predict_logits(TEXTS))
+    np.testing.assert_array_equal(
+        Predictor.from_dir(old).predict_logits(TEXTS), Predictor.from_dir(new).predict_logits(TEXTS)
+    )
 
 
 def test_ort_format_writes_the_operator_config_of_the_graph(exports):
@@ -211,7 +238,9 @@ def test_real_minilm_export_runs_in_transformers_js_openvino_and_ort_mobile(tmp_
     model = find_model(out)
     ref = run_onnxruntime(model, feed)
 
-    reply = run_js({"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": texts}, tmp_path)
+    reply = run_js(
+        {"client": "transformers.js", "dir": str(out), "task": "text-classification", "texts": texts}, tmp_path
+    )
     np.testing.assert_array_equal(array(reply["input_ids"]), feed["input_ids"])
     np.testing.assert_allclose(array(reply["logits"]), ref, atol=ATOL, rtol=0)
     assert [r[0]["label"] for r in reply["pipeline"]] == [p["label"] for p in predictor.predict(texts)]
@@ -239,15 +268,19 @@ def test_inline_functions_writes_standard_ops_with_the_same_logits(exports, targ
     assert "CastLike" not in {n.op_type for n in proto.graph.node}  # ORT has no kernel: it would not fold it
     assert json.loads((inlined / "manifest.json").read_text())["inlined_functions"] is True
     feed = _feed(out)
-    np.testing.assert_allclose(run_onnxruntime(find_model(inlined), feed), run_onnxruntime(find_model(out), feed),
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        run_onnxruntime(find_model(inlined), feed), run_onnxruntime(find_model(out), feed), atol=1e-6, rtol=0
+    )
 
 
 def test_cli_writes_inlined_graph_and_ort_file(tiny_checkpoint, tmp_path, capsys):
     from mpismoe_edge.export import cli
 
     out = tmp_path / "out"
-    assert cli.main([str(tiny_checkpoint), "-o", str(out), "--inline-functions", "--ort-format", "--no-validate", "-q"]) == 0
+    assert (
+        cli.main([str(tiny_checkpoint), "-o", str(out), "--inline-functions", "--ort-format", "--no-validate", "-q"])
+        == 0
+    )
     assert {p.name for p in (out / "onnx").iterdir()} == {"model.onnx", ORT_FILE, OPS_CONFIG_FILE}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inlined_functions"] is True and manifest["model"] == "onnx/model.onnx"

@@ -1,8 +1,9 @@
 """Devices and precision: bf16/fp16 autocast trains on the CPU; CUDA runs the same (skipped without a GPU)."""
+
 import pytest
 import torch
-
 from conftest import LABELS, TEXTS, tiny_model
+
 from mpismoe_edge.data import Dataset
 from mpismoe_edge.quant.linear import QuantLinear
 from mpismoe_edge.quant.rtn import rtn_quantize
@@ -19,7 +20,14 @@ def _layer() -> QuantLinear:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_trains_on_the_cpu(tmp_path, precision):
-    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cpu", precision=precision), tmp_path, progress=False)
+    result = train(
+        tiny_model(),
+        DATA,
+        DATA,
+        TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cpu", precision=precision),
+        tmp_path,
+        progress=False,
+    )
     assert (tmp_path / "model.pt").is_file() and result.device == "cpu"
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert result.peak_cuda_allocated_mb is None
@@ -45,8 +53,20 @@ def test_unknown_device_or_precision_is_refused_when_configured():
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, tiny_jsonl, capsys):
     from mpismoe_edge.cli import train_main
 
-    code = train_main(["--backbone", str(tmp_path), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "--device", "cuda",
-                       "-o", str(tmp_path / "o")])
+    code = train_main(
+        [
+            "--backbone",
+            str(tmp_path),
+            "--data",
+            str(tiny_jsonl),
+            "--eval-data",
+            str(tiny_jsonl),
+            "--device",
+            "cuda",
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device")
 
@@ -67,5 +87,12 @@ def test_custom_ops_on_cuda_match_the_cpu():
 
 @cuda
 def test_training_on_cuda_reports_peak_accelerator_memory(tmp_path):
-    result = train(tiny_model(), DATA, DATA, TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cuda", precision="bf16"), tmp_path, progress=False)
+    result = train(
+        tiny_model(),
+        DATA,
+        DATA,
+        TrainConfig(epochs=1, batch_size=8, min_steps=0, device="cuda", precision="bf16"),
+        tmp_path,
+        progress=False,
+    )
     assert result.device.startswith("cuda") and result.peak_cuda_allocated_mb > 0

@@ -1,5 +1,6 @@
 """Data-parallel training: 2 gloo processes on the CPU train what one process trains on the same
 global batches, and a killed 2-process torchrun run resumes from its last epoch."""
+
 import json
 import os
 import signal
@@ -11,8 +12,8 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import LABELS, TEXTS, tiny_model
+
 from mpismoe_edge.data import Dataset
 from mpismoe_edge.distributed import World, shard
 from mpismoe_edge.model import read_checkpoint
@@ -31,7 +32,9 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from mpismoe_edge.distributed import leave
 
     train(tiny_model(expert_bits=None, **SIDE), DATA, DATA, CFG, out, progress=False)
@@ -50,7 +53,7 @@ def _without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
     all keys), so AdamW turns its rounding noise into full-size steps in either run: left out."""
     if name.endswith("attn.qkv.bias"):
         dim = t.numel() // 3
-        return torch.cat([t[:dim], t[2 * dim:]])
+        return torch.cat([t[:dim], t[2 * dim :]])
     return t
 
 
@@ -74,9 +77,41 @@ def test_a_killed_two_process_torchrun_run_resumes_from_its_last_epoch(tmp_path,
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS * 50, LABELS * 50)))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mpismoe_edge.cli",
-           "--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data), "-o", str(out), "--epochs", "3", "--min-steps", "0",
-           "--batch-size", "8", "--group-size", "32", "--quant-method", "rtn", "--reduction", "2", "--expert-bits", "4", "--device", "cpu", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mpismoe_edge.cli",
+        "--backbone",
+        str(backbone_dir),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "-o",
+        str(out),
+        "--epochs",
+        "3",
+        "--min-steps",
+        "0",
+        "--batch-size",
+        "8",
+        "--group-size",
+        "32",
+        "--quant-method",
+        "rtn",
+        "--reduction",
+        "2",
+        "--expert-bits",
+        "4",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240

@@ -1,4 +1,5 @@
 """End-to-end export: tiny MP-ISMoE checkpoint -> ONNX (both targets), parity, determinism, CLI."""
+
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import tiny_backbone, tiny_tokenizer
 from onnx import numpy_helper
 
 from mpismoe_edge.export import cli, lower, pipeline
 from mpismoe_edge.export.fuse import fuse
 
-from conftest import tiny_backbone, tiny_tokenizer
-
-BITS_MAP = {"encoder.layer.0.attention.*": 3, "encoder.layer.0.intermediate.dense": 2, "encoder.layer.1.output.dense": 8}
+BITS_MAP = {
+    "encoder.layer.0.attention.*": 3,
+    "encoder.layer.0.intermediate.dense": 2,
+    "encoder.layer.1.output.dense": 8,
+}
 
 
 def _build(seed: int = 1):
@@ -45,6 +49,7 @@ def _build(seed: int = 1):
     model.pack_experts()
     # RTN gives integer zero points; GNP-IQ's are fractional below 8 bits. Have both kinds.
     from mpismoe_edge.quant.linear import QuantLinear
+
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, QuantLinear) and mod.bits < 8 and (".layer.1." in name or "experts.0." in name):
@@ -116,12 +121,13 @@ def test_every_expert_is_in_the_graph(portable, model):
             hidden = expert.fc1.out_features
             for part in ("qweight", "scales", "zeros"):
                 fc1 = inits[f"side.blocks.{b}.ffn.stacked_fc1_{part}"]
-                np.testing.assert_array_equal(fc1[e * hidden:(e + 1) * hidden], getattr(expert.fc1, part).numpy())
+                np.testing.assert_array_equal(fc1[e * hidden : (e + 1) * hidden], getattr(expert.fc1, part).numpy())
                 fc2 = inits[f"side.blocks.{b}.ffn.stacked_fc2_{part}"]
                 blocks = getattr(expert.fc2, part).shape[1]
-                np.testing.assert_array_equal(fc2[:, e * blocks:(e + 1) * blocks], getattr(expert.fc2, part).numpy())
-            np.testing.assert_array_equal(inits[f"side.blocks.{b}.ffn.stacked_fc1_bias"][e * hidden:(e + 1) * hidden],
-                                          expert.fc1.bias.numpy())
+                np.testing.assert_array_equal(fc2[:, e * blocks : (e + 1) * blocks], getattr(expert.fc2, part).numpy())
+            np.testing.assert_array_equal(
+                inits[f"side.blocks.{b}.ffn.stacked_fc1_bias"][e * hidden : (e + 1) * hidden], expert.fc1.bias.numpy()
+            )
             np.testing.assert_array_equal(inits[f"side.blocks.{b}.ffn.stacked_fc2_bias"][e], expert.fc2.bias.numpy())
 
 
@@ -163,8 +169,14 @@ def test_forcing_each_expert_matches_torch(portable, model, target):
 def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     out = tmp_path / "out"
     manifest = pipeline.export_model(model, out, target=target, log=None)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "onnx", "special_tokens_map.json",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "onnx",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     par = manifest["parity"]
@@ -223,8 +235,10 @@ def test_runtime_reads_the_export(model, cached_export, tmp_path):
 def test_parity_failure_writes_nothing_and_keeps_old_output(model, cached_export, tmp_path):
     out = tmp_path / "out"
     pipeline.export_model(model, out, log=None, validate=False)
+
     def files():
         return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
     before = files()
     with pytest.raises(pipeline.ParityError):
         pipeline.export_model(model, out, target="ort-cpu", atol=0.0, log=None)
@@ -248,8 +262,11 @@ def test_external_data(model, cached_export, tmp_path):
     manifest = pipeline.export_model(model, out, log=None, external_data=True, validate=False)
     assert (out / "onnx" / "model.onnx.data").is_file() and manifest["sizes"]["onnx/model.onnx.data"] > 0
     graph_only = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
-    inline = [t.name for t in graph_only.graph.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+    inline = [
+        t.name
+        for t in graph_only.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024
+    ]
     assert inline == []  # every initializer of 1 KiB or more lives in the data file
     feed = lower.make_inputs(model, 2, 7, lengths=[7, 3])
     with torch.no_grad():
@@ -270,6 +287,7 @@ def test_deterministic_bytes(ckpt, portable):
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def _cli(args, capsys):
     code = cli.main([str(a) for a in args])
@@ -308,8 +326,22 @@ def _evil_pickle(path: Path):
     path.write_bytes(pickle.dumps({"format": "mpismoe-edge/1", "x": Evil()}))
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "garbage", "pickle-code", "foreign", "target", "opset", "atol",
-                                  "accuracy-level", "out-is-file", "out-foreign-dir"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "truncated",
+        "garbage",
+        "pickle-code",
+        "foreign",
+        "target",
+        "opset",
+        "atol",
+        "accuracy-level",
+        "out-is-file",
+        "out-foreign-dir",
+    ],
+)
 def test_cli_errors_exit_2_and_write_nothing(case, ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     src = ckpt

@@ -1,4 +1,5 @@
 """The ai.mpismoe ONNX functions and the MatMulNBits rewrite against the torch reference ops."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,23 +36,40 @@ def _quantized(n: int, k: int, bits: int, group: int, seed: int = 0):
 
 def _qmatmul_model(qw, scales, zeros, bits, group, x_shape, bias=None, opset=18) -> onnx.ModelProto:
     n = qw.shape[0]
-    nodes = [helper.make_node("QMatMul", ["x", "qw", "s", "z"], ["y0" if bias is not None else "y"],
-                              domain=F.DOMAIN, bits=bits, group_size=group)]
-    inits = [numpy_helper.from_array(qw.numpy(), "qw"), numpy_helper.from_array(scales.numpy(), "s"),
-             numpy_helper.from_array(zeros.numpy(), "z")]
+    nodes = [
+        helper.make_node(
+            "QMatMul",
+            ["x", "qw", "s", "z"],
+            ["y0" if bias is not None else "y"],
+            domain=F.DOMAIN,
+            bits=bits,
+            group_size=group,
+        )
+    ]
+    inits = [
+        numpy_helper.from_array(qw.numpy(), "qw"),
+        numpy_helper.from_array(scales.numpy(), "s"),
+        numpy_helper.from_array(zeros.numpy(), "z"),
+    ]
     if bias is not None:
         nodes.append(helper.make_node("Add", ["y0", "b"], ["y"]))
         inits.append(numpy_helper.from_array(bias.numpy(), "b"))
     dims = [f"d{i}" for i in range(len(x_shape) - 1)]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, x_shape[-1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, n])], initializer=inits)
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, x_shape[-1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, n])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return finalize(model, opset)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("n,k,group,x_shape", [(7, 48, 16, (3, 48)), (24, 96, 32, (2, 5, 96)), (1, 64, 64, (1, 1, 1, 64))])
+@pytest.mark.parametrize(
+    "n,k,group,x_shape", [(7, 48, 16, (3, 48)), (24, 96, 32, (2, 5, 96)), (1, 64, 64, (1, 1, 1, 64))]
+)
 def test_qmatmul_function_matches_torch(bits, n, k, group, x_shape):
     qw, s, z = _quantized(n, k, bits, group, seed=bits)
     x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(n))
@@ -79,10 +97,16 @@ def test_qgather_function_equals_torch_exactly(bits, ids_shape):
     node = helper.make_node("QGather", ["ids", "qw", "s", "z"], ["y"], domain=F.DOMAIN, bits=bits, group_size=16)
     dims = [f"d{i}" for i in range(len(ids_shape))]
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, dims)],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, dims)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, 64])],
-        initializer=[numpy_helper.from_array(qw.numpy(), "qw"), numpy_helper.from_array(s.numpy(), "s"),
-                     numpy_helper.from_array(z.numpy(), "z")])
+        initializer=[
+            numpy_helper.from_array(qw.numpy(), "qw"),
+            numpy_helper.from_array(s.numpy(), "s"),
+            numpy_helper.from_array(z.numpy(), "z"),
+        ],
+    )
     model = finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18)
     got = _run(model, {"ids": ids.numpy()})
     np.testing.assert_array_equal(got, ops.qgather(ids, qw, s, z, bits, 16).numpy())
@@ -102,8 +126,12 @@ def test_function_opset_import_follows_model(opset):
 def test_topk_route_function_matches_torch(k):
     logits = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(k)) * 3
     node = helper.make_node("TopKRoute", ["l"], ["w"], domain=F.DOMAIN, k=k)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("l", TensorProto.FLOAT, ["b", "t", 8])],
-                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["b", "t", 8])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("l", TensorProto.FLOAT, ["b", "t", 8])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["b", "t", 8])],
+    )
     model = finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18)
     got = _run(model, {"l": logits.numpy()})
     ref = ops.topk_route(logits, k).numpy()
@@ -139,8 +167,15 @@ def test_matmulnbits_rewrite_matches_torch(bits, zeros, mode):
             assert inits[mnb.input[3]].data_type == TensorProto.FLOAT
         else:
             assert mnb.input[3] == ""  # kernel's default zero point, correction term beside it
-            assert ops_used == {("com.microsoft", "MatMulNBits"), ("", "MatMul"), ("", "Add"), ("", "Shape"),
-                                ("", "Concat"), ("", "Reshape"), ("", "ReduceSum")}
+            assert ops_used == {
+                ("com.microsoft", "MatMulNBits"),
+                ("", "MatMul"),
+                ("", "Add"),
+                ("", "Shape"),
+                ("", "Concat"),
+                ("", "Reshape"),
+                ("", "ReduceSum"),
+            }
     ref = (ops.qmatmul(x, qw, s, z, bits, 16) + bias).numpy()
     np.testing.assert_allclose(_run(model, {"x": x.numpy()}), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
@@ -149,18 +184,33 @@ def test_shift_group_sum_is_shared_by_projections_of_one_input():
     qws = [_quantized(16, 64, 4, 16, seed=i) for i in range(3)]
     nodes, inits = [], []
     for i, (qw, s, z) in enumerate(qws):
-        nodes.append(helper.make_node("QMatMul", ["x", f"qw{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain=F.DOMAIN, bits=4, group_size=16))
-        inits += [numpy_helper.from_array(qw.numpy(), f"qw{i}"), numpy_helper.from_array(s.numpy(), f"s{i}"),
-                  numpy_helper.from_array(z.numpy(), f"z{i}")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
-                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 16]) for i in range(3)],
-                              initializer=inits)
+        nodes.append(
+            helper.make_node(
+                "QMatMul", ["x", f"qw{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain=F.DOMAIN, bits=4, group_size=16
+            )
+        )
+        inits += [
+            numpy_helper.from_array(qw.numpy(), f"qw{i}"),
+            numpy_helper.from_array(s.numpy(), f"s{i}"),
+            numpy_helper.from_array(z.numpy(), f"z{i}"),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 16]) for i in range(3)],
+        initializer=inits,
+    )
     model, stats = fuse(finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18), "ort-cpu")
     assert stats == {"matmulnbits_4bit": 3, "zero_points_shift": 3}
     assert len([n for n in model.graph.node if n.op_type == "ReduceSum"]) == 1
-    assert [n.op_type for n in model.graph.node if "x" in n.input] == ["MatMulNBits", "Shape", "Reshape"] + ["MatMulNBits"] * 2
+    assert [n.op_type for n in model.graph.node if "x" in n.input] == ["MatMulNBits", "Shape", "Reshape"] + [
+        "MatMulNBits"
+    ] * 2
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )
     for (qw, s, z), y in zip(qws, got):
         np.testing.assert_allclose(y, ops.qmatmul(x, qw, s, z, 4, 16).numpy(), rtol=1e-5, atol=1e-5)
 
@@ -170,11 +220,17 @@ def test_accuracy_level_is_set_on_every_matmulnbits_node(level):
     qw, s, z = _quantized(32, 64, 4, 16, seed=3)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
     model, _ = fuse(_qmatmul_model(qw, s, z, 4, 16, tuple(x.shape)), "ort-cpu", accuracy_level=level)
-    levels = [{a.name: a.i for a in n.attribute}.get("accuracy_level", 0) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    levels = [
+        {a.name: a.i for a in n.attribute}.get("accuracy_level", 0)
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    ]
     assert levels == [level]
     ref = ops.qmatmul(x, qw, s, z, 4, 16).numpy()
     # level 4 rounds the activations to int8 per block: close, not float-exact
-    np.testing.assert_allclose(_run(model, {"x": x.numpy()}), ref, atol=(1e-6 if level == 0 else 2e-2) * np.abs(ref).max())
+    np.testing.assert_allclose(
+        _run(model, {"x": x.numpy()}), ref, atol=(1e-6 if level == 0 else 2e-2) * np.abs(ref).max()
+    )
 
 
 def test_unknown_accuracy_level_rejected():

@@ -1,4 +1,5 @@
 """scripts/fetch_tasks.py: the parsers, de-duplication and splits, on small synthetic inputs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,14 +16,22 @@ _SPEC.loader.exec_module(fetch)
 
 
 def test_rotten_tomatoes_keeps_fresh_and_rotten_snippets_only():
-    text = 'category,text,movie_name,has_plot_and_reviews\nplot,"A long plot.",m,False\nfresh," Great fun ",m,True\nrotten,"Dull, dull.",m,True\n'
-    assert fetch.parse_rotten_tomatoes(text) == [{"text": "Great fun", "label": "fresh"}, {"text": "Dull, dull.", "label": "rotten"}]
+    text = (
+        "category,text,movie_name,has_plot_and_reviews\n"
+        'plot,"A long plot.",m,False\nfresh," Great fun ",m,True\nrotten,"Dull, dull.",m,True\n'
+    )
+    assert fetch.parse_rotten_tomatoes(text) == [
+        {"text": "Great fun", "label": "fresh"},
+        {"text": "Dull, dull.", "label": "rotten"},
+    ]
 
 
 def test_wnut_reads_one_row_per_blank_line_separated_sentence():
     text = "@me\tO\nParis\tB-geo-loc\n\nNew\tB-geo-loc\nYork\tI-geo-loc\n"
-    assert fetch.parse_wnut(text) == [{"tokens": ["@me", "Paris"], "tags": ["O", "B-geo-loc"]},
-                                      {"tokens": ["New", "York"], "tags": ["B-geo-loc", "I-geo-loc"]}]
+    assert fetch.parse_wnut(text) == [
+        {"tokens": ["@me", "Paris"], "tags": ["O", "B-geo-loc"]},
+        {"tokens": ["New", "York"], "tags": ["B-geo-loc", "I-geo-loc"]},
+    ]
 
 
 def test_wnut_names_the_line_that_is_not_token_tab_tag():

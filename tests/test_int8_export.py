@@ -1,4 +1,5 @@
 """The ort-int8 target: ORT's fused BERT backbone with int8 compute, packed codes as its only weights."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import tiny_model
 from onnx import numpy_helper
 
 from mpismoe_edge.export import cli, pipeline
@@ -15,8 +17,6 @@ from mpismoe_edge.export.fuse import INT8_ATOL, default_atol
 from mpismoe_edge.export.int8_target import unsupported
 from mpismoe_edge.export.lower import make_inputs
 from mpismoe_edge.runtime.spec import MODEL_PATHS
-
-from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,11 @@ def test_int8_file_holds_packed_codes_not_int8_or_float_backbone_weights(exporte
     int8 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
     assert int8 == []
     hidden = model.backbone.config.hidden_size
-    float_mats = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
-                  and len(t.dims) == 2 and hidden in t.dims and min(t.dims) >= hidden]
+    float_mats = [
+        t.name
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and hidden in t.dims and min(t.dims) >= hidden
+    ]
     assert float_mats == []
     assert manifest["sizes"]["packed_codes"] > manifest["sizes"]["float_weights"]
     assert any(n.startswith("backbone.encoder") for n in manifest["bits"])

@@ -1,4 +1,5 @@
 """Training-process memory: no lingering weight-file mapping, freed activations go back."""
+
 import gc
 import os
 import subprocess
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_backbone, tiny_tokenizer
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
@@ -31,7 +31,9 @@ def test_build_model_releases_the_memory_mapped_weight_file(tmp_path, bits):
     if not _mapped(weights):
         pytest.skip("this transformers version copies weights instead of mapping the file")
     quant = QuantConfig(bits=bits, group_size=32, method="rtn") if bits else None
-    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None), quant=quant)
+    config = ModelConfig(
+        labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None), quant=quant
+    )
     model = build_model(backbone, config, tok_json, progress=False)
     del backbone
     gc.collect()
@@ -64,8 +66,8 @@ def _resident_after(script: str, mode: str) -> float:
 @linux_only
 def test_return_freed_memory_gives_freed_blocks_back_to_the_system():
     kept_default, kept_on = _resident_after(_CHURN, "off"), _resident_after(_CHURN, "on")
-    assert kept_on < 40           # only the 32 live blocks stay resident
-    assert kept_default > 56      # glibc's own policy keeps the holes (so the setting is what matters)
+    assert kept_on < 40  # only the 32 live blocks stay resident
+    assert kept_default > 56  # glibc's own policy keeps the holes (so the setting is what matters)
 
 
 _HOLES = textwrap.dedent("""
@@ -86,8 +88,8 @@ _HOLES = textwrap.dedent("""
 @linux_only
 def test_release_free_pages_gives_heap_holes_back_to_the_system():
     kept_without, kept_with = _resident_after(_HOLES, "off"), _resident_after(_HOLES, "on")
-    assert kept_without > 120     # the holes stay resident: freeing alone does not return them
-    assert kept_with < 80         # the 64 MiB of live blocks (and their headers) stay
+    assert kept_without > 120  # the holes stay resident: freeing alone does not return them
+    assert kept_with < 80  # the 64 MiB of live blocks (and their headers) stay
 
 
 def test_bound_kernel_cache_caps_onednn_unless_the_environment_says_otherwise(monkeypatch):

@@ -1,4 +1,5 @@
 """mpismoe_edge.metrics: entity spans as seqeval's default mode reads them, F1, correlations."""
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,9 @@ def test_entity_f1_needs_aligned_sequences():
 
 def test_pearson_of_a_linear_relation_is_one_and_of_a_constant_zero():
     assert metrics.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
-    assert metrics.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6))  # sxy / sqrt(sxx syy)
+    assert metrics.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(
+        4.5 / math.sqrt(2 * 61 / 6)
+    )  # sxy / sqrt(sxx syy)
     assert metrics.pearson([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]) == 0.0
 
 

@@ -1,8 +1,10 @@
 """MP-ISMoE model: frozen low-bit backbone (METL), ladder side network, interactive ISMoE."""
+
 import pytest
 import torch
+from conftest import random_batch as _batch
+from conftest import tiny_model
 
-from conftest import random_batch as _batch, tiny_model
 from mpismoe_edge.model import load_checkpoint, read_checkpoint, save_checkpoint
 from mpismoe_edge.quant import QuantLinear
 from mpismoe_edge.side.router import load_balance_loss, salient_summary
@@ -81,8 +83,8 @@ def test_routing_picks_top_k_experts_with_weights_summing_to_one():
 def test_salient_summary_favours_distinctive_unmasked_tokens():
     hidden = torch.zeros(1, 5, 2)
     hidden[0, :3] = torch.tensor([1.0, 0.0])  # three alike tokens
-    hidden[0, 3] = torch.tensor([0.0, 4.0])   # the distinctive one
-    hidden[0, 4] = torch.tensor([9.0, 9.0])   # even more distinctive, but masked
+    hidden[0, 3] = torch.tensor([0.0, 4.0])  # the distinctive one
+    hidden[0, 4] = torch.tensor([9.0, 9.0])  # even more distinctive, but masked
     mask = torch.tensor([[1, 1, 1, 1, 0]])
     summary = salient_summary(hidden, mask, tau=0.1)
     torch.testing.assert_close(summary, torch.tensor([[0.0, 4.0]]), atol=1e-3, rtol=0)
@@ -226,19 +228,25 @@ def test_experts_in_quantization_aware_training_are_not_stacked():
 
 def test_checkpoint_of_a_backbone_without_pooler_loads(tmp_path):
     from conftest import tiny_backbone, tiny_tokenizer
+
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model
 
     backbone = tiny_backbone()
     backbone.pooler = None  # what BertModel(add_pooling_layer=False) builds
-    config = ModelConfig(labels=["a", "b"], side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None),
-                         quant=QuantConfig(group_size=32, method="rtn"))
+    config = ModelConfig(
+        labels=["a", "b"],
+        side=SideConfig(reduction=4, num_heads=2, num_experts=2, expert_bits=None),
+        quant=QuantConfig(group_size=32, method="rtn"),
+    )
     model = build_model(backbone, config, tiny_tokenizer().to_str(), progress=False).eval()
     save_checkpoint(model, tmp_path / "m.pt")
     loaded = load_checkpoint(tmp_path / "m.pt")
     ids = torch.tensor([[5, 6, 7]])
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)),
-                               model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=torch.ones_like(ids)),
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)),
+    )
 
 
 def test_token_classification_gives_logits_per_token():

@@ -1,12 +1,20 @@
 """The shared packed layout: bitstream round trips, the exact byte layout, and ORT's MatMulNBits reading it."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mpismoe_edge.quant import gnpiq_quantize, rtn_quantize
-from mpismoe_edge.quant.pack import (SUPPORTED_BITS, dequantize, pack_bits, pack_codes, packed_len, unpack_bits,
-                                     unpack_codes)
+from mpismoe_edge.quant.pack import (
+    SUPPORTED_BITS,
+    dequantize,
+    pack_bits,
+    pack_codes,
+    packed_len,
+    unpack_bits,
+    unpack_codes,
+)
 
 UNIT = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}  # codes, bytes per whole-byte unit
 
@@ -71,7 +79,7 @@ def test_pack_codes_layout(bits, n, k, group):
     assert torch.equal(unpack_codes(qweight, bits, group), codes)
     # each block packs its own group of K
     for blk in range(k // group):
-        assert torch.equal(qweight[:, blk], pack_bits(codes[:, blk * group:(blk + 1) * group], bits))
+        assert torch.equal(qweight[:, blk], pack_bits(codes[:, blk * group : (blk + 1) * group], bits))
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -99,20 +107,36 @@ def test_dequantize_matches_group_quant(bits):
 
 # ---------------------------------------------------------------- ONNX Runtime's MatMulNBits
 
+
 def _matmul_nbits_session(qweight, scales, zeros, k, n, bits, group, m):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=group)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales", "zero_points"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=group,
+    )
     graph = helper.make_graph(
-        [node], "mnb",
+        [node],
+        "mnb",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
-        initializer=[numpy_helper.from_array(qweight, "B"), numpy_helper.from_array(scales, "scales"),
-                     numpy_helper.from_array(zeros, "zero_points")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        initializer=[
+            numpy_helper.from_array(qweight, "B"),
+            numpy_helper.from_array(scales, "scales"),
+            numpy_helper.from_array(zeros, "zero_points"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     onnx.checker.check_model(model)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

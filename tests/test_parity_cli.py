@@ -1,4 +1,5 @@
 """mpismoe-parity: the PyTorch vs ONNX Runtime gate users run in their CI."""
+
 import json
 
 import pytest

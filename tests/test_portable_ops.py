@@ -1,34 +1,39 @@
 """Portable means portable: each ai.mpismoe function body gives the same result in ONNX Runtime,
 the ONNX reference evaluator and OpenVINO (the body inlined, as OpenVINO does not read
 functions), on codes over the full range; and the op corners the bodies avoid, for the record."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
+from clients import require, run_onnxruntime, run_openvino, run_reference
 from onnx import TensorProto, helper, numpy_helper
+from test_export_functions import _qmatmul_model, _quantized
 
 from mpismoe_edge.export import functions as F
 from mpismoe_edge.export.lower import finalize
 from mpismoe_edge.export.pipeline import inline_functions
-
-from clients import require, run_onnxruntime, run_openvino, run_reference
-from test_export_functions import _qmatmul_model, _quantized
 
 
 def _outputs(model: onnx.ModelProto, feed: dict, tmp_path) -> dict[str, np.ndarray]:
     path, inlined = tmp_path / "f.onnx", tmp_path / "inlined.onnx"
     onnx.save(model, path)
     onnx.save(inline_functions(model), inlined)
-    return {"onnxruntime": run_onnxruntime(path, feed, "y"), "onnx-reference": run_reference(path, feed, "y"),
-            "openvino": run_openvino(inlined, feed, "y")}
+    return {
+        "onnxruntime": run_onnxruntime(path, feed, "y"),
+        "onnx-reference": run_reference(path, feed, "y"),
+        "openvino": run_openvino(inlined, feed, "y"),
+    }
 
 
 def _single(op: str, inputs: list, initializers: list, attrs: dict) -> onnx.ModelProto:
-    node = helper.make_node(op, [i.name for i in inputs] + [t.name for t in initializers], ["y"],
-                            domain=F.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=initializers)
+    node = helper.make_node(
+        op, [i.name for i in inputs] + [t.name for t in initializers], ["y"], domain=F.DOMAIN, **attrs
+    )
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=initializers
+    )
     return finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.MIN_OPSET)]), F.MIN_OPSET)
 
 
@@ -48,10 +53,17 @@ def test_qmatmul_body_unpacks_identically_in_every_runtime(bits, tmp_path):
 def test_qgather_body_is_identical_in_every_runtime(bits, tmp_path):
     require("openvino")
     qw, s, z = _quantized(40, 64, bits, 16, seed=bits)
-    inits = [numpy_helper.from_array(qw.numpy(), "qw"), numpy_helper.from_array(s.numpy(), "s"),
-             numpy_helper.from_array(z.numpy(), "z")]
-    model = _single("QGather", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["a", "b"])], inits,
-                    {"bits": bits, "group_size": 16})
+    inits = [
+        numpy_helper.from_array(qw.numpy(), "qw"),
+        numpy_helper.from_array(s.numpy(), "s"),
+        numpy_helper.from_array(z.numpy(), "z"),
+    ]
+    model = _single(
+        "QGather",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["a", "b"])],
+        inits,
+        {"bits": bits, "group_size": 16},
+    )
     ids = np.random.default_rng(bits).integers(0, 40, (3, 7)).astype(np.int64)
     out = _outputs(model, {"ids": ids}, tmp_path)
     np.testing.assert_array_equal(out["onnx-reference"], out["onnxruntime"])
@@ -71,8 +83,12 @@ def test_topk_route_body_agrees_in_every_runtime(tmp_path):
 def _bitshift(dtype, direction: str) -> onnx.ModelProto:
     t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     node = helper.make_node("BitShift", ["x", "s"], ["y"], direction=direction)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, [256]) for n in ("x", "s")],
-                              [helper.make_tensor_value_info("y", t, [256])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, t, [256]) for n in ("x", "s")],
+        [helper.make_tensor_value_info("y", t, [256])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.MIN_OPSET)])
     model.ir_version = 10
     return model

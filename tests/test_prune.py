@@ -1,8 +1,9 @@
 """Pruned init: the side network starts as slices of the backbone it rides on (side/prune.py)."""
+
 import pytest
 import torch
-
 from conftest import tiny_backbone, tiny_model
+
 from mpismoe_edge.config import ModelConfig, SideConfig
 from mpismoe_edge.model import build_model
 from mpismoe_edge.quant import QuantLinear
@@ -11,7 +12,9 @@ from mpismoe_edge.side.prune import backbone_ffns, init_from_backbone
 
 def _side(**cfg):
     """A float-backbone model with the given side config (4 experts of 32 units = the FFN's 128)."""
-    side = SideConfig(**{"reduction": 4, "num_heads": 2, "num_experts": 4, "expert_ratio": 2, "expert_bits": None, **cfg})
+    side = SideConfig(
+        **{"reduction": 4, "num_heads": 2, "num_experts": 4, "expert_ratio": 2, "expert_bits": None, **cfg}
+    )
     config = ModelConfig(backbone="tiny-bert", labels=["a", "b", "c"], side=side, quant=None)
     backbone = tiny_backbone()
     return build_model(backbone, config, progress=False), backbone
@@ -50,7 +53,10 @@ def test_expert_output_equals_the_backbone_ffn_slice_it_came_from():
     units = torch.arange(32, 64)  # expert 1's group
     x = torch.randn(5, 16)
     w1, w2 = layer.intermediate.dense.weight[units][:, keep], layer.output.dense.weight[keep][:, units]
-    want = torch.nn.functional.gelu(x @ w1.t() + layer.intermediate.dense.bias[units]) @ w2.t() + layer.output.dense.bias[keep]
+    want = (
+        torch.nn.functional.gelu(x @ w1.t() + layer.intermediate.dense.bias[units]) @ w2.t()
+        + layer.output.dense.bias[keep]
+    )
     torch.testing.assert_close(model.side.blocks[1].ffn.experts[1](x), want)
 
 

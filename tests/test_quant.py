@@ -1,4 +1,5 @@
 """RTN and GNP-IQ group quantizers: input checks, error, determinism and the format's invariants."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,6 +72,7 @@ def test_quantize_weight_dispatch(method):
 
 # ---------------------------------------------------------------- the format
 
+
 @pytest.mark.parametrize("method", QUANTIZERS)
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_result_invariants(method, bits):
@@ -113,6 +115,7 @@ def test_gnpiq_represents_constant_and_zero_groups_exactly():
 
 # ---------------------------------------------------------------- GNP-IQ vs RTN
 
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("weights", [normal, heavy_tailed])
 def test_gnpiq_error_at_most_rtn(bits, weights):
@@ -136,11 +139,12 @@ def test_gnpiq_2_bit_beats_every_min_max_shrink():
     for shrink in torch.linspace(0.3, 1.0, 15).tolist():
         lo, hi = g.amin(1) * shrink, g.amax(1) * shrink
         s = (hi - lo) / 3
-        deq = (torch.clamp(torch.round((g - lo[:, None]) / s[:, None]), 0, 3) * s[:, None] + lo[:, None])
+        deq = torch.clamp(torch.round((g - lo[:, None]) / s[:, None]), 0, 3) * s[:, None] + lo[:, None]
         assert err <= ((g - deq) ** 2).sum() * (1 + 1e-5)
 
 
 # ---------------------------------------------------------------- determinism
+
 
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_gnpiq_deterministic_for_a_seed(bits):

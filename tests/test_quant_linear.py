@@ -1,4 +1,5 @@
 """QuantLinear, quantize_model (mixed precision, atomic failure) and the two custom ops."""
+
 from __future__ import annotations
 
 import io
@@ -53,6 +54,7 @@ def config(**kw):
 
 # ---------------------------------------------------------------- quantize_model
 
+
 def test_quantize_model_default_bits_and_output():
     model = Net()
     x = torch.randn(5, 64)
@@ -87,16 +89,25 @@ def test_bits_map_exact_name_and_patterns():
     model = Net()
     applied = quantize_model(model, cfg, progress=False)
     assert applied == {
-        "layers.0.query": 8, "layers.0.key": 8, "layers.0.up": 2, "layers.0.down": 3,
-        "layers.1.query": 8, "layers.1.key": 8, "layers.1.up": 8, "layers.1.down": 3, "head": 8}
+        "layers.0.query": 8,
+        "layers.0.key": 8,
+        "layers.0.up": 2,
+        "layers.0.down": 3,
+        "layers.1.query": 8,
+        "layers.1.key": 8,
+        "layers.1.up": 8,
+        "layers.1.down": 3,
+        "head": 8,
+    }
     for name, bits in applied.items():
         assert model.get_submodule(name).bits == bits
 
 
 def test_include_exclude():
     model = Net()
-    applied = quantize_model(model, config(bits=4, include=["layers.*"], exclude=["*.key", "layers.1.*"]),
-                             progress=False)
+    applied = quantize_model(
+        model, config(bits=4, include=["layers.*"], exclude=["*.key", "layers.1.*"]), progress=False
+    )
     assert set(applied) == {"layers.0.query", "layers.0.up", "layers.0.down"}
     for name, m in linears(model).items():
         assert isinstance(m, QuantLinear) == (name in applied), name
@@ -140,6 +151,7 @@ def test_bad_bits_in_map_raises_naming_layer_when_the_config_is_built():
 
 # ---------------------------------------------------------------- QuantLinear
 
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_quant_linear_forward_and_state_dict_round_trip(bits, bias):
@@ -180,6 +192,7 @@ def test_quantized_model_state_dict_round_trip():
 
 # ---------------------------------------------------------------- QuantEmbedding
 
+
 class Embedder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -219,6 +232,7 @@ def test_load_quantized_state_rebuilds_packed_embeddings():
 
 # ---------------------------------------------------------------- custom ops
 
+
 def _packed(bits=4, n=6, k=64, group=16, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     q = rtn_quantize(w, bits, group)
@@ -244,14 +258,19 @@ def test_qmatmul_forward_and_grad_wrt_x_equal_float(bits):
 def test_qmatmul_double_gradcheck():
     qweight, scales, zeros, bits, group = _packed(4, n=3, k=32, group=16)
     x = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.qmatmul(t, qweight, scales.double(), zeros.double(), bits, group), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: ops.qmatmul(t, qweight, scales.double(), zeros.double(), bits, group), (x,)
+    )
 
 
 def test_qmatmul_opcheck():
     qweight, scales, zeros, bits, group = _packed(4)
     x = torch.randn(3, 64, requires_grad=True)
-    torch.library.opcheck(ops.qmatmul, (x, qweight, scales, zeros, bits, group),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.qmatmul,
+        (x, qweight, scales, zeros, bits, group),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -277,5 +296,6 @@ def test_topk_route_gradient_matches_reference_autograd(k):
 
 def test_topk_route_opcheck():
     logits = torch.randn(5, 8, requires_grad=True)
-    torch.library.opcheck(ops.topk_route, (logits, 2),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.topk_route, (logits, 2), test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )

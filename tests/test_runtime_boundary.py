@@ -1,4 +1,5 @@
 """The runtime's import boundary: numpy, onnxruntime and tokenizers only (no torch, transformers, onnx)."""
+
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import mpismoe_edge.runtime as rt
-from runtime_models import model_dir  # noqa: F401  (fixture)
 
 RUNTIME_DIR = Path(rt.__file__).parent
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers"}
@@ -28,8 +28,9 @@ def test_runtime_sources_import_only_allowed_modules():
                 continue
             for name in names:
                 top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY, \
+                assert top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY, (
                     f"{src.name}:{node.lineno} imports {name}"
+                )
 
 
 BLOCKER = textwrap.dedent("""
@@ -63,8 +64,7 @@ def test_runtime_runs_without_torch_transformers_onnx(model_dir, tmp_path):
         assert not leaked, leaked
         print("OK", p.predict(["good phone"])[0]["label"])
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("OK ")
 
@@ -81,6 +81,5 @@ def test_parity_module_needs_only_numpy(tmp_path):
         from mpismoe_edge.runtime import compare_logits
         print(compare_logits(np.eye(3), np.eye(3)).passed)
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr

@@ -1,4 +1,5 @@
 """``mpismoe-run``: JSON lines out, one clear ``error: ...`` (exit 2, nothing printed) on bad input."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,14 @@ import sys
 
 import pytest
 
-from runtime_models import model_dir, predictor  # noqa: F401  (fixtures)
-
 
 def run_cli(*args, stdin: bytes | None = None):
-    return subprocess.run([sys.executable, "-m", "mpismoe_edge.runtime.cli", *map(str, args)],
-                          input=stdin, capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mpismoe_edge.runtime.cli", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def test_texts_give_one_json_line_each_as_the_predictor_does(model_dir, predictor):
@@ -50,14 +53,18 @@ def test_stdin_reads_as_the_file_does(model_dir, jsonl):
     assert r2.returncode == 0 and r2.stdout == r.stdout
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not valid UTF-8"),
-    (b'{"text": "ok"}\n["text"]\n', "line 2: expected a JSON object"),
-    (b'{"text": "ok"}\n\n{"txt": "x"}\n', "line 3: 'text' missing"),
-    (b'{"text": 5}\n', "line 1: 'text' must be a string, got int"),
-    (b'{"text": "ok"\n', "line 1: not valid JSON"),
-    (b"\n\n", "holds no rows"),
-], ids=["utf8", "not-object", "no-text", "text-not-str", "json", "empty"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not valid UTF-8"),
+        (b'{"text": "ok"}\n["text"]\n', "line 2: expected a JSON object"),
+        (b'{"text": "ok"}\n\n{"txt": "x"}\n', "line 3: 'text' missing"),
+        (b'{"text": 5}\n', "line 1: 'text' must be a string, got int"),
+        (b'{"text": "ok"\n', "line 1: not valid JSON"),
+        (b"\n\n", "holds no rows"),
+    ],
+    ids=["utf8", "not-object", "no-text", "text-not-str", "json", "empty"],
+)
 def test_a_bad_jsonl_line_is_named_and_nothing_is_printed(model_dir, tmp_path, content, message):
     f = tmp_path / "in.jsonl"
     f.write_bytes(content)
@@ -67,13 +74,17 @@ def test_a_bad_jsonl_line_is_named_and_nothing_is_printed(model_dir, tmp_path, c
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}", "--text", "x"], "error: model directory not found"),
-    (["{model}", "--input", "{tmp}/nope.jsonl"], "error: data file not found"),
-    (["{model}", "--text", "x", "--batch-size", "0"], "error: --batch-size must be a positive integer, got 0"),
-    (["{model}", "--text", "x", "--threads", "0"], "error: --threads must be a positive integer, got 0"),
-    (["{model}"], "one of the arguments --text --input is required"),
-], ids=["no-model", "no-input-file", "batch-size", "threads", "no-source"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "--text", "x"], "error: model directory not found"),
+        (["{model}", "--input", "{tmp}/nope.jsonl"], "error: data file not found"),
+        (["{model}", "--text", "x", "--batch-size", "0"], "error: --batch-size must be a positive integer, got 0"),
+        (["{model}", "--text", "x", "--threads", "0"], "error: --threads must be a positive integer, got 0"),
+        (["{model}"], "one of the arguments --text --input is required"),
+    ],
+    ids=["no-model", "no-input-file", "batch-size", "threads", "no-source"],
+)
 def test_a_bad_argument_exits_2_with_one_error(model_dir, tmp_path, args, message):
     fill = {"missing": tmp_path / "missing", "model": model_dir, "tmp": tmp_path}
     r = run_cli(*[a.format(**fill) for a in args])

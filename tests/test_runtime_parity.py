@@ -1,4 +1,5 @@
 """mpismoe_edge.runtime.parity: pure-numpy logits comparison."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mpismoe_edge.runtime.parity import (accuracy, compare_logits, label_agreement,
-                                         labels_to_indices, max_abs_diff)
+from mpismoe_edge.runtime.parity import accuracy, compare_logits, label_agreement, labels_to_indices, max_abs_diff
 
 RNG = np.random.default_rng(0)
 REF = RNG.normal(size=(50, 3)).astype(np.float32)
@@ -52,12 +52,16 @@ def test_nan_fails_not_raises():
     assert max_abs_diff(REF, cand) == float("inf")
 
 
-@pytest.mark.parametrize("reference, candidate, options, message", [
-    (REF, REF[:, :2], {}, r"shape mismatch: reference \[50, 3\] vs candidate \[50, 2\]"),
-    (np.zeros((0, 3)), np.zeros((0, 3)), {}, "n > 0"),
-    (np.array([["a"]]), np.array([["a"]]), {}, "reference must be numeric"),
-    (REF, REF, {"task": "ranking"}, "task must be one of"),
-], ids=["shape", "empty", "strings", "task"])
+@pytest.mark.parametrize(
+    "reference, candidate, options, message",
+    [
+        (REF, REF[:, :2], {}, r"shape mismatch: reference \[50, 3\] vs candidate \[50, 2\]"),
+        (np.zeros((0, 3)), np.zeros((0, 3)), {}, "n > 0"),
+        (np.array([["a"]]), np.array([["a"]]), {}, "reference must be numeric"),
+        (REF, REF, {"task": "ranking"}, "task must be one of"),
+    ],
+    ids=["shape", "empty", "strings", "task"],
+)
 def test_inputs_that_cannot_be_compared_are_refused(reference, candidate, options, message):
     with pytest.raises(ValueError, match=message):
         compare_logits(reference, candidate, **options)
@@ -78,10 +82,14 @@ def test_accuracy_is_the_fraction_of_rows_whose_argmax_is_the_label():
     assert accuracy(REF, gold) == pytest.approx(40 / 50)
 
 
-@pytest.mark.parametrize("labels, names, message", [
-    (["other"], NAMES, r"label #0: label 'other' is neither one of \['neg', 'neu', 'pos'\]"),
-    (["neg"], None, "label #0: label 'neg' is not a class index"),
-], ids=["unknown-name", "name-without-names"])
+@pytest.mark.parametrize(
+    "labels, names, message",
+    [
+        (["other"], NAMES, r"label #0: label 'other' is neither one of \['neg', 'neu', 'pos'\]"),
+        (["neg"], None, "label #0: label 'neg' is not a class index"),
+    ],
+    ids=["unknown-name", "name-without-names"],
+)
 def test_a_label_that_is_no_class_is_refused(labels, names, message):
     with pytest.raises(ValueError, match=message):
         labels_to_indices(labels, names)
@@ -117,12 +125,16 @@ def test_token_classification_agreement_is_per_token():
     assert not r.passed and any("agreement" in f for f in r.failures)
 
 
-@pytest.mark.parametrize("reference, candidate, options, message", [
-    (TOKEN_REF, [TOKEN_REF[0], TOKEN_REF[1][:-1], TOKEN_REF[2]], {}, "shape mismatch at text 1"),
-    (TOKEN_REF, TOKEN_REF[:2], {}, "3 texts, candidate 2"),
-    (REF, REF, {}, r"list of \[tokens, labels\] arrays"),
-    (TOKEN_REF, TOKEN_REF, {"labels": [0, 1, 2]}, "gold labels are not supported"),
-], ids=["token-count", "text-count", "not-per-text", "gold-labels"])
+@pytest.mark.parametrize(
+    "reference, candidate, options, message",
+    [
+        (TOKEN_REF, [TOKEN_REF[0], TOKEN_REF[1][:-1], TOKEN_REF[2]], {}, "shape mismatch at text 1"),
+        (TOKEN_REF, TOKEN_REF[:2], {}, "3 texts, candidate 2"),
+        (REF, REF, {}, r"list of \[tokens, labels\] arrays"),
+        (TOKEN_REF, TOKEN_REF, {"labels": [0, 1, 2]}, "gold labels are not supported"),
+    ],
+    ids=["token-count", "text-count", "not-per-text", "gold-labels"],
+)
 def test_token_logits_that_cannot_be_compared_are_refused(reference, candidate, options, message):
     with pytest.raises(ValueError, match=message):
         compare_logits(reference, candidate, task="token-classification", **options)

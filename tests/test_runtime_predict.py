@@ -1,12 +1,13 @@
 """Predictor: labels, probabilities, scores and logits of a tiny ONNX classifier, as numpy computes them."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from runtime_models import LABELS, TEXTS, build_model_dir, reference_logits
 
-from runtime_models import LABELS, TEXTS, build_model_dir, model_dir, predictor, reference_logits  # noqa: F401  (fixtures)
 from mpismoe_edge.runtime import Predictor
 from mpismoe_edge.runtime.session import TruncationWarning
 
@@ -51,8 +52,11 @@ def test_a_single_string_is_one_text(predictor):
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 32])
 def test_padding_does_not_change_logits(predictor, batch_size):
     alone = predictor.predict_logits(["bad battery"])
-    longer = ["the movie was really really awful but the phone was fine " * 2, "bad battery",
-              "the phone is good and the battery is very good"]
+    longer = [
+        "the movie was really really awful but the phone was fine " * 2,
+        "bad battery",
+        "the phone is good and the battery is very good",
+    ]
     batched = predictor.predict_logits(longer, batch_size=batch_size)
     np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)
     np.testing.assert_allclose(batched, predictor.predict_logits(longer, batch_size=1), atol=1e-5)
@@ -78,7 +82,9 @@ def test_a_truncated_text_is_run_on_its_first_max_length_tokens(tmp_path):
 def test_a_regression_result_is_a_float_score(tmp_path):
     p = Predictor.from_dir(build_model_dir(tmp_path / "out", task="regression"))
     logits = p.predict_logits(["good", "bad phone"])
-    assert p.predict(["good", "bad phone"]) == [{"score": pytest.approx(float(v[0])), "truncated": False} for v in logits]
+    assert p.predict(["good", "bad phone"]) == [
+        {"score": pytest.approx(float(v[0])), "truncated": False} for v in logits
+    ]
 
 
 def test_token_classification_needs_per_token_logits(tmp_path):
@@ -86,7 +92,9 @@ def test_token_classification_needs_per_token_logits(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "task": "token-classification"}))
     p = Predictor.from_dir(out)
-    with pytest.raises(ValueError, match=r"must return logits \[batch, seq, labels\] \(\[1, 4, labels\] here\), got \[1, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"must return logits \[batch, seq, labels\] \(\[1, 4, labels\] here\), got \[1, 3\]"
+    ):
         p.predict(["good phone"])
 
 
@@ -98,7 +106,9 @@ def test_graph_optimization_and_threads_do_not_change_logits(model_dir, predicto
 def test_a_model_with_external_data_runs(tmp_path):
     out = build_model_dir(tmp_path / "out", external=True)
     assert (out / "model.onnx.data").is_file()
-    np.testing.assert_allclose(Predictor.from_dir(out).predict_logits(TEXTS), reference_logits(out, TEXTS, 32), atol=1e-5)
+    np.testing.assert_allclose(
+        Predictor.from_dir(out).predict_logits(TEXTS), reference_logits(out, TEXTS, 32), atol=1e-5
+    )
 
 
 def _feed(predictor, texts):
@@ -107,7 +117,9 @@ def _feed(predictor, texts):
 
 def test_run_arrays_matches_predict(predictor):
     texts = ["good phone", "awful battery and poor movie"]
-    np.testing.assert_allclose(predictor.run_arrays(_feed(predictor, texts)), predictor.predict_logits(texts), atol=1e-6)
+    np.testing.assert_allclose(
+        predictor.run_arrays(_feed(predictor, texts)), predictor.predict_logits(texts), atol=1e-6
+    )
 
 
 def test_a_float_mask_model_takes_texts_and_float_feeds(tmp_path):

@@ -1,12 +1,13 @@
 """Execution providers: CPU always, CUDA where usable, and a fallback that says what happened."""
+
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
 import pytest
+from runtime_models import TEXTS
 
-from runtime_models import TEXTS, model_dir, predictor  # noqa: F401  (fixtures)
 from mpismoe_edge.runtime import Predictor
 from mpismoe_edge.runtime.session import ProviderFallbackWarning
 

@@ -1,11 +1,11 @@
 """Predictor: one instance serves many threads at once with the results of serial calls."""
+
 from __future__ import annotations
 
 import threading
 
 import numpy as np
-
-from runtime_models import TEXTS, model_dir, predictor  # noqa: F401  (fixtures)
+from runtime_models import TEXTS
 
 
 def test_concurrent_calls_give_the_serial_results(predictor):

@@ -1,4 +1,5 @@
 """Choosing the epoch and the length of training: the metric first, the loss breaks ties, small data takes min_steps."""
+
 from mpismoe_edge.selection import planned_epochs, selection_key, should_stop
 
 
@@ -13,7 +14,9 @@ def test_a_higher_accuracy_wins_over_a_lower_loss():
 
 
 def test_entity_f1_judges_token_classification_and_mse_judges_regression():
-    assert selection_key({"accuracy": 0.90, "entity_f1": 0.2, "loss": 1.0}) > selection_key({"accuracy": 0.95, "entity_f1": 0.1, "loss": 0.5})
+    assert selection_key({"accuracy": 0.90, "entity_f1": 0.2, "loss": 1.0}) > selection_key(
+        {"accuracy": 0.95, "entity_f1": 0.1, "loss": 0.5}
+    )
     assert selection_key({"mse": 0.5, "loss": 0.5}) > selection_key({"mse": 0.7, "loss": 0.7})
 
 

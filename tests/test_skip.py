@@ -1,8 +1,10 @@
 """SideConfig.skip: a linear map from the frozen backbone's pooled states to the outputs."""
+
 import pytest
 import torch
+from conftest import random_batch as _batch
+from conftest import tiny_model
 
-from conftest import random_batch as _batch, tiny_model
 from mpismoe_edge.config import SideConfig
 from mpismoe_edge.export import pipeline
 
@@ -64,9 +66,30 @@ def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_json
     from mpismoe_edge.cli import train_main
     from mpismoe_edge.model import load_checkpoint
 
-    code = train_main(["--backbone", str(backbone_dir), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl), "-o", str(tmp_path / "o"),
-                       "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
-                       "--skip", "--quiet"])
+    code = train_main(
+        [
+            "--backbone",
+            str(backbone_dir),
+            "--data",
+            str(tiny_jsonl),
+            "--eval-data",
+            str(tiny_jsonl),
+            "-o",
+            str(tmp_path / "o"),
+            "--epochs",
+            "1",
+            "--min-steps",
+            "0",
+            "--group-size",
+            "32",
+            "--quant-method",
+            "rtn",
+            "--reduction",
+            "4",
+            "--skip",
+            "--quiet",
+        ]
+    )
     assert code == 0
     model = load_checkpoint(tmp_path / "o" / "model.pt")
     assert model.config.side.skip and model.side.skip is not None
@@ -74,6 +97,7 @@ def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_json
 
 def _tiny_data():
     from conftest import LABELS, TEXTS
+
     from mpismoe_edge.data import Dataset
 
     return Dataset(list(TEXTS), list(LABELS), ["neg", "neu", "pos"])
@@ -101,7 +125,15 @@ def test_fit_skip_needs_a_model_with_the_skip():
 
     model = tiny_model()
     with pytest.raises(ValueError, match="SideConfig.skip"):
-        fit_skip(model, make_tokenizer(model.tokenizer_json, 16), _tiny_data(), _tiny_data(), 4, torch.device("cpu"), progress=False)
+        fit_skip(
+            model,
+            make_tokenizer(model.tokenizer_json, 16),
+            _tiny_data(),
+            _tiny_data(),
+            4,
+            torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_training_with_ridge_init_scores_the_probe_as_epoch_0_and_keeps_the_skip_fixed(tmp_path):
@@ -116,7 +148,9 @@ def test_training_with_ridge_init_scores_the_probe_as_epoch_0_and_keeps_the_skip
     assert not model.side.skip.weight.requires_grad
     trained = model.side.skip.weight.detach().clone()
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
-    fit_skip(model, tok, data, data, batch_size=4, device=torch.device("cpu"), progress=False)  # the same frozen features
+    fit_skip(
+        model, tok, data, data, batch_size=4, device=torch.device("cpu"), progress=False
+    )  # the same frozen features
     torch.testing.assert_close(trained, model.side.skip.weight)
     assert result.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -126,7 +160,9 @@ def test_zero_skip_init_trains_the_skip_from_zero_without_an_epoch_0(tmp_path):
 
     model = tiny_model(skip=True, expert_bits=None)
     data = _tiny_data()
-    result = train(model, data, data, TrainConfig(epochs=1, min_steps=0, batch_size=4, skip_init="zero"), tmp_path, progress=False)
+    result = train(
+        model, data, data, TrainConfig(epochs=1, min_steps=0, batch_size=4, skip_init="zero"), tmp_path, progress=False
+    )
     assert [h["epoch"] for h in result.history] == [1]
     assert model.side.skip.weight.requires_grad and model.side.skip.weight.abs().sum() > 0
 
@@ -145,7 +181,9 @@ def test_a_resumed_ridge_run_keeps_its_fitted_skip_and_history(tmp_path):
     first = tiny_model(skip=True, expert_bits=None)
     train(first, data, data, TrainConfig(epochs=1, min_steps=0, batch_size=4), tmp_path, progress=False)
     resumed = tiny_model(skip=True, expert_bits=None)
-    result = train(resumed, data, data, TrainConfig(epochs=2, min_steps=0, batch_size=4), tmp_path, resume=True, progress=False)
+    result = train(
+        resumed, data, data, TrainConfig(epochs=2, min_steps=0, batch_size=4), tmp_path, resume=True, progress=False
+    )
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     torch.testing.assert_close(resumed.side.skip.weight, first.side.skip.weight)
     assert not resumed.side.skip.weight.requires_grad

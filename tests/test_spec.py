@@ -1,4 +1,5 @@
 """runtime/spec.py is the one home of the shared names: every side reads them from there."""
+
 import pytest
 
 from mpismoe_edge.runtime import spec
@@ -29,8 +30,16 @@ def test_the_export_cli_offers_the_targets_and_opset_of_the_spec():
 def test_an_export_directory_holds_only_the_spec_file_names():
     from mpismoe_edge.export.output import EXPORT_FILES
 
-    assert EXPORT_FILES == {spec.MODEL_DIR, spec.CONFIG_FILE, spec.TOKENIZER_FILE, spec.TOKENIZER_CONFIG_FILE,
-                            spec.SPECIAL_TOKENS_FILE, spec.MANIFEST_FILE, spec.MODEL_FILE, spec.DATA_FILE}
+    assert EXPORT_FILES == {
+        spec.MODEL_DIR,
+        spec.CONFIG_FILE,
+        spec.TOKENIZER_FILE,
+        spec.TOKENIZER_CONFIG_FILE,
+        spec.SPECIAL_TOKENS_FILE,
+        spec.MANIFEST_FILE,
+        spec.MODEL_FILE,
+        spec.DATA_FILE,
+    }
 
 
 def test_the_format_on_disk_is_mpismoe_edge_onnx_1():

@@ -1,20 +1,29 @@
 """Token classification: word tags from JSONL, scored on each word's first sub-token."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
+
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
-from mpismoe_edge.model import load_checkpoint
 from mpismoe_edge.inference import evaluate, make_tokenizer, predict, word_targets
+from mpismoe_edge.model import load_checkpoint
 from mpismoe_edge.train import TrainConfig, train
 
 TAGS = ["O", "NEG", "POS"]
 POLARITY = {"good": 2, "great": 2, "love": 2, "happy": 2, "bad": 1, "awful": 1, "hate": 1, "sad": 1}
-SENTENCES = ["i love this movie", "this car is awful", "we hate slow cars", "a great film",
-             "they think it was bad", "very happy", "really sad film", "the good car was fast"]
+SENTENCES = [
+    "i love this movie",
+    "this car is awful",
+    "we hate slow cars",
+    "a great film",
+    "they think it was bad",
+    "very happy",
+    "really sad film",
+    "the good car was fast",
+]
 WORDS = [s.split() for s in SENTENCES]
 DATA = Dataset(WORDS * 4, [[POLARITY.get(w, 0) for w in ws] for ws in WORDS] * 4, TAGS)
 
@@ -42,8 +51,10 @@ def test_truncated_words_are_not_scored():
 
 
 def test_jsonl_words_and_tag_names_load_as_ids(tmp_path):
-    path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i", "love", "it"], "tags": ["O", "POS", "O"]},
-                                                 {"tokens": ["bad"], "tags": ["NEG"]}])
+    path = _write_jsonl(
+        tmp_path / "ner.jsonl",
+        [{"tokens": ["i", "love", "it"], "tags": ["O", "POS", "O"]}, {"tokens": ["bad"], "tags": ["NEG"]}],
+    )
     ds = load_file(path, task="token-classification")
     assert ds.texts == [["i", "love", "it"], ["bad"]]
     assert ds.labels == ["NEG", "O", "POS"] and ds.targets == [[1, 2, 1], [0]]
@@ -56,8 +67,12 @@ def test_a_tag_count_that_differs_from_the_word_count_is_refused(tmp_path):
 
 
 def test_an_unknown_tag_names_its_line(tmp_path):
-    path = _write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["i"], "tags": ["O"]}, {"tokens": ["a", "b"], "tags": ["O", "X"]}])
-    with pytest.raises(ValueError, match=r"ner.jsonl line 2: label 'X' is neither one of \['O', 'POS'\] nor a class id in \[0, 2\)"):
+    path = _write_jsonl(
+        tmp_path / "ner.jsonl", [{"tokens": ["i"], "tags": ["O"]}, {"tokens": ["a", "b"], "tags": ["O", "X"]}]
+    )
+    with pytest.raises(
+        ValueError, match=r"ner.jsonl line 2: label 'X' is neither one of \['O', 'POS'\] nor a class id in \[0, 2\)"
+    ):
         load_file(path, task="token-classification", labels=["O", "POS"])
 
 
@@ -97,9 +112,35 @@ def test_predict_gives_one_logit_row_per_real_token():
 def test_cli_trains_a_token_model_from_jsonl(tmp_path, capsys, backbone_dir):
     rows = [{"tokens": ws, "tags": [TAGS[POLARITY.get(w, 0)] for w in ws]} for ws in WORDS]
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
-    code = train_main(["--backbone", str(backbone_dir), "--data", str(data), "--eval-data", str(data),
-                       "--task", "token-classification", "--epochs", "1", "--min-steps", "0", "--bits", "4", "--quant-method", "rtn",
-                       "--group-size", "32", "--reduction", "4", "--experts", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    code = train_main(
+        [
+            "--backbone",
+            str(backbone_dir),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(data),
+            "--task",
+            "token-classification",
+            "--epochs",
+            "1",
+            "--min-steps",
+            "0",
+            "--bits",
+            "4",
+            "--quant-method",
+            "rtn",
+            "--group-size",
+            "32",
+            "--reduction",
+            "4",
+            "--experts",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     model = load_checkpoint(tmp_path / "run" / "model.pt")
     assert model.config.task == "token-classification" and model.config.labels == sorted(TAGS)
@@ -114,8 +155,17 @@ def test_cli_token_task_without_data_exits_2(capsys):
 
 def test_cli_reads_the_columns_it_is_told(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "conll.jsonl", [{"tokens": ["i", "love", "it"], "ner_tags": [0, 2, 0]}])
-    args = ["--data", str(data), "--eval-data", str(data), "--task", "token-classification", "--quiet",
-            "--backbone", str(tmp_path / "missing")]
+    args = [
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--task",
+        "token-classification",
+        "--quiet",
+        "--backbone",
+        str(tmp_path / "missing"),
+    ]
     assert train_main(args) == 2
     assert "conll.jsonl line 1: 'tags' missing (the row has ['ner_tags', 'tokens'])" in capsys.readouterr().err
     assert train_main(args + ["--label-column", "ner_tags"]) == 2
@@ -146,8 +196,13 @@ def test_validation_of_bio_tags_reports_the_entity_f1_of_the_words():
     model = tiny_model(task="token-classification", labels=bio).eval()
     tok = make_tokenizer(model.tokenizer_json, 16)
     encs = tok.tokenize_words(data.texts)
-    first = [[t for t, w in enumerate(e.word_ids) if w is not None and (t == 0 or e.word_ids[t - 1] != w)] for e in encs]
-    pred = [[bio[int(lg[t].argmax())] for t in ts] for lg, ts in zip(predict(model, tok, data.texts, model.input_names), first)]
+    first = [
+        [t for t, w in enumerate(e.word_ids) if w is not None and (t == 0 or e.word_ids[t - 1] != w)] for e in encs
+    ]
+    pred = [
+        [bio[int(lg[t].argmax())] for t in ts]
+        for lg, ts in zip(predict(model, tok, data.texts, model.input_names), first)
+    ]
     true = [[bio[t] for t in row] for row in data.targets]
     assert evaluate(model, tok, data)["entity_f1"] == pytest.approx(entity_f1(true, pred)["f1"])
 

@@ -1,5 +1,6 @@
 """Token classification end to end: export (logits [batch, seq, labels]), runtime (per-text logits,
 per-word predictions, CLI) and the parity gate, on one tiny exported model."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
 from mpismoe_edge.runtime import Predictor
 from mpismoe_edge.runtime.session import TruncationWarning
 from mpismoe_edge.runtime.text import TextEncoder
-
-from conftest import tiny_model, tiny_tokenizer
 
 TAGS = ["O", "B-X", "I-X"]
 # "qqb" is out of vocabulary: q ##q ##b.
@@ -61,6 +61,7 @@ def _softmax(x):
 
 # ---- export ----------------------------------------------------------------------------------
 
+
 def test_export_passes_validation_with_padded_cases_and_the_manifest_says_the_task(exported):
     _, manifest = exported
     assert manifest["task"] == "token-classification" and manifest["labels"] == TAGS
@@ -89,6 +90,7 @@ def test_onnx_logits_match_torch_on_real_tokens_of_a_padded_batch(model, exporte
 
 # ---- runtime ---------------------------------------------------------------------------------
 
+
 def test_predict_logits_gives_each_text_its_real_tokens_whatever_the_chunking(predictor):
     lengths = [len(e.ids) for e in tiny_tokenizer().encode_batch(TEXTS)]
     alone = [predictor.predict_logits([t])[0] for t in TEXTS]
@@ -109,9 +111,13 @@ def test_predict_labels_each_word_by_its_first_sub_token(predictor):
     (res,) = predictor.predict([text])
     assert res["truncated"] is False
     assert [(w["word"], w["start"], w["end"]) for w in res["words"]] == [
-        ("I", 0, 1), ("love", 2, 6), ("qqb", 7, 10), ("movies", 11, 17)]
+        ("I", 0, 1),
+        ("love", 2, 6),
+        ("qqb", 7, 10),
+        ("movies", 11, 17),
+    ]
     for w, t in zip(res["words"], first):
-        assert w["word"] == text[w["start"]:w["end"]]
+        assert w["word"] == text[w["start"] : w["end"]]
         assert w["label"] == TAGS[int(probs[t].argmax())]
         assert w["score"] == pytest.approx(probs[t].max(), abs=1e-6)
 
@@ -120,7 +126,7 @@ def test_predict_gives_offsets_into_the_original_text(predictor):
     text = "  Café, QQB!"
     words = predictor.predict(text)[0]["words"]
     assert [w["word"] for w in words] == ["Café", ",", "QQB", "!"]
-    assert all(text[w["start"]:w["end"]] == w["word"] for w in words)
+    assert all(text[w["start"] : w["end"]] == w["word"] for w in words)
 
 
 def test_predict_drops_words_cut_off_by_truncation_and_keeps_a_cut_word_whole(predictor):
@@ -147,13 +153,17 @@ def test_cli_prints_one_json_line_of_words_per_text(exported, predictor, capsys)
 
 # ---- the parity gate -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["text", "tokens"])
 def test_parity_cli_compares_every_real_token(ckpt, exported, tmp_path, capsys, fmt):
     from mpismoe_edge.parity import main
 
     data = tmp_path / "data.jsonl"
-    rows = ([{"text": t, "label": "O"} for t in TEXTS] if fmt == "text"
-            else [{"tokens": t.split(), "tags": ["O"] * len(t.split())} for t in TEXTS])
+    rows = (
+        [{"text": t, "label": "O"} for t in TEXTS]
+        if fmt == "text"
+        else [{"tokens": t.split(), "tags": ["O"] * len(t.split())} for t in TEXTS]
+    )
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing truncated, nothing else to say

@@ -1,10 +1,11 @@
 """Training: the side network learns, checkpoints are resumable and bad input fails early."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import LABELS, TEXTS, tiny_model
+
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
 from mpismoe_edge.model import load_checkpoint
@@ -28,7 +29,9 @@ def test_the_final_metrics_are_the_saved_models_and_each_epoch_has_its_own(tmp_p
 
     result = train(tiny_model(), DATA, DATA, _cfg(), tmp_path, progress=False)
     saved = load_checkpoint(tmp_path / "model.pt")
-    assert result["final"] == pytest.approx(evaluate(saved, make_tokenizer(saved.tokenizer_json, saved.config.max_length), DATA))
+    assert result["final"] == pytest.approx(
+        evaluate(saved, make_tokenizer(saved.tokenizer_json, saved.config.max_length), DATA)
+    )
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert json.loads((tmp_path / "metrics.json").read_text())["final"] == pytest.approx(result["final"])
 
@@ -90,7 +93,9 @@ def test_label_names_map_to_sorted_ids(tiny_jsonl):
 def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    code = train_main(["--backbone", str(tmp_path), "--data", str(empty), "--eval-data", str(empty), "-o", str(tmp_path / "o")])
+    code = train_main(
+        ["--backbone", str(tmp_path), "--data", str(empty), "--eval-data", str(empty), "-o", str(tmp_path / "o")]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "o").exists()
@@ -124,9 +129,29 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl, b
     states = []
     for run, global_seed in (("a", 123), ("b", 456)):
         torch.manual_seed(global_seed)  # whatever the process did before must not matter
-        code = train_main(["--backbone", str(backbone_dir), "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
-                           "-o", str(tmp_path / run), "--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4",
-                           "--quiet"])
+        code = train_main(
+            [
+                "--backbone",
+                str(backbone_dir),
+                "--data",
+                str(tiny_jsonl),
+                "--eval-data",
+                str(tiny_jsonl),
+                "-o",
+                str(tmp_path / run),
+                "--epochs",
+                "1",
+                "--min-steps",
+                "0",
+                "--group-size",
+                "32",
+                "--quant-method",
+                "rtn",
+                "--reduction",
+                "4",
+                "--quiet",
+            ]
+        )
         assert code == 0
         states.append(read_checkpoint(tmp_path / run / "model.pt")["state_dict"])
     assert states[0].keys() == states[1].keys()
@@ -173,7 +198,9 @@ def test_a_model_predicts_logits_in_input_order_and_their_argmax_is_its_label():
     texts = TEXTS[:4]
     logits = model.predict_logits(texts, batch_size=2)
     assert logits.shape == (4, 3)
-    torch.testing.assert_close(model.predict_logits(texts[::-1], batch_size=3), logits.flip(0), atol=1e-5, rtol=0)  # other padding
+    torch.testing.assert_close(
+        model.predict_logits(texts[::-1], batch_size=3), logits.flip(0), atol=1e-5, rtol=0
+    )  # other padding
     assert model.predict(texts) == [model.config.labels[i] for i in logits.argmax(-1).tolist()]
 
 
@@ -193,7 +220,9 @@ def test_cli_accepts_q_for_quiet():
 def test_non_utf8_training_file_names_the_file_and_line(tmp_path, capsys):
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("text,label\ngood,pos\ncaf\xe9 ok,neu\n".encode("latin-1"))
-    code = train_main(["--backbone", str(tmp_path), "--data", str(bad), "--eval-data", str(bad), "-o", str(tmp_path / "o")])
+    code = train_main(
+        ["--backbone", str(tmp_path), "--data", str(bad), "--eval-data", str(bad), "-o", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and f"{bad} line 3: not valid UTF-8 (byte 0xe9" in err
     assert not (tmp_path / "o").exists()
@@ -228,7 +257,9 @@ def test_small_data_trains_for_at_least_min_steps(tmp_path):
 def test_early_stopping_waits_for_min_steps(tmp_path, monkeypatch):
     _scripted_validation(monkeypatch, [{"accuracy": 0.4, "loss": 1.0}] * 4)
     steps_per_epoch = -(-len(DATA) // 8)
-    result = train(tiny_model(), DATA, DATA, _cfg(epochs=1, patience=1, min_steps=4 * steps_per_epoch), tmp_path, progress=False)
+    result = train(
+        tiny_model(), DATA, DATA, _cfg(epochs=1, patience=1, min_steps=4 * steps_per_epoch), tmp_path, progress=False
+    )
     assert len(result.history) == 4
 
 

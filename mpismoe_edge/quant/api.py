@@ -1,4 +1,5 @@
 """``quantize_model(model, config)``: swap matching ``nn.Linear`` / ``nn.Embedding`` layers for packed ones."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -9,8 +10,8 @@ from tqdm.auto import tqdm
 
 from ..config import QUANT_METHODS as METHODS
 from ..config import QuantConfig
-from .gnpiq import gnpiq_quantize
 from .embedding import QuantEmbedding
+from .gnpiq import gnpiq_quantize
 from .linear import QuantLinear
 from .rtn import GroupQuant, check_weight, rtn_quantize
 
@@ -30,14 +31,23 @@ def quantize_weight(weight: torch.Tensor, bits: int, config: QuantConfig, name: 
     if config.method == "rtn":
         return rtn_quantize(weight, bits, config.group_size, name=name)
     if config.method == "gnpiq":
-        return gnpiq_quantize(weight, bits, config.group_size, iters=config.iters, restarts=config.restarts,
-                              noise=config.noise, seed=config.seed, name=name)
+        return gnpiq_quantize(
+            weight,
+            bits,
+            config.group_size,
+            iters=config.iters,
+            restarts=config.restarts,
+            noise=config.noise,
+            seed=config.seed,
+            name=name,
+        )
     raise ValueError(f"unknown quantization method {config.method!r}; expected one of {METHODS}")
 
 
 def _chosen(name: str, config: QuantConfig) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
-        fnmatch.fnmatchcase(name, p) for p in config.exclude)
+        fnmatch.fnmatchcase(name, p) for p in config.exclude
+    )
 
 
 def selected_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -52,8 +62,11 @@ def selected_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Modul
     hundred numbers and cannot form one group)."""
     layers: dict[str, nn.Module] = dict(selected_linears(model, config))
     if config.embeddings:
-        layers.update((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and _chosen(n, config)
-                      and m.embedding_dim % config.group_size == 0)
+        layers.update(
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and _chosen(n, config) and m.embedding_dim % config.group_size == 0
+        )
     return layers
 
 
@@ -102,13 +115,16 @@ def load_quantized_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             continue
         if isinstance(lin, nn.Embedding):
             group_size = lin.embedding_dim // qweight.shape[1]
-            q = QuantEmbedding(lin.num_embeddings, lin.embedding_dim, qweight.shape[2] * 8 // group_size, group_size,
-                               lin.padding_idx)
+            q = QuantEmbedding(
+                lin.num_embeddings, lin.embedding_dim, qweight.shape[2] * 8 // group_size, group_size, lin.padding_idx
+            )
         elif isinstance(lin, nn.Linear):
             group_size = lin.in_features // qweight.shape[1]
             bits = qweight.shape[2] * 8 // group_size
             q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
         else:
-            raise ValueError(f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear or Embedding")
+            raise ValueError(
+                f"{name}: checkpoint holds a packed weight for a {type(lin).__name__}, not a Linear or Embedding"
+            )
         model.set_submodule(name, q)
     model.load_state_dict(state_dict)

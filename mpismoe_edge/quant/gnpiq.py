@@ -27,6 +27,7 @@ go in chunks of rows. Deterministic for a seed. At 2 bits this comes within 0.06
 error of the exact per-group optimum of the format (exhaustive search over all monotone code
 assignments of a random 8,192-group sample of MiniLM-L6: error ratio to RTN 0.70026 vs 0.70007).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,9 @@ _BLOCK = 1 << 20  # elements per batched temporary (rows x candidates x G)
 _CHUNK_ROWS = 1 << 11  # groups quantized together (bounds the transient memory of a layer)
 
 
-def _refit(w: torch.Tensor, sw: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _refit(
+    w: torch.Tensor, sw: torch.Tensor, q: torch.Tensor, qmax: int, int_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares scale and zero point for fixed codes ``q`` ``[R, C, G]`` of rows ``w``
     ``[R, 1, G]`` with sums ``sw`` ``[R, 1]``: ``w ~ a*q + c`` gives ``s = a``, ``z = -c/a``; with
     integer zero points ``z`` is rounded and ``s`` refit for it."""
@@ -91,8 +94,16 @@ class _Best:
         self.q[rows] = torch.where(better[:, None], q, self.q[rows])
 
 
-def _descend(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None, qmax: int, int_zero: bool,
-             steps: int, best: _Best, q: torch.Tensor | None = None) -> None:
+def _descend(
+    w: torch.Tensor,
+    s: torch.Tensor | None,
+    z: torch.Tensor | None,
+    qmax: int,
+    int_zero: bool,
+    steps: int,
+    best: _Best,
+    q: torch.Tensor | None = None,
+) -> None:
     """Candidate grids ``s``/``z`` ``[M, C]`` of rows ``w`` ``[M, G]``: evaluate each, then run
     ``steps`` Lloyd steps (refit, round) from it; or, given codes ``q`` ``[M, C, G]``, refit them
     and run ``steps`` evaluations. Every grid met is offered to ``best``. Batched over the
@@ -194,14 +205,15 @@ def gnpiq_quantize(
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for a in range(0, w.shape[0], _CHUNK_ROWS):
-        q, s, z = _quantize_rows(w[a:a + _CHUNK_ROWS], bits, iters, restarts, noise, shrinks, gen)
+        q, s, z = _quantize_rows(w[a : a + _CHUNK_ROWS], bits, iters, restarts, noise, shrinks, gen)
         parts.append((q.to(torch.uint8), s, z))  # a byte per code, not four: large tables (embeddings) stay small
     q, s, z = (torch.cat(t) for t in zip(*parts))
     return from_groups(q, s, z, weight.shape, bits, group_size)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, iters: int, restarts: int, noise: float, shrinks: int,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_rows(
+    w: torch.Tensor, bits: int, iters: int, restarts: int, noise: float, shrinks: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GNP-IQ of the groups ``w`` ``[M, G]``: codes ``[M, G]``, scales and zero points ``[M]``."""
     qmax = (1 << bits) - 1
     int_zero = bits == 8
@@ -231,8 +243,9 @@ def _quantize_rows(w: torch.Tensor, bits: int, iters: int, restarts: int, noise:
     eps = torch.randn((w.shape[0], restarts, w.shape[1]), generator=gen)  # group-major: same noise for any chunking
     sigma = noise * (1.0 - torch.arange(restarts) / max(restarts, 1))
     q0 = best.q.unsqueeze(1)
-    qn = torch.clamp(torch.round(w.unsqueeze(1) / best.s[:, None, None] + best.z[:, None, None]
-                                 + eps * sigma[:, None]), 0, qmax)
+    qn = torch.clamp(
+        torch.round(w.unsqueeze(1) / best.s[:, None, None] + best.z[:, None, None] + eps * sigma[:, None]), 0, qmax
+    )
     _descend(w, None, None, qmax, int_zero, iters, best, q=torch.cat([q0, qn], 1))
 
     # 4. local moves with closed-form least-squares refit, then refit and iterate

@@ -1,4 +1,5 @@
 """QuantLinear: a Linear layer whose weight lives packed in low bits and is dequantized on use."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_quantized(cls, q: GroupQuant, bias: torch.Tensor | None) -> "QuantLinear":
+    def from_quantized(cls, q: GroupQuant, bias: torch.Tensor | None) -> QuantLinear:
         n, k = q.codes.shape
         m = cls(k, n, q.bits, q.group_size, bias=bias is not None)
         m.qweight.copy_(pack_codes(q.codes, q.bits, q.group_size))
@@ -37,10 +38,15 @@ class QuantLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype: the weight is dequantized straight to it
+        if torch.is_autocast_enabled(
+            x.device.type
+        ):  # compute in autocast's dtype: the weight is dequantized straight to it
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = ops.qmatmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )

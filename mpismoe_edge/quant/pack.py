@@ -16,6 +16,7 @@ integers and the exporter hands them over as uint8.
 3-bit rows pack 8 codes into 3 bytes (codes cross byte boundaries); no ORT kernel reads
 them, the exporter's portable ONNX function does.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, length = codes.shape
     rows = codes.reshape(-1, length)
     step = max(1, _PACK_CODES // max(length, 1))  # bounded int64 temporaries for large tables
-    parts = [_pack_rows(rows[a:a + step], bits) for a in range(0, rows.shape[0], step)]
+    parts = [_pack_rows(rows[a : a + step], bits) for a in range(0, rows.shape[0], step)]
     return torch.cat(parts).reshape(*lead, -1) if parts else codes.new_zeros((*lead, packed_len(length, bits)))
 
 
@@ -92,7 +93,9 @@ def unpack_codes(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     return unpack_bits(qweight, bits, group_size).reshape(n, k_blocks * group_size)
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     """Float weight ``[N, K]`` from the packed layout (one float temporary: this runs on every
     forward of a packed layer)."""
     n, k_blocks, _ = qweight.shape

@@ -2,6 +2,7 @@
 
 Also home of the pieces every quantizer shares: input checks, grouping and the result type.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from .pack import SUPPORTED_BITS
 class GroupQuant:
     """Unpacked result of a group quantizer for a weight ``[N, K]`` with groups of G along K."""
 
-    codes: torch.Tensor   # uint8 [N, K]
+    codes: torch.Tensor  # uint8 [N, K]
     scales: torch.Tensor  # float32 [N, K // G]
-    zeros: torch.Tensor   # float32 [N, K // G]; integer-valued at 8 bits
+    zeros: torch.Tensor  # float32 [N, K // G]; integer-valued at 8 bits
     bits: int
     group_size: int
 
@@ -49,7 +50,9 @@ def as_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.detach().float().reshape(-1, group_size)
 
 
-def from_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: torch.Size, bits: int, group_size: int) -> GroupQuant:
+def from_groups(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: torch.Size, bits: int, group_size: int
+) -> GroupQuant:
     n, k = shape
     return GroupQuant(
         codes=codes.reshape(n, k).to(torch.uint8),

@@ -1,4 +1,5 @@
 """The ladder side network and its interactive side mixture-of-experts (ISMoE)."""
+
 from .ladder import LadderSideNetwork
 from .moe import ISMoE
 from .router import InteractiveRouter

@@ -1,11 +1,12 @@
 """Experts of the side MoE: small FFNs, optionally trained quantization-aware and then packed."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..quant.api import quantize_weight
 from ..config import QuantConfig
+from ..quant.api import quantize_weight
 from ..quant.linear import QuantLinear
 from ..quant.rtn import check_weight, encode, minmax_params
 
@@ -61,5 +62,7 @@ def pack_expert_linears(module: nn.Module, quant: QuantConfig) -> None:
     the backbone's method (``quant.method``, GNP-IQ or RTN) at the expert's own group size."""
     for name, child in list(module.named_modules()):
         if isinstance(child, FakeQuantLinear):
-            q = quantize_weight(child.weight, child.bits, QuantConfig(**{**quant.to_dict(), "group_size": child.group_size}), name)
+            q = quantize_weight(
+                child.weight, child.bits, QuantConfig(**{**quant.to_dict(), "group_size": child.group_size}), name
+            )
             module.set_submodule(name, QuantLinear.from_quantized(q, child.bias))

@@ -10,6 +10,7 @@ themselves (embeddings and every tapped layer, each layer-normalized; mean-poole
 tasks): the linear probe of the frozen features inside the model, still with no backward
 through the backbone. Zero here; training fits it in closed form first (``skip_fit.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import SideConfig
-from .moe import ISMoE, DenseFFN
+from .moe import DenseFFN, ISMoE
 
 
 class SideAttention(nn.Module):
@@ -68,8 +69,9 @@ class LadderSideNetwork(nn.Module):
     for sequence tasks (logits ``[batch, outputs]``), per token when ``token_level`` (logits
     ``[batch, seq, outputs]``)."""
 
-    def __init__(self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig,
-                 token_level: bool = False):
+    def __init__(
+        self, backbone_dim: int, num_layers: int, num_outputs: int, cfg: SideConfig, token_level: bool = False
+    ):
         super().__init__()
         self.token_level = token_level
         dim = backbone_dim // cfg.reduction

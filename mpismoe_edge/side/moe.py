@@ -1,4 +1,5 @@
 """ISMoE feed-forward layer: E experts, interactive top-k router, optional shared expert."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,14 +58,22 @@ class ISMoE(nn.Module):
         def linear(inp: torch.Tensor, tag: str, bits: int | None, group: int) -> torch.Tensor:
             if bits is None:
                 return inp @ getattr(self, f"stacked_{tag}_weight").t()
-            return ops.qmatmul(inp, getattr(self, f"stacked_{tag}_qweight"), getattr(self, f"stacked_{tag}_scales"),
-                               getattr(self, f"stacked_{tag}_zeros"), bits, group)
+            return ops.qmatmul(
+                inp,
+                getattr(self, f"stacked_{tag}_qweight"),
+                getattr(self, f"stacked_{tag}_scales"),
+                getattr(self, f"stacked_{tag}_zeros"),
+                bits,
+                group,
+            )
 
         h = nn.functional.gelu(linear(x, "fc1", st.bits1, st.group1) + self.stacked_fc1_bias)
         h = (h.unflatten(-1, (st.experts, st.hidden)) * weights.unsqueeze(-1)).flatten(-2)
         return linear(h, "fc2", st.bits2, st.group2) + weights @ self.stacked_fc2_bias
 
-    def forward(self, x: torch.Tensor, bb_token: torch.Tensor, bb_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bb_token: torch.Tensor, bb_hidden: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         weights, logits = self.router(x, bb_token, bb_hidden, mask)
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             if self._stack is not None:
@@ -142,9 +151,13 @@ def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) ->
     if params is None:
         ys = [experts[e](chunk) for e, chunk in zip(used, routed)]
     else:
-        ys = [nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1, b1)), w2, b2)
-              for chunk, (w1, b1, w2, b2) in zip(routed, params)]
-    return out.index_add_(0, token, (torch.cat(ys) * gate).to(out.dtype)).reshape(x.shape)  # autocast: experts may run in bf16
+        ys = [
+            nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1, b1)), w2, b2)
+            for chunk, (w1, b1, w2, b2) in zip(routed, params)
+        ]
+    return out.index_add_(0, token, (torch.cat(ys) * gate).to(out.dtype)).reshape(
+        x.shape
+    )  # autocast: experts may run in bf16
 
 
 def _expert_weights(experts: list[nn.Module]) -> list[tuple[torch.Tensor, ...]] | None:

@@ -10,6 +10,7 @@ the whole FFN). A dense FFN (``E = 1``, the LST baseline) can take only its ``hi
 units. Hidden units beyond a group's size keep their random init. Attention stays random.
 A backbone already quantized (``QuantLinear``) lends its dequantized weights.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,13 +30,17 @@ def backbone_ffns(backbone: nn.Module, num_layers: int, hidden: int) -> list[tup
         pairs = [_ffn_pair(layer, hidden) for layer in stack]
         if all(p is not None for p in pairs):
             return pairs  # type: ignore[return-value]
-    raise ValueError(f"backbone {type(backbone).__name__}: found no feed-forward Linear pair ({hidden} -> I -> {hidden}) "
-                     f"in each of its {num_layers} layers; use SideConfig(init='random')")
+    raise ValueError(
+        f"backbone {type(backbone).__name__}: found no feed-forward Linear pair ({hidden} -> I -> {hidden}) "
+        f"in each of its {num_layers} layers; use SideConfig(init='random')"
+    )
 
 
 def _ffn_pair(layer: nn.Module, hidden: int) -> tuple[_Linear, _Linear] | None:
     linears = [m for m in layer.modules() if type(m) in (nn.Linear, QuantLinear)]
-    ups = sorted((m for m in linears if m.in_features == hidden and m.out_features > hidden), key=lambda m: -m.out_features)
+    ups = sorted(
+        (m for m in linears if m.in_features == hidden and m.out_features > hidden), key=lambda m: -m.out_features
+    )
     for up in ups:
         downs = [m for m in linears if m.in_features == up.out_features and m.out_features == hidden]
         if downs:

@@ -7,6 +7,7 @@ the strength chosen on validation by the same rule that chooses epochs
 that applies to the raw features. ``benchmarks/frozen_probe.py`` shares ``ridge_fit`` and
 ``ALPHAS`` but keeps its own choice of strength (by Pearson / accuracy, as its tables were made).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from ..selection import selection_key
 
-ALPHAS = tuple(10.0 ** k for k in range(6))      # ridge strengths tried: 1 .. 1e5
+ALPHAS = tuple(10.0**k for k in range(6))  # ridge strengths tried: 1 .. 1e5
 TEMPERATURES = tuple(2.0 ** (k / 2) for k in range(15))  # logit scales tried for classification: 1 .. 128
 
 
@@ -33,10 +34,10 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
 class Probe:
     """``x @ weight.T + bias``: the chosen linear map on raw features, and how it was chosen."""
 
-    weight: torch.Tensor   # [outputs, features], float32
-    bias: torch.Tensor     # [outputs]
+    weight: torch.Tensor  # [outputs, features], float32
+    bias: torch.Tensor  # [outputs]
     alpha: float
-    scale: float           # classification: the logit temperature chosen on validation; regression 1
+    scale: float  # classification: the logit temperature chosen on validation; regression 1
     val: dict[str, float]  # the chosen map's validation metrics, as ``inference.evaluate`` names them
 
 
@@ -48,8 +49,15 @@ def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]
     return {"loss": loss, "accuracy": (pred.argmax(-1) == y).double().mean().item()}
 
 
-def fit_probe(task: str, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-              num_outputs: int, alphas: tuple[float, ...] = ALPHAS) -> Probe:
+def fit_probe(
+    task: str,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_outputs: int,
+    alphas: tuple[float, ...] = ALPHAS,
+) -> Probe:
     """Ridge from features to targets (class ids: the centered one-hot; regression: the values),
     the strength best on validation; for classification then the logit scale of least
     validation loss, so that the map's outputs are logits a cross-entropy can train on."""
@@ -76,7 +84,7 @@ def fit_probe(task: str, x_train: torch.Tensor, y_train: torch.Tensor, x_val: to
             if best is None or key > best[0]:
                 best = (key, alpha, scale, w)
     _, alpha, scale, w = best
-    weight = (w / sd[:, None]) * scale                        # on raw features: (x - mu) / sd @ w
+    weight = (w / sd[:, None]) * scale  # on raw features: (x - mu) / sd @ w
     bias = (offset - mu @ (w / sd[:, None])) * scale
     val = _metrics(task, x_val @ weight + bias, y_val)
     return Probe(weight.T.float().contiguous(), bias.float(), alpha, scale, val)

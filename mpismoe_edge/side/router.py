@@ -10,6 +10,7 @@ LayerNorm every token has nearly the same norm.) The summary pools tokens with a
 softmax over saliency (temperature ``tau``), a continuous stand-in for "the top few tokens":
 a hard top-m would flip on numerical noise and break PyTorch/ONNX parity.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,11 @@ from .. import ops
 
 def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float) -> torch.Tensor:
     """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``."""
-    keep = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None else mask.to(hidden.dtype)
+    keep = (
+        torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        if mask is None
+        else mask.to(hidden.dtype)
+    )
     mean = (hidden * keep.unsqueeze(-1)).sum(1, keepdim=True) / keep.sum(1, keepdim=True).unsqueeze(-1).clamp(min=1.0)
     score = (hidden - mean).norm(dim=-1) / (math.sqrt(hidden.shape[-1]) * tau)
     score = score.masked_fill(keep == 0, torch.finfo(score.dtype).min)
@@ -33,13 +38,23 @@ def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float)
 class InteractiveRouter(nn.Module):
     """Router logits ``[B, T, E]`` from side tokens and backbone features; dense top-k weights."""
 
-    def __init__(self, side_dim: int, backbone_dim: int, num_experts: int, top_k: int, salient_tau: float, interactive: bool = True):
+    def __init__(
+        self,
+        side_dim: int,
+        backbone_dim: int,
+        num_experts: int,
+        top_k: int,
+        salient_tau: float,
+        interactive: bool = True,
+    ):
         super().__init__()
         self.top_k, self.salient_tau, self.interactive = top_k, salient_tau, interactive
         self.salient_proj = nn.Linear(backbone_dim, side_dim) if interactive else None
         self.gate = nn.Linear(side_dim * (3 if interactive else 1), num_experts)
 
-    def logits(self, x: torch.Tensor, bb_token: torch.Tensor | None, bb_hidden: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def logits(
+        self, x: torch.Tensor, bb_token: torch.Tensor | None, bb_hidden: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if not self.interactive:
             return self.gate(x)
         summary = self.salient_proj(salient_summary(bb_hidden, mask, self.salient_tau))
@@ -57,7 +72,11 @@ def load_balance_loss(logits: torch.Tensor, weights: torch.Tensor, mask: torch.T
     e = logits.shape[-1]
     probs = logits.softmax(-1).reshape(-1, e)
     picked = (weights > 0).to(probs.dtype).reshape(-1, e)
-    keep = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
+    keep = (
+        torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
+        if mask is None
+        else mask.reshape(-1, 1).to(probs.dtype)
+    )
     n = keep.sum().clamp(min=1.0)
     f = (picked * keep).sum(0) / (n * picked.sum(-1).max().clamp(min=1.0))
     p = (probs * keep).sum(0) / n
