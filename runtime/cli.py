@@ -3,10 +3,12 @@
     mpismoe-run out/ --text "great phone" --text "awful battery"
     mpismoe-run out/ --input data.jsonl --provider auto --batch-size 64
 
-JSONL input: one JSON object per line with a string "text" field (other fields are ignored;
-blank lines are skipped; ``-`` reads stdin). The whole file is checked before any prediction:
+Input files: JSONL, one JSON object per line with a string "text" field (other fields are
+ignored; blank lines are skipped; ``-`` reads stdin), or a ``.csv`` file with a header line and a
+"text" column (the one reader of ``records``). The whole file is checked before any prediction:
 a line that is not UTF-8, not a JSON object, or lacks a string "text" is an error naming its line
-number. Errors go to stderr as ``error: ...`` with exit status 2; warnings as ``warning: ...``.
+number. Errors go to stderr as one ``error: ...`` line with exit status 2 (bad input, or a broken
+export file, named); warnings as ``warning: ...``.
 Each output line is the prediction (see ``Predictor.predict``) plus "index" (0-based position
 among the inputs) and, for --input, "line" (1-based line number in the file); for a
 token-classification model the prediction is {"words": [{"word", "start", "end", "label",
@@ -24,10 +26,16 @@ import warnings
 from . import records
 from .checks import positive_int
 
+EXIT_CODES = """exit status:
+  0  every input was predicted
+  2  bad input (arguments, an input file) or a missing or broken export file; one 'error: ...' line
+  130 interrupted"""
 
-def read_jsonl(path: str) -> list[tuple[int, str]]:
-    """[(line_number, text)] from a JSONL file ('-': stdin), each line's string "text" field."""
-    rows = records.read_jsonl(path)
+
+def read_input(path: str) -> list[tuple[int, str]]:
+    """[(line_number, text)] of an input file: a ``.csv`` file's "text" column, else JSONL
+    ('-': stdin), each line's string "text" field."""
+    rows = records.read_csv(path) if path != "-" and path.lower().endswith(".csv") else records.read_jsonl(path)
     return list(zip((no for no, _ in rows), records.texts(rows, "<stdin>" if path == "-" else path)))
 
 
@@ -35,11 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpismoe-run",
         description="Run an exported mpismoe-edge model (numpy + onnxruntime + tokenizers only); prints JSON lines.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model_dir", help="exported directory (model.onnx, tokenizer.json, manifest.json)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to run the model on (repeatable)")
-    src.add_argument("--input", help="JSONL file with a \"text\" field per line ('-' for stdin)")
+    src.add_argument(
+        "--input",
+        help='JSONL file with a "text" field per line (\'-\' for stdin), or a .csv file with a "text" column',
+    )
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
@@ -51,7 +64,7 @@ def _run(args) -> int:
     positive_int("--batch-size", args.batch_size)
     positive_int("--threads", args.threads, optional=True)
     if args.input is not None:
-        items = read_jsonl(args.input)
+        items = read_input(args.input)
     else:
         items = [(None, t) for t in args.text]
 

@@ -12,6 +12,11 @@ Exports made before the Hugging Face layout hold ``out/model.onnx``; :func:`find
 
 Only the fields the runtime needs are read; the rest (bits per layer, sizes, parity...) is kept
 in :attr:`Manifest.raw` for callers that want it.
+
+A file of the export that cannot be used (not valid JSON, a truncated graph, a symlink that
+leads out of the export folder) is an :class:`ExportFileError` naming it: a ``ValueError``, so
+the command lines report it as one ``error: ...`` line with exit status 2, apart from a parity
+check that ran and failed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .spec import (
 )
 
 __all__ = [
+    "ExportFileError",
     "MODEL_FILE",
     "TOKENIZER_FILE",
     "MANIFEST_FILE",
@@ -41,8 +47,13 @@ __all__ = [
     "find_model",
     "load_manifest",
     "parse_manifest",
+    "check_inside",
     "require_file",
 ]
+
+
+class ExportFileError(ValueError):
+    """A file of an export folder is broken, foreign or leads outside the folder; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -57,19 +68,39 @@ class Manifest:
     raw: dict = field(repr=False, compare=False)
 
 
-def require_file(path: Path) -> Path:
-    """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
+def require_file(path: Path, root: str | Path | None = None) -> Path:
+    """Return ``path`` if it is a file, else raise FileNotFoundError naming it; with ``root``
+    (the export folder) also :func:`check_inside`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent} (expected file {path})")
+    if root is not None:
+        check_inside(path, root)
+    return path
+
+
+def check_inside(path: str | Path, root: str | Path) -> Path:
+    """Return ``path`` unless it resolves (through symlinks) to a place outside the folder ``root``;
+    then raise :class:`ExportFileError`. An export is a self-contained folder: a link out of it
+    (``tokenizer.json -> /etc/passwd``) would make the runtime read whatever it points at."""
+    path = Path(path)
+    real, base = path.resolve(), Path(root).resolve()
+    if real != base and base not in real.parents:
+        raise ExportFileError(f"{path} leads outside the export folder {root} (to {real}); refusing to read it")
     return path
 
 
 def find_model(model_dir: str | Path) -> Path:
-    """The ONNX graph of an export directory: ``onnx/model.onnx``, or ``model.onnx`` of the old layout."""
+    """The ONNX graph of an export directory: ``onnx/model.onnx``, or ``model.onnx`` of the old layout.
+
+    The graph and every entry beside it (where ONNX Runtime looks for external data) must stay
+    inside ``model_dir`` (:func:`check_inside`)."""
     model_dir = Path(model_dir)
     for rel in MODEL_PATHS:
-        if (model_dir / rel).is_file():
-            return model_dir / rel
+        path = model_dir / rel
+        if path.is_file():
+            for entry in sorted(path.parent.iterdir()):
+                check_inside(entry, model_dir)
+            return path
     raise FileNotFoundError(f"{MODEL_FILE} not found in {model_dir} (expected file {model_dir / MODEL_PATHS[0]})")
 
 
@@ -77,13 +108,13 @@ def load_manifest(model_dir: str | Path) -> Manifest:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    path = require_file(model_dir / MANIFEST_FILE)
+    path = require_file(model_dir / MANIFEST_FILE, model_dir)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid UTF-8 JSON: {e}") from None
+        raise ExportFileError(f"{path} is not valid UTF-8 JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise ExportFileError(f"{path} must hold a JSON object")
     return parse_manifest(raw, source=str(path))
 
 

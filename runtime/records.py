@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import numbers
 import sys
 from collections.abc import Sequence
@@ -56,7 +57,10 @@ def read_jsonl(path: str | Path) -> list[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{name} line {no}: not valid JSON ({e.msg})") from None
+            raise ValueError(
+                f"{name} line {no}: not valid JSON ({e.msg}); JSONL holds one JSON object per line, "
+                'e.g. {"text": "great phone"}'
+            ) from None
         if not isinstance(obj, dict):
             raise ValueError(f"{name} line {no}: expected a JSON object")
         rows.append((no, obj))
@@ -116,6 +120,26 @@ def is_int(value) -> bool:
     if isinstance(value, numbers.Integral):
         return not isinstance(value, bool)
     return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def regression_targets(values: Sequence, where: Sequence[str] | None = None) -> list[float]:
+    """Regression targets: each value a finite number (not a bool), or a string holding one (as
+    CSV cells hold numbers). ``where[i]`` names ``values[i]`` in messages (default ``label #i``)."""
+    out = []
+    for i, value in enumerate(values):
+        number = None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            place = where[i] if where is not None else f"label #{i}"
+            raise ValueError(f"{place}: regression label {value!r} is not a finite number")
+        out.append(number)
+    return out
 
 
 def label_ids(values: Sequence, labels: Sequence[str], where: Sequence[str] | None = None) -> list[int]:

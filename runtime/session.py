@@ -18,7 +18,7 @@ import onnxruntime as ort
 from tokenizers import Encoding
 
 from .checks import positive_int
-from .manifest import Manifest, find_model, load_manifest, require_file
+from .manifest import ExportFileError, Manifest, find_model, load_manifest, require_file
 from .spec import TEXT_INPUTS, TOKENIZER_FILE
 from .text import TextEncoder, check_texts, was_truncated
 
@@ -70,7 +70,9 @@ def _load(model_path: Path, so: ort.SessionOptions, providers: list[str]) -> ort
         if m:
             missing = Path(m.group(1))
             raise FileNotFoundError(f"{missing.name} not found (external data of {model_path})") from None
-        raise RuntimeError(f"cannot load {model_path}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (a truncated or corrupt file?)" if "INVALID_PROTOBUF" in first else ""
+        raise ExportFileError(f"{model_path}: ONNX Runtime cannot load it{hint}: {first}") from None
 
 
 def create_session(
@@ -99,7 +101,7 @@ def create_session(
             sess = _load(model_path, _session_options(threads, graph_optimization, quiet), [CUDA, CPU])
         except FileNotFoundError:
             raise
-        except RuntimeError as e:
+        except ExportFileError as e:  # a broken file fails again on the CPU below, naming itself
             sess, reason = None, f"creating a CUDA session failed ({e})"
         finally:
             if quiet:
@@ -165,7 +167,7 @@ class Predictor:
     ) -> Predictor:
         path = Path(path)
         manifest = load_manifest(path)
-        tok_path = require_file(path / TOKENIZER_FILE)
+        tok_path = require_file(path / TOKENIZER_FILE, path)
         model_path = find_model(path)
         session, used = create_session(model_path, provider, threads, graph_optimization)
         if manifest.target == "ort-cuda" and used != "cuda":

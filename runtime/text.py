@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from .manifest import ExportFileError
+
 _PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>")
 
 
@@ -45,12 +47,22 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizers`` file; :class:`ExportFileError` naming it when it cannot be read as one
+    (``tokenizers`` itself raises a bare ``Exception`` that names no file)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for bad JSON and unknown models
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportFileError(f"{path} is not a readable tokenizers file (truncated or corrupt?): {first}") from None
+
+
 class TextEncoder:
     """Tokenizer + numpy padding; the same code tokenizes for training, export checks and the runtime."""
 
     def __init__(self, tokenizer: str | Path | Tokenizer, max_length: int):
         self.max_length = int(max_length)
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         # Configure once; a tokenizer.json may carry its own (e.g. fixed-length) settings.
         tok.no_padding()
         tok.enable_truncation(max_length=self.max_length)

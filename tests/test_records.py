@@ -77,3 +77,22 @@ def test_anything_else_is_an_error_naming_where_it_is(value):
         ValueError, match=r"f line 9: label .* is neither one of \['neg', 'neu', 'pos'\] nor a class id in \[0, 3\)"
     ):
         records.label_ids([value], LABELS, ["f line 9"])
+
+
+@pytest.mark.parametrize("value, expected", [(1, 1.0), (2.5, 2.5), ("-0.25", -0.25), (" 3 ", 3.0)])
+def test_a_regression_label_is_a_number_or_a_string_holding_one(value, expected):
+    assert records.regression_targets([value]) == [expected]
+
+
+@pytest.mark.parametrize("value", ["high", "", None, True, [1.0], "nan", float("inf")])
+def test_a_regression_label_that_is_not_a_finite_number_names_its_line(value):
+    with pytest.raises(ValueError, match=r"f line 9: regression label .* is not a finite number"):
+        records.regression_targets([1.0, value], ["f line 3", "f line 9"])
+
+
+def test_a_line_that_is_not_json_says_what_a_jsonl_line_must_be(tmp_path):
+    path = _write(tmp_path, "d.jsonl", b"text,label\nhello,pos\n")
+    with pytest.raises(
+        ValueError, match=r"d.jsonl line 1: not valid JSON \(.*\); JSONL holds one JSON object per line"
+    ):
+        records.read_rows(path)

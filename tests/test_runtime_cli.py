@@ -90,3 +90,52 @@ def test_a_bad_argument_exits_2_with_one_error(model_dir, tmp_path, args, messag
     r = run_cli(*[a.format(**fill) for a in args])
     err = r.stderr.decode()
     assert r.returncode == 2 and r.stdout == b"" and message in err and "Traceback" not in err
+
+
+def test_a_csv_input_reads_its_text_column(model_dir, tmp_path, jsonl):
+    f = tmp_path / "in.csv"
+    f.write_text('text,id\ngood phone,7\nbad,8\n"' + "good " * 50 + '",9\n')
+    r, ref = run_cli(model_dir, "--input", f), run_cli(model_dir, "--input", jsonl)
+    assert r.returncode == 0, r.stderr.decode()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "line"} for x in r.stdout.decode().splitlines()]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k != "line"} for x in ref.stdout.decode().splitlines()]
+
+
+def test_a_line_that_is_not_json_says_the_input_format(model_dir, tmp_path):
+    f = tmp_path / "in.txt"
+    f.write_text("text,label\ngreat phone,pos\n")
+    err = run_cli(model_dir, "--input", f).stderr.decode()
+    assert "in.txt line 1: not valid JSON" in err and "JSONL holds one JSON object per line" in err
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _link_tokenizer_out(out):
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to("/etc/passwd")
+
+
+BROKEN = [
+    ("truncated-model", lambda out: _truncate(out / "model.onnx"), "model.onnx: ONNX Runtime cannot load it"),
+    ("corrupt-tokenizer", lambda out: _truncate(out / "tokenizer.json"), "tokenizer.json is not a readable"),
+    ("tokenizer-links-out", _link_tokenizer_out, "tokenizer.json leads outside the export folder"),
+]
+
+
+@pytest.mark.parametrize("change, message", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_a_broken_export_file_is_one_error_line_naming_it_with_exit_2(tmp_path, change, message):
+    from runtime_models import build_model_dir
+
+    out = build_model_dir(tmp_path / "out")
+    change(out)
+    r = run_cli(out, "--text", "good")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"", err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_help_documents_the_exit_codes():
+    out = run_cli("--help").stdout.decode()
+    assert "exit status:" in out and "0  " in out and "2  bad input" in out

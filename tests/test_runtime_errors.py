@@ -9,6 +9,7 @@ import pytest
 from runtime_models import build_model_dir
 
 from mpismoe_edge.runtime import Predictor
+from mpismoe_edge.runtime.manifest import ExportFileError
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,58 @@ def test_a_missing_file_is_named(tmp_path, name):
     (out / name).unlink()
     with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
         Predictor.from_dir(out)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _link_out(name):
+    """Replace the export's ``name`` by a symlink to a copy of it outside the export folder."""
+
+    def change(out):
+        outside = out.parent / ("outside-" + name)
+        outside.write_bytes((out / name).read_bytes())
+        (out / name).unlink()
+        (out / name).symlink_to(outside)
+
+    return change
+
+
+BROKEN_EXPORTS = [
+    (
+        "truncated-model",
+        lambda out: _truncate(out / "model.onnx"),
+        r"model\.onnx: ONNX Runtime cannot load it \(a trunc",
+    ),
+    (
+        "garbage-model",
+        lambda out: (out / "model.onnx").write_bytes(b"not a graph"),
+        r"model\.onnx: ONNX Runtime cannot",
+    ),
+    ("truncated-tokenizer", lambda out: _truncate(out / "tokenizer.json"), r"tokenizer\.json is not a readable"),
+    ("tokenizer-not-json", lambda out: (out / "tokenizer.json").write_text("x"), r"tokenizer\.json is not a readable"),
+    ("manifest-not-json", lambda out: _truncate(out / "manifest.json"), r"manifest\.json is not valid UTF-8 JSON"),
+    ("tokenizer-links-out", _link_out("tokenizer.json"), r"tokenizer\.json leads outside the export folder"),
+    ("manifest-links-out", _link_out("manifest.json"), r"manifest\.json leads outside the export folder"),
+    ("model-links-out", _link_out("model.onnx"), r"model\.onnx leads outside the export folder"),
+    ("data-links-out", _link_out("model.onnx.data"), r"model\.onnx\.data leads outside the export folder"),
+]
+
+
+@pytest.mark.parametrize("change, message", [b[1:] for b in BROKEN_EXPORTS], ids=[b[0] for b in BROKEN_EXPORTS])
+def test_a_broken_or_escaping_export_file_is_an_export_file_error_naming_it(tmp_path, change, message):
+    out = build_model_dir(tmp_path / "out", external=True)
+    change(out)
+    with pytest.raises(ExportFileError, match=message):
+        Predictor.from_dir(out)
+
+
+def test_an_export_folder_reached_through_a_symlink_is_read(tmp_path):
+    out = build_model_dir(tmp_path / "real" / "out")
+    (tmp_path / "alias").symlink_to(out)
+    (out / "manifest.link.json").symlink_to(out / "manifest.json")  # a link inside the folder is fine
+    assert Predictor.from_dir(tmp_path / "alias").predict(["good"])[0]["label"]
 
 
 def test_a_missing_directory_is_named(tmp_path):
