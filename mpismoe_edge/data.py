@@ -10,6 +10,7 @@ import csv
 import functools
 import importlib.util
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,13 +135,11 @@ def load_file(
         return _token_dataset(path, rows, labels, text_column, label_column)
     texts = records.texts(rows, path, text_column)
     raw = records.column(rows, label_column, path)
+    where = [f"{path} line {no}" for no, _ in rows]
     if task == "regression":
-        try:
-            return Dataset(texts, [float(v) for v in raw], [])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: regression labels must be numbers") from None
+        return Dataset(texts, records.regression_targets(raw, where), [])
     labels = _infer_labels(raw, path) if labels is None else list(labels)
-    targets = records.label_ids(raw, labels, [f"{path} line {no}" for no, _ in rows])
+    targets = records.label_ids(raw, labels, where)
     return Dataset(texts, targets, labels)
 
 
@@ -152,7 +151,9 @@ def load_splits(
 ) -> list[Dataset | None]:
     """Train, validation, test... files (``None`` for one not given) sharing one label list: the
     names found in any of them, sorted (a small training set may lack a tag that validation has),
-    or ids ``0..max`` when every file holds integer ids."""
+    or ids ``0..max`` when every file holds integer ids. A label of a later file that no row of
+    the first (training) file has is kept, with a warning naming the file and the label: the
+    model can never learn to predict it."""
     columns = {"task": task, "text_column": text_column, "label_column": label_column}
     given = [load_file(p, **columns) if p is not None else None for p in paths]
     if task == "regression":
@@ -162,7 +163,25 @@ def load_splits(
         labels = max(found, key=len)
     else:
         labels = sorted({x for labels in found for x in labels})
+    if given and given[0] is not None:
+        trained = _used_labels(given[0])
+        for path, data in zip(paths[1:], given[1:]):
+            for name in sorted(_used_labels(data) - trained) if data is not None else ():
+                warnings.warn(
+                    f"{path}: label {name!r} never occurs in the training data {paths[0]}; "
+                    "the model cannot learn to predict it",
+                    UserWarning,
+                    stacklevel=2,
+                )
     return [d.relabel(labels) if d is not None else None for d in given]
+
+
+def _used_labels(data: Dataset) -> set[str]:
+    """The label names that some row (or word) of ``data`` carries."""
+    flat = (
+        [t for row in data.targets for t in row] if data.targets and isinstance(data.targets[0], list) else data.targets
+    )
+    return {data.labels[t] for t in flat}
 
 
 def _infer_labels(raw: list, path: Path) -> list[str]:

@@ -188,16 +188,6 @@ def test_backbone_without_hidden_states_is_refused():
         build_model(NoStates(), ModelConfig(labels=["a", "b"], side=SideConfig(expert_bits=None), quant=None))
 
 
-def test_sparse_expert_dispatch_equals_the_dense_mixture():
-    from mpismoe_edge.side.moe import _dispatch
-
-    moe = tiny_model().side.moe_layers()[0]
-    x = torch.randn(2, 5, 16)
-    weights, _ = moe.router(x, torch.randn(2, 5, 16), torch.randn(2, 5, 64), None)
-    dense = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(moe.experts))
-    torch.testing.assert_close(_dispatch(x, weights, moe.experts), dense)
-
-
 def test_expert_fake_quantization_uses_the_rtn_grid():
     from mpismoe_edge.quant import rtn_quantize
     from mpismoe_edge.side.experts import fake_quantize
@@ -267,25 +257,3 @@ def test_token_logits_do_not_depend_on_padding():
 def test_unknown_task_is_refused():
     with pytest.raises(ValueError, match="ModelConfig.task must be one of .*, got 'ner'"):
         tiny_model(task="ner")
-
-
-@pytest.mark.parametrize("expert_bits", [None, 4])
-def test_sorted_dispatch_matches_a_loop_over_the_experts_in_values_and_gradients(expert_bits):
-    from mpismoe_edge.side.moe import _dispatch
-
-    moe = tiny_model(expert_bits=expert_bits).side.moe_layers()[0]
-    params = list(moe.experts.parameters())
-    torch.manual_seed(1)
-    x = torch.randn(2, 5, moe.experts[0].fc1.in_features, requires_grad=True)
-    w = torch.zeros(2, 5, len(moe.experts))
-    w[..., 0], w[..., 2] = 0.7, 0.3  # experts 1 and 3 get no tokens
-    w[1, 4] = 0.0  # a padding token
-    loop = sum(w[..., e : e + 1] * expert(x) for e, expert in enumerate(moe.experts))
-    want = torch.autograd.grad(loop.square().sum(), [x, *params])
-    ours = _dispatch(x, w, moe.experts)
-    got = torch.autograd.grad(ours.square().sum(), [x, *params], allow_unused=True)
-    torch.testing.assert_close(ours, loop)
-    for g, ref in zip(got, want):
-        torch.testing.assert_close(torch.zeros_like(ref) if g is None else g, ref)
-    unused = {id(p) for e in (1, 3) for p in moe.experts[e].parameters()}
-    assert all((g is None) == (id(p) in unused) for p, g in zip(params, got[1:]))  # no tokens: no gradient, as before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +18,14 @@ from .router import InteractiveRouter, load_balance_loss, z_loss
 class ISMoE(nn.Module):
     """Mixture of side experts routed by :class:`InteractiveRouter`.
 
-    Eager PyTorch runs each expert only on the tokens routed to it. Under export (torch.export /
-    ONNX) every expert runs on every token and is mixed by the dense routing weights (zero for
-    the experts a token does not pick): the same sum, a static graph, and every expert in the
-    exported model. The side experts are tiny, so the dense form costs little at inference;
-    after :meth:`prepare_export` it is two wide matmuls instead of ``2E`` small ones.
+    The experts of a layer run as one wide FFN (:func:`wide_mixture`): every token goes through
+    all ``E*H`` hidden units and each expert's units are scaled by the token's routing weight,
+    zero for the experts it does not pick. That is exactly top-k routing (the unpicked experts
+    add nothing and get no gradient from the token) in two matmuls instead of ``2E`` small ones
+    on gathered tokens; for experts this small the dense form is the fastest on CPU
+    (``benchmarks/moe_train_ops.py``), and it is the same static graph the export traces.
+    Eager PyTorch stacks the experts' weights per forward (fake-quantized in one call while
+    they train quantization-aware); the export reads the packed stack of :meth:`prepare_export`.
     """
 
     def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
@@ -52,7 +56,7 @@ class ISMoE(nn.Module):
                 self.register_buffer(f"stacked_{name}", tensor, persistent=False)
 
     def _stacked_mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_e w_e * expert_e(x)`` as ``fc2([w_1 h_1, ..., w_E h_E]) + w @ b2``, ``h_e = gelu(fc1_e(x))``."""
+        """:func:`wide_mixture` over the packed (or float) ``stacked_*`` buffers of :meth:`prepare_export`."""
         st = self._stack
 
         def linear(inp: torch.Tensor, tag: str, bits: int | None, group: int) -> torch.Tensor:
@@ -67,9 +71,13 @@ class ISMoE(nn.Module):
                 group,
             )
 
-        h = nn.functional.gelu(linear(x, "fc1", st.bits1, st.group1) + self.stacked_fc1_bias)
-        h = (h.unflatten(-1, (st.experts, st.hidden)) * weights.unsqueeze(-1)).flatten(-2)
-        return linear(h, "fc2", st.bits2, st.group2) + weights @ self.stacked_fc2_bias
+        return wide_mixture(
+            x,
+            weights,
+            lambda inp: linear(inp, "fc1", st.bits1, st.group1) + self.stacked_fc1_bias,
+            lambda inp: linear(inp, "fc2", st.bits2, st.group2),
+            self.stacked_fc2_bias,
+        )
 
     def forward(
         self, x: torch.Tensor, bb_token: torch.Tensor, bb_hidden: torch.Tensor, mask: torch.Tensor | None
@@ -80,14 +88,20 @@ class ISMoE(nn.Module):
                 out = self._stacked_mixture(x, weights)
             else:
                 out = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
-        else:
-            out = _dispatch(x, weights if mask is None else weights * mask.unsqueeze(-1), self.experts)
+        else:  # padding tokens (weight 0 after masking) get no expert, as in a sparse dispatch
+            w1, b1, w2, b2 = expert_stack(self.experts)
+            out = wide_mixture(
+                x,
+                weights if mask is None else weights * mask.unsqueeze(-1),
+                lambda inp: nn.functional.linear(inp, w1, b1),
+                lambda inp: nn.functional.linear(inp, w2),
+                b2,
+            )
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training:
             self.aux_loss = load_balance_loss(logits, weights, mask)
             self.z_loss = z_loss(logits, mask)
-        if self.training:
             with torch.no_grad():
                 keep = (weights > 0).float() if mask is None else (weights > 0).float() * mask.unsqueeze(-1)
                 self.last_load = keep.reshape(-1, weights.shape[-1]).sum(0)
@@ -129,52 +143,59 @@ def _stack_experts(experts: nn.ModuleList) -> tuple[_Stack, dict[str, torch.Tens
     return _Stack(len(experts), fc1s[0].out_features, *meta), tensors
 
 
-def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """Sparse mixture: each expert sees only its routed tokens, ``sum_e w_e * expert_e(x)``.
+def wide_mixture(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    fc1: Callable[[torch.Tensor], torch.Tensor],
+    fc2: Callable[[torch.Tensor], torch.Tensor],
+    bias2: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_e w_e * expert_e(x)`` as ``fc2([w_1 h_1, ..., w_E h_E]) + w @ bias2``, ``h_e = gelu(fc1_e(x))``.
 
-    The (expert, token) pairs are sorted by expert once: one ``index_select`` gathers the routed
-    tokens, each expert runs on its contiguous slice, one ``index_add_`` adds the weighted
-    outputs back (per token in expert order, as a loop over the experts adds them). Experts in
-    training have their weights fake-quantized together (:func:`_expert_weights`). Padding
-    tokens (weight 0 after masking) go to no expert; nothing downstream reads them.
+    ``fc1`` maps ``[..., D]`` to all experts' hidden units ``[..., E*H]`` (expert-major, with
+    their biases), ``fc2`` maps ``[..., E*H]`` back to ``[..., D]`` without bias (the experts'
+    ``fc2`` biases are ``bias2`` ``[E, D]``), ``weights`` ``[..., E]``. An expert with weight 0
+    adds nothing and its units get zero gradient: with top-k weights this is exactly top-k routing.
     """
-    flat, w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, weights.shape[-1])
-    expert, token = torch.nonzero(w.t() > 0, as_tuple=True)
-    sizes = torch.bincount(expert, minlength=len(experts)).tolist()
-    used = [e for e, n in enumerate(sizes) if n]
-    out = torch.zeros_like(flat)
-    if not used:
-        return out.reshape(x.shape)
-    routed = flat.index_select(0, token).split([sizes[e] for e in used])
-    gate = w.reshape(-1).index_select(0, token * w.shape[1] + expert).unsqueeze(-1)
-    params = _expert_weights([experts[e] for e in used])
-    if params is None:
-        ys = [experts[e](chunk) for e, chunk in zip(used, routed)]
-    else:
-        ys = [
-            nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1, b1)), w2, b2)
-            for chunk, (w1, b1, w2, b2) in zip(routed, params)
-        ]
-    return out.index_add_(0, token, (torch.cat(ys) * gate).to(out.dtype)).reshape(
-        x.shape
-    )  # autocast: experts may run in bf16
+    h = nn.functional.gelu(fc1(x))
+    h = (h.unflatten(-1, (weights.shape[-1], -1)) * weights.unsqueeze(-1)).flatten(-2)
+    return fc2(h) + weights @ bias2
 
 
-def _expert_weights(experts: list[nn.Module]) -> list[tuple[torch.Tensor, ...]] | None:
-    """``(fc1 weight, fc1 bias, fc2 weight, fc2 bias)`` per expert as its forward uses them:
-    plain ``nn.Linear`` weights, or ``FakeQuantLinear`` weights fake-quantized in one call for
-    all of them (the same per-group values as one call each); None for other layers (packed)."""
-    parts = []
-    for layers in ([e.fc1 for e in experts], [e.fc2 for e in experts]):
-        if all(type(m) is nn.Linear for m in layers):
-            parts.append([m.weight for m in layers])
-        elif all(type(m) is FakeQuantLinear for m in layers) and len({(m.bits, m.group_size) for m in layers}) == 1:
-            stacked = torch.stack([m.weight for m in layers])
-            parts.append(straight_through(stacked, layers[0].bits, layers[0].group_size).unbind(0))
-        else:
-            return None
-        parts.append([m.bias for m in layers])
-    return list(zip(*parts))
+def expert_stack(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' weights as their forward uses them, stacked for :func:`wide_mixture`:
+    ``fc1`` weights ``[E*H, D]`` and biases ``[E*H]``, ``fc2`` weights ``[D, E*H]`` and biases ``[E, D]``.
+
+    ``FakeQuantLinear`` layers of one width are fake-quantized in one call on the stack: its rows
+    hold the same groups as each expert's own (``fc2``'s ``H`` inputs are a whole number of
+    groups), so the values are those of one call per expert; packed layers are dequantized.
+    """
+    fc1 = _stacked_weight([e.fc1 for e in experts], 0)
+    fc2 = _stacked_weight([e.fc2 for e in experts], 1)
+    b1 = torch.cat([_bias(e.fc1, fc1) for e in experts])
+    b2 = torch.stack([_bias(e.fc2, fc2) for e in experts])
+    return fc1, b1, fc2, b2
+
+
+def _stacked_weight(layers: list[nn.Module], dim: int) -> torch.Tensor:
+    if all(type(m) is FakeQuantLinear for m in layers) and len({(m.bits, m.group_size) for m in layers}) == 1:
+        return straight_through(torch.cat([m.weight for m in layers], dim), layers[0].bits, layers[0].group_size)
+    return torch.cat([_weight(m) for m in layers], dim)
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """One expert layer's weight as its forward uses it."""
+    if isinstance(m, FakeQuantLinear):
+        return straight_through(m.weight, m.bits, m.group_size)
+    if isinstance(m, QuantLinear):
+        return m.dequantized_weight()
+    if isinstance(m, nn.Linear):
+        return m.weight
+    raise TypeError(f"an expert layer must be nn.Linear, FakeQuantLinear or QuantLinear, got {type(m).__name__}")
+
+
+def _bias(m: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    return m.bias if m.bias is not None else like.new_zeros(m.out_features)
 
 
 class DenseFFN(nn.Module):
