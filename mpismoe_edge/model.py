@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -198,7 +198,8 @@ def _probe_hidden_states(model: MPISMoEModel) -> None:
 
 
 def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename), with the
+    mode the umask gives any new file (0644 under umask 022; ``mkstemp``'s 0600 would not be)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -207,10 +208,11 @@ def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "tokenizer_json": model.tokenizer_json,
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        torch.save(payload, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -225,8 +227,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, or a pickle with code in it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a loadable mpismoe-edge checkpoint ({first})") from None
+        # torch's own message advises weights_only=False, which would run the file's code: say what it is not
+        what = (
+            "it holds Python objects other than tensors and plain data, which are not loaded: "
+            "that could run code from the file"
+            if "weights only" in str(exc).lower() or "weights_only" in str(exc)
+            else "not a torch.save file, or a truncated or corrupt one"
+        )
+        raise ValueError(f"{path}: not an mpismoe-edge checkpoint ({what})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an mpismoe-edge checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     return payload

@@ -148,14 +148,14 @@ def test_checkpoint_refuses_a_pickle_with_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(ValueError, match="not a loadable"):
+    with pytest.raises(ValueError, match="not an mpismoe-edge checkpoint"):
         read_checkpoint(path)
 
 
 def test_truncated_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
     path = tmp_path / "cut.pt"
     path.write_bytes(tiny_checkpoint.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a loadable"):
+    with pytest.raises(ValueError, match="not an mpismoe-edge checkpoint"):
         read_checkpoint(path)
 
 
