@@ -13,6 +13,12 @@ from pathlib import Path
 
 from mpismoe_edge.runtime.spec import DEFAULT_TARGET, MIN_OPSET, TARGETS
 
+EXIT_CODES = """exit status:
+  0  written (and validated, unless --no-validate)
+  1  the export ran and failed: validation against PyTorch past --atol, or the exporter failed; nothing written
+  2  bad input: a missing, truncated, corrupt or foreign checkpoint, a bad option or opset, an unusable
+     output path; one 'error: ...' line, nothing written"""
+
 
 class UsageError(Exception):
     pass
@@ -24,7 +30,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpismoe-export", description="Export an MP-ISMoE checkpoint to ONNX, validated against PyTorch.")
+    p = _Parser(
+        prog="mpismoe-export",
+        description="Export an MP-ISMoE checkpoint to ONNX, validated against PyTorch.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
     p.add_argument("-o", "--output", required=True, help="output directory (created or replaced atomically)")
     p.add_argument(

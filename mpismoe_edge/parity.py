@@ -13,9 +13,19 @@ import argparse
 import json
 import sys
 
+EXIT_CODES = """exit status:
+  0  parity passed
+  1  parity FAILED: the check ran and a bar was missed (logits past --atol, label agreement below --min-agreement)
+  2  bad input or a broken file (checkpoint, export, data), named in one 'error: ...' line; no check ran"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpismoe-parity", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="mpismoe-parity",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
     p.add_argument("onnx_dir", help="directory written by mpismoe-export")
     p.add_argument(
@@ -94,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         # token classification: one [tokens, labels] tensor per text, as the runtime returns them
         torch_logits = [t.numpy() for t in torch_logits] if isinstance(torch_logits, list) else torch_logits.numpy()
         onnx_logits = predictor.predict_logits(texts, batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, OSError, TypeError) as exc:  # FileNotFoundError, ExportFileError among them
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # e.g. ONNX Runtime failing on a graph it loaded: not a parity verdict
+        print(
+            f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            file=sys.stderr,
+        )
         return 2
     from .runtime.spec import DEFAULT_PARITY_BARS, PARITY_BARS
 

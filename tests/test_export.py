@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +386,78 @@ def test_cli_errors_exit_2_and_write_nothing(case, ckpt, tmp_path, capsys):
         assert "pwned" not in stdout
     if case == "out-foreign-dir":
         assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_export_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit status:" in out and "1  the export ran and failed" in out and "2  bad input" in out
+
+
+# ---------------------------------------------------------------- staging folders of killed exports
+
+_STAGE = """
+import os, sys
+from pathlib import Path
+from mpismoe_edge.export.output import commit, staging_dir
+out = Path(sys.argv[1])
+with staging_dir(out) as tmp:
+    (tmp / "manifest.json").write_text('{"format": "mpismoe-edge-onnx/1"}')
+    print(tmp, flush=True)
+    if sys.argv[2] == "die":
+        os._exit(0)  # as kill -9: no cleanup runs
+    sys.stdin.readline()  # wait until told to finish
+    commit(tmp, out)
+"""
+
+
+def _staging(out):
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-"))
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(model, cached_export, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-c", _STAGE, str(out), "die"], check=True, capture_output=True, timeout=120)
+    assert len(_staging(out)) == 1 and not out.exists()  # what a killed export leaves
+    pipeline.export_model(model, out, log=None, validate=False)
+    assert _staging(out) == [] and json.loads((out / "manifest.json").read_text())["format"].startswith("mpismoe")
+
+
+def test_a_live_exports_staging_folder_is_kept_and_both_exports_finish(model, cached_export, tmp_path):
+    out = tmp_path / "out"
+    other = subprocess.Popen(
+        [sys.executable, "-c", _STAGE, str(out), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        pipeline.export_model(model, out, log=None, validate=False)
+        assert theirs.is_dir() and (theirs / "manifest.json").is_file()  # not taken for a dead export's
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.wait(timeout=120) == 0
+    finally:
+        other.kill()
+    assert _staging(out) == [] and json.loads((out / "manifest.json").read_text())["format"].startswith("mpismoe")
+
+
+@pytest.mark.parametrize(
+    "name, age_hours, removed",
+    [
+        (".out.tmp-abcd1234", 25, True),  # the older unnamed form, untouched for a day
+        (".out.tmp-abcd1234", 1, False),  # ... but recent: it may be live
+        (".out.tmp-1@elsewhere-abcd1234", 1, False),  # another host's: its pid says nothing here
+        (".out.tmp-1@elsewhere-abcd1234", 25, True),
+        (".other.tmp-abcd1234", 25, False),  # another output's
+        (".out.old-abcd1234", 25, False),  # a replaced export being deleted: not a staging folder
+    ],
+)
+def test_an_unattributable_staging_folder_is_removed_by_age_only(tmp_path, name, age_hours, removed):
+    from mpismoe_edge.export.output import remove_stale_staging
+
+    folder = tmp_path / name
+    folder.mkdir()
+    past = time.time() - age_hours * 3600
+    os.utime(folder, (past, past))
+    assert remove_stale_staging(tmp_path / "out") == ([folder] if removed else [])
+    assert folder.exists() != removed
