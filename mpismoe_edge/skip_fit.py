@@ -19,8 +19,6 @@ from .inference import feed, targets, tokenize
 from .runtime.text import TextEncoder
 from .side.ridge import Probe, fit_probe
 
-SKIP_INITS = ("ridge", "zero")  # zero: the skip starts at zero and trains with the side network
-
 
 @torch.no_grad()
 def skip_features(

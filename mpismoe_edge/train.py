@@ -11,8 +11,6 @@ writes ``last.pt``, ``model.pt`` and ``metrics.json``. The steps themselves are 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import random
 import time
@@ -25,48 +23,21 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import JsonConfig
+from .config import TrainConfig
 from .data import Dataset
-from .device import DEVICES, PRECISIONS, grad_scaler, peak_memory, reset_peak_memory, resolve_device
+from .device import grad_scaler, peak_memory, reset_peak_memory, resolve_device
+from .files import write_json
 from .inference import evaluate, feed, make_tokenizer, targets, token_lengths, tokenize
 from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
+from .resume import read_last, run_settings, write_last
 from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
-from .selection import planned_epochs, selection_key, should_stop, steps_per_epoch
-from .skip_fit import SKIP_INITS, fit_skip
+from .runtime.text import TextEncoder
+from .selection import EpochLog, planned_epochs, steps_per_epoch
+from .skip_fit import fit_skip
 
-
-@dataclass
-class TrainConfig(JsonConfig):
-    epochs: int = 3
-    batch_size: int = 32  # the global batch: split over the ranks of a distributed run
-    eval_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    grad_clip: float = 1.0
-    patience: int = 2  # epochs without a better (metric, -loss) on validation before stopping early
-    min_steps: int = 200  # optimizer steps at least: small data trains more epochs (selection.py)
-    seed: int = 0
-    threads: int | None = None
-    return_freed_memory: bool = True  # glibc: give freed activations and heap holes back to the system (memory.py)
-    device: str = "auto"  # cpu | cuda | auto (CUDA when there is one); a rank uses GPU LOCAL_RANK
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (device.py)
-    skip_init: str = "ridge"  # with SideConfig.skip: ridge (the closed-form probe, frozen; skip_fit.py) | zero
-
-    def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.skip_init not in SKIP_INITS:
-            raise ValueError(f"unknown skip_init {self.skip_init!r}; expected one of {', '.join(SKIP_INITS)}")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
+__all__ = ["TrainConfig", "TrainResult", "check_compatible", "make_optimizer", "train"]
 
 
 @dataclass
@@ -130,16 +101,161 @@ def make_optimizer(
     return opt, sched
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+def _show(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+
+
+@dataclass
+class _Run:
+    """Where and how a run happens: its device, ranks, output folder and tokenizer."""
+
+    model: MPISMoEModel
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    world: distributed.World
+    tok: TextEncoder
+    show: bool  # progress bars and per-epoch lines (rank 0 only)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.world.rank, self.world.size
+
+    def validate(self, data: Dataset, name: str = "validation") -> dict[str, float]:
+        return evaluate(self.model, self.tok, data, self.cfg.eval_batch_size, self.shard, name if self.show else None)
+
+
+def _start(model: MPISMoEModel, cfg: TrainConfig, out_dir: str | Path, progress: bool) -> _Run:
+    """Join the ranks, place the model, seed, and make the output folder (rank 0)."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    world = distributed.join(device)
+    out = Path(out_dir)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.return_freed_memory:
+        return_freed_memory()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
+    return _Run(model, cfg, out, device, world, tok, progress and world.is_main)
+
+
+def _fit_probe(run: _Run, train_data: Dataset, eval_data: Dataset, log: EpochLog, resumed: bool) -> None:
+    """With a ridge-initialised skip: fit and freeze it (skip_fit.py), and score the probe alone
+    as epoch 0, which a side network must beat on validation to be kept. A resumed run's
+    ``last.pt`` already holds the fitted skip."""
+    model, skip = run.model, run.model.side.skip
+    if run.cfg.skip_init != "ridge" or skip is None:
+        return
+    if resumed:
+        skip.requires_grad_(False)
+        return
+    start = time.perf_counter()
+    probe = fit_skip(model, run.tok, train_data, eval_data, run.cfg.eval_batch_size, run.device, progress=run.show)
+    seconds = time.perf_counter() - start
+    if run.show:
+        tqdm.write(f"linear skip: ridge probe, strength {probe.alpha:g}, logit scale {probe.scale:g}")
+    metrics = run.validate(eval_data)
+    metrics["epoch"], metrics["seconds"] = 0, seconds
+    log.judge(metrics, lambda: _snapshot(model.side))
+    if run.show:
+        tqdm.write(f"epoch 0 (ridge probe): {_show(metrics)}")
+
+
+def _epochs(run: _Run, train_data: Dataset, eval_data: Dataset, log: EpochLog, saved: dict | None) -> None:
+    """Train epoch after epoch, judging each on validation, until the planned epochs are done
+    or early stopping ends the run; after each epoch rank 0 writes ``last.pt``."""
+    model, cfg, world = run.model, run.cfg, run.world
+    params = [p for p in model.parameters() if p.requires_grad]
+    side = distributed.wrap(model.side, world, run.device, sparse=bool(model.side.moe_layers()))
+    epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    if epochs > cfg.epochs and run.show:
+        tqdm.write(
+            f"{len(train_data)} rows make {per_epoch} steps an epoch: training {epochs} epochs "
+            f"to take at least min_steps={cfg.min_steps} steps"
+        )
+    opt, sched = make_optimizer(params, cfg, epochs * per_epoch)
+    scaler = grad_scaler(run.device, cfg.precision)
+    first = 0
+    if saved is not None:
+        model.side.load_state_dict(saved["side"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+        first = saved["progress"]["epoch"]
+    distributed.barrier()  # no rank may overwrite last.pt before all have read it
+    task, settings = model.config.task, run_settings(model.config, cfg)
+    lengths = token_lengths(run.tok, train_data.texts)
+
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return side(model.backbone_states(**inputs), inputs.get("attention_mask"))
+
+    def batches(epoch: int):
+        for idx in batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch):
+            rows, weight = distributed.shard(idx, world)
+            encs = tokenize(run.tok, [train_data.texts[j] for j in rows])
+            targ = targets(task, encs, [train_data.targets[j] for j in rows])
+            yield Batch(feed(run.tok, encs, model.input_names, run.device), targ, weight)
+
+    reset_peak_memory(run.device)
+    for epoch in range(first, epochs):
+        if log.should_stop(cfg.patience, epoch * per_epoch, cfg.min_steps):
+            break
+        model.train()
+        start = time.perf_counter()
+        train_epoch(
+            forward, batches(epoch), opt, sched, params, task,
+            aux_loss=model.aux_loss, grad_clip=cfg.grad_clip, device=run.device, precision=cfg.precision,
+            scaler=scaler if scaler.is_enabled() else None, world=world,
+            after_step=release_free_pages if cfg.return_freed_memory else None,  # the step's small tensors left holes
+            desc=f"epoch {epoch + 1}/{epochs}", progress=run.show,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        metrics = run.validate(eval_data)
+        metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
+        log.judge(metrics, lambda: _snapshot(model.side))
+        if run.show:
+            tqdm.write(f"epoch {epoch + 1}: {_show(metrics)} ({seconds:.1f} s)")
+        if world.is_main:
+            progress = {"epoch": epoch + 1, **_log_state(log)}
+            write_last(
+                run.out / LAST_CHECKPOINT_FILE, settings, model.side.state_dict(), opt.state_dict(),
+                sched.state_dict(), progress, scaler.state_dict() if scaler.is_enabled() else None,
+            )  # fmt: skip
+        distributed.barrier()
+
+
+def _log_state(log: EpochLog) -> dict[str, Any]:
+    return {"history": log.history, "best_key": list(log.best_key or ()), "best_side": log.best,
+            "bad_epochs": log.bad_epochs}  # fmt: skip
+
+
+def _restore_log(progress: dict[str, Any]) -> EpochLog:
+    key = progress["best_key"]
+    return EpochLog(progress["history"], tuple(key) if key else None, progress["best_side"], progress["bad_epochs"])
+
+
+def _pack(run: _Run) -> None:
+    """Keep the best epoch's side network and pack its experts (quantization-aware until now)."""
+    model = run.model
+    model.eval()
+    if model.config.side.expert_bits is None:
+        return
+    if run.show:
+        method = model.config.quant.method if model.config.quant else "gnpiq"
+        tqdm.write(f"packing the experts ({method}, {model.config.side.expert_bits} bits)")
+    model.to("cpu")  # the quantizers' home; every rank packs the same weights the same way
+    model.pack_experts()
+    model.to(run.device)
 
 
 def train(
@@ -155,178 +271,34 @@ def train(
     """Train the side network; write ``out_dir/model.pt`` (experts packed) and ``metrics.json``.
 
     ``eval_data`` chooses the best epoch and stops early; ``test_data``, when given, is only
-    scored once, by the final model (``result.test``), so that no choice sees it. Under
-    ``torchrun`` every rank calls this with the same arguments."""
+    scored once, by the final model (``result.test``), so that no choice sees it. ``resume``
+    continues from ``out_dir/last.pt`` when it is there (made with the same settings:
+    ``resume.py``). Under ``torchrun`` every rank calls this with the same arguments."""
     for data in (train_data, eval_data, test_data):
         if data is not None:
             check_compatible(model, data)
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    world = distributed.join(device)
-    shard = (world.rank, world.size)
-    show = progress and world.is_main
-    out = Path(out_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.return_freed_memory:
-        return_freed_memory()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
-    task = model.config.task
-    last = out / LAST_CHECKPOINT_FILE
-    resuming = resume and last.is_file()
-    probe = None
-    if cfg.skip_init == "ridge" and model.side.skip is not None:
-        if resuming:  # last.pt holds the fitted skip; only its frozen state matters here
-            model.side.skip.requires_grad_(False)
-        else:
-            probe_start = time.perf_counter()
-            probe = fit_skip(model, tok, train_data, eval_data, cfg.eval_batch_size, device, progress=show)
-            probe_seconds = time.perf_counter() - probe_start
-            if show:
-                tqdm.write(f"linear skip: ridge probe, strength {probe.alpha:g}, logit scale {probe.scale:g}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    side = distributed.wrap(model.side, world, device, sparse=bool(model.side.moe_layers()))
-    epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
-    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
-    if epochs > cfg.epochs and show:
-        tqdm.write(
-            f"{len(train_data)} rows make {per_epoch} steps an epoch: training {epochs} epochs "
-            f"to take at least min_steps={cfg.min_steps} steps"
-        )
-    opt, sched = make_optimizer(params, cfg, epochs * per_epoch)
-    scaler = grad_scaler(device, cfg.precision)
-    state = {"epoch": 0, "history": [], "best_key": None, "best_side": None, "bad_epochs": 0}
-    if resuming:
-        saved = torch.load(last, map_location=device, weights_only=True)
-        model.side.load_state_dict(saved["side"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        if "scaler" in saved:
-            scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
-        if "best_key" not in state:  # a last.pt of a version that judged on the metric alone
-            state["best_key"] = [state.pop("best_score"), -math.inf]
-    distributed.barrier()  # no rank may overwrite last.pt before all have read it
-
-    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return side(model.backbone_states(**inputs), inputs.get("attention_mask"))
-
-    def batches(epoch: int):
-        for idx in batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch):
-            rows, weight = distributed.shard(idx, world)
-            encs = tokenize(tok, [train_data.texts[j] for j in rows])
-            yield Batch(
-                feed(tok, encs, model.input_names, device),
-                targets(task, encs, [train_data.targets[j] for j in rows]),
-                weight,
-            )
-
-    def judge(metrics: dict[str, float]) -> None:
-        """Record an epoch's validation; keep the side network if it is the best so far."""
-        state["history"].append(metrics)
-        key = selection_key(metrics)
-        if state["best_key"] is None or key > tuple(state["best_key"]):
-            state["best_key"], state["bad_epochs"] = list(key), 0
-            state["best_side"] = {k: v.detach().clone() for k, v in model.side.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-
-    if probe is not None:  # the probe alone is epoch 0: a side network must beat it on validation to be kept
-        metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
-        metrics["epoch"], metrics["seconds"] = 0, probe_seconds
-        judge(metrics)
-        if show:
-            tqdm.write(
-                "epoch 0 (ridge probe): "
-                + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
-            )
-    lengths = token_lengths(tok, train_data.texts)
-    reset_peak_memory(device)
+    settings = run_settings(model.config, cfg)
+    saved = read_last(Path(out_dir) / LAST_CHECKPOINT_FILE, settings) if resume else None
+    run = _start(model, cfg, out_dir, progress)
+    log = _restore_log(saved["progress"]) if saved is not None else EpochLog()
+    _fit_probe(run, train_data, eval_data, log, resumed=saved is not None)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
-    for epoch in range(state["epoch"], epochs):
-        if should_stop(state["bad_epochs"], cfg.patience, epoch * per_epoch, cfg.min_steps):
-            break
-        model.train()
-        epoch_start = time.perf_counter()
-        train_epoch(
-            forward,
-            batches(epoch),
-            opt,
-            sched,
-            params,
-            task,
-            aux_loss=model.aux_loss,
-            grad_clip=cfg.grad_clip,
-            device=device,
-            precision=cfg.precision,
-            scaler=scaler if scaler.is_enabled() else None,
-            world=world,
-            after_step=release_free_pages
-            if cfg.return_freed_memory
-            else None,  # the step's small tensors left holes in the heap
-            desc=f"epoch {epoch + 1}/{epochs}",
-            progress=show,
-        )
-        seconds = time.perf_counter() - epoch_start
-        metrics = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="validation" if show else None)
-        metrics["epoch"], metrics["seconds"] = epoch + 1, seconds  # seconds: the epoch's training steps
-        judge(metrics)
-        state["epoch"] = epoch + 1
-        if show:
-            tqdm.write(
-                f"epoch {epoch + 1}: "
-                + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
-                + f" ({seconds:.1f} s)"
-            )
-        if world.is_main:
-            saved = {
-                "side": model.side.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "state": state,
-            }
-            if scaler.is_enabled():
-                saved["scaler"] = scaler.state_dict()
-            _save_state(last, saved)
-        distributed.barrier()
-    if state["best_side"] is not None:
-        model.side.load_state_dict(state["best_side"])
-    model.eval()
-    if model.config.side.expert_bits is not None:
-        if show:
-            tqdm.write(
-                f"packing the experts ({model.config.quant.method if model.config.quant else 'gnpiq'}, "
-                f"{model.config.side.expert_bits} bits)"
-            )
-        model.to("cpu")  # the quantizers' home; every rank packs the same weights the same way
-        model.pack_experts()
-        model.to(device)
-    final = evaluate(model, tok, eval_data, cfg.eval_batch_size, shard, progress="final validation" if show else None)
-    train_seconds = time.perf_counter() - start  # as before: training, packing and the final validation
-    test = (
-        evaluate(model, tok, test_data, cfg.eval_batch_size, shard, progress="test" if show else None)
-        if test_data is not None
-        else None
-    )
-    memory = peak_memory(device)
+    _epochs(run, train_data, eval_data, log, saved)
+    if log.best is not None:
+        model.side.load_state_dict(log.best)
+    _pack(run)
+    final = run.validate(eval_data, "final validation")
+    train_seconds = time.perf_counter() - start  # training, packing and the final validation
+    test = run.validate(test_data, "test") if test_data is not None else None
+    memory = peak_memory(run.device)
     result = TrainResult(
-        history=state["history"],
-        final=final,
-        test=test,
-        train_seconds=train_seconds,
-        trainable_params=sum(p.numel() for p in params),
-        world_size=world.size,
-        device=str(device),
-        peak_rss_mb=memory["peak_rss_mb"],
-        peak_cuda_allocated_mb=memory.get("peak_cuda_allocated_mb"),
-        train_config=cfg.to_dict(),
-    )
-    if world.is_main:
-        save_checkpoint(model, out / CHECKPOINT_FILE)
-        _write_json(out / METRICS_FILE, result.to_dict())
+        history=log.history, final=final, test=test, train_seconds=train_seconds, trainable_params=params,
+        world_size=run.world.size, device=str(run.device), peak_rss_mb=memory["peak_rss_mb"],
+        peak_cuda_allocated_mb=memory.get("peak_cuda_allocated_mb"), train_config=cfg.to_dict(),
+    )  # fmt: skip
+    if run.world.is_main:
+        save_checkpoint(model, run.out / CHECKPOINT_FILE)
+        write_json(run.out / METRICS_FILE, result.to_dict())
     distributed.barrier()
     return result

@@ -91,7 +91,9 @@ def tiny_model(
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.model import build_model
 
-    side_cfg = SideConfig(reduction=4, num_heads=2, num_experts=4, top_k=2, expert_bits=expert_bits, **side)
+    side_cfg = SideConfig(
+        **{"reduction": 4, "num_heads": 2, "num_experts": 4, "top_k": 2, "expert_bits": expert_bits, **side}
+    )
     quant = QuantConfig(bits=bits, group_size=32, method="rtn") if bits else None
     config = ModelConfig(
         backbone=f"tiny-{kind}", task=task, labels=list(labels), max_length=16, side=side_cfg, quant=quant

@@ -122,7 +122,7 @@ def test_a_killed_two_process_torchrun_run_resumes_from_its_last_epoch(tmp_path,
     run.wait()
     assert (out / "last.pt").exists()
     assert not (out / "model.pt").exists()  # killed mid-run
-    first = torch.load(out / "last.pt", weights_only=True)["state"]["history"]
+    first = torch.load(out / "last.pt", weights_only=True)["progress"]["history"]
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -273,11 +273,38 @@ def test_validation_may_hold_labels_the_small_training_file_lacks(tmp_path):
     assert (train_ds.targets, val_ds.targets, test_ds) == ([0, 2], [1, 2], None)
 
 
-def test_a_last_checkpoint_from_before_the_loss_tie_break_resumes(tmp_path):
+@pytest.mark.parametrize(
+    "change, setting",
+    [
+        ({"bits": None}, "model.quant"),  # the float backbone instead of the 4-bit one
+        ({"num_experts": 2}, "model.side.num_experts"),
+    ],
+)
+def test_resume_refuses_a_last_checkpoint_made_with_other_settings(tmp_path, change, setting):
     train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
-    saved = torch.load(tmp_path / "last.pt", weights_only=True)
-    state = saved["state"]
-    state["best_score"] = state.pop("best_key")[0]  # the old state judged on the metric alone
-    torch.save(saved, tmp_path / "last.pt")
-    result = train(tiny_model(), DATA, DATA, _cfg(epochs=2), tmp_path, resume=True, progress=False)
-    assert [h["epoch"] for h in result.history] == [1, 2]
+    other = tiny_model(**change)
+    with pytest.raises(ValueError, match=rf"last\.pt was made with {setting}=.*this run has {setting}="):
+        train(other, DATA, DATA, _cfg(epochs=2), tmp_path, resume=True, progress=False)
+
+
+def test_resume_refuses_a_last_checkpoint_of_another_learning_rate(tmp_path):
+    train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"made with train\.lr=0\.003, this run has train\.lr=0\.01"):
+        train(tiny_model(), DATA, DATA, _cfg(epochs=2, lr=0.01), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a checkpoint", b"PK\x03\x04 truncated zip"],
+    ids=["empty", "text", "truncated"],
+)
+def test_resume_refuses_a_corrupt_last_checkpoint_with_one_line(tmp_path, content):
+    (tmp_path / "last.pt").write_bytes(content)
+    with pytest.raises(ValueError, match=r"last\.pt is not a readable training state .*delete it to start over"):
+        train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, resume=True, progress=False)
+
+
+def test_resume_refuses_a_last_checkpoint_that_records_no_settings(tmp_path):
+    torch.save({"side": {}, "optimizer": {}, "scheduler": {}, "state": {}}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="not a training state written by this version"):
+        train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, resume=True, progress=False)

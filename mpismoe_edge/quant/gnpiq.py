@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import QuantConfig
 from .rtn import GroupQuant, as_groups, check_weight, encode, from_groups, minmax_params
 
 # Multi-start grid (float zero points): range of the scale factors, offsets per factor, Lloyd
@@ -187,9 +188,9 @@ def gnpiq_quantize(
     bits: int,
     group_size: int,
     *,
-    iters: int = 8,
-    restarts: int = 6,
-    noise: float = 1.0,
+    iters: int = QuantConfig.iters,
+    restarts: int = QuantConfig.restarts,
+    noise: float = QuantConfig.noise,
     shrinks: int = 8,
     seed: int = 0,
     name: str = "weight",
