@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{ckpt}: cannot load checkpoint ({msg})"
         return _fail(msg, 2)
 
+    from .model_card import read_metrics
     from .pipeline import ParityError, export_model
 
     try:
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy_level=args.accuracy_level,
             inline=args.inline_functions,
             ort_format=args.ort_format,
+            metrics=read_metrics(ckpt),
             log=log,
         )
     except OutputError as e:

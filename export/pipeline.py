@@ -1,6 +1,7 @@
 """``export_model``: torch model -> validated ``out/`` in Hugging Face's ONNX layout
 (onnx/model.onnx, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json)
-plus manifest.json for our runtime; optionally the functions inlined, and onnx/model.ort."""
+plus manifest.json for our runtime and README.md (the model card, :mod:`.model_card`);
+optionally the functions inlined, and onnx/model.ort."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from mpismoe_edge.runtime.spec import (
     MANIFEST_FILE,
     MODEL_DIR,
     MODEL_FILE,
+    README_FILE,
     SPECIAL_TOKENS_FILE,
     TARGETS,
     TOKENIZER_CONFIG_FILE,
@@ -32,6 +34,7 @@ from . import hf_layout as HF
 from .fuse import ACCURACY_LEVELS, INT8_TARGET, default_atol, fuse
 from .int8 import unpacked_roles
 from .lower import OUTPUT_NAME, input_names, to_onnx
+from .model_card import model_card
 from .output import commit, staging_dir
 from .runtimes import TARGET_RUNTIMES
 from .validate import check_parity
@@ -230,13 +233,15 @@ def export_model(
     accuracy_level: int = 0,
     inline: bool = False,
     ort_format: bool = False,
+    metrics: dict | None = None,
     log: Callable[[str], None] | None = _stderr,
 ) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
 
     ``inline``: write the graph with the functions inlined (runtimes that do not read model-local
     functions, e.g. OpenVINO). ``ort_format``: also write ``onnx/model.ort`` and its
-    ``required_operators.config`` for ONNX Runtime Mobile (:mod:`.ort_format`).
+    ``required_operators.config`` for ONNX Runtime Mobile (:mod:`.ort_format`). ``metrics``: the
+    training run's ``metrics.json`` (:func:`.model_card.read_metrics`), for the model card's scores.
 
     ``atol`` defaults to the target's (:func:`.fuse.default_atol`: 1e-4 for the float-exact
     targets, looser for ``ort-int8``'s int8 activations).
@@ -301,6 +306,8 @@ def export_model(
             log(f"  wrote {MODEL_DIR}/model.ort for ONNX Runtime Mobile")
         manifest = build_manifest(model, proto, target, opset, tmp, files, stats, parity, accuracy_level, inline)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        hf_config = json.loads((tmp / CONFIG_FILE).read_text(encoding="utf-8"))
+        (tmp / README_FILE).write_text(model_card(manifest, hf_config, metrics), encoding="utf-8")
         commit(tmp, out_dir)
-    log(f"wrote {out_dir} ({', '.join(files + [MANIFEST_FILE])}) in {time.perf_counter() - t0:.1f}s")
+    log(f"wrote {out_dir} ({', '.join(files + [MANIFEST_FILE, README_FILE])}) in {time.perf_counter() - t0:.1f}s")
     return manifest

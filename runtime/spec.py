@@ -14,6 +14,12 @@ TaskName = typing.Literal["classification", "regression", "token-classification"
 TASKS: tuple[str, ...] = typing.get_args(TaskName)
 # The same names as an enum (``Task.TOKEN_CLASSIFICATION == "token-classification"``).
 Task = enum.Enum("Task", {name.upper().replace("-", "_"): name for name in TASKS}, type=str)
+# the Hugging Face pipeline each task's export loads as (a regression export: text-classification, raw logit)
+PIPELINES = {
+    "classification": "text-classification",
+    "regression": "text-classification",
+    "token-classification": "token-classification",
+}
 
 # ---- graph inputs and outputs --------------------------------------------------------------
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -46,6 +52,7 @@ MANIFEST_FILE = "manifest.json"  # ours; the Hugging Face loaders read the three
 CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+README_FILE = "README.md"  # the model card (export/model_card.py)
 # top-level entries an export may hold (model.onnx(.data) of the old layout too, so an old export can be replaced)
 EXPORT_FILES = frozenset(
     {
@@ -55,6 +62,7 @@ EXPORT_FILES = frozenset(
         TOKENIZER_CONFIG_FILE,
         SPECIAL_TOKENS_FILE,
         MANIFEST_FILE,
+        README_FILE,
         MODEL_FILE,
         DATA_FILE,
     }

@@ -142,6 +142,7 @@ def test_export_writes_the_hugging_face_layout(tmp_path_factory, task, labels):
     assert {p.name for p in out.iterdir()} == {
         "onnx",
         "manifest.json",
+        "README.md",
         "tokenizer.json",
         CONFIG_FILE,
         TOKENIZER_CONFIG_FILE,

@@ -37,6 +37,7 @@ def test_an_export_directory_holds_only_the_spec_file_names():
         spec.TOKENIZER_CONFIG_FILE,
         spec.SPECIAL_TOKENS_FILE,
         spec.MANIFEST_FILE,
+        spec.README_FILE,
         spec.MODEL_FILE,
         spec.DATA_FILE,
     }
