@@ -1,23 +1,34 @@
-"""PyTorch operators and bytes allocated by one training step, MP-ISMoE vs LST (no timing).
+"""One training step, MP-ISMoE vs LST: operators and bytes allocated, and where the time goes.
 
 Counts every aten call (a ``TorchDispatchMode``) of one forward and backward on 32 default
 tweets with the real MiniLM-L6 backbone: backbone forward, side forward, side backward. On a
 shared CPU each small op costs tens of microseconds, so the count is what the time per step
 follows when the matmuls are small; it does not depend on the machine's load.
 
-    python benchmarks/step_ops.py [--methods mp-ismoe lst]
+``--time N`` also times N training steps of each method interleaved (backbone forward, side
+forward, backward, AdamW step and gradient clipping; median per phase) and ``--top K`` lists the
+K operators with the most self CPU time in one more step of each (torch profiler). Times depend
+on the machine's load: only the side-by-side ratio of one run means anything.
+
+    python benchmarks/step_ops.py [--methods mp-ismoe lst] [--threads 1] [--time 5] [--top 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+PHASES = ("backbone", "side forward", "backward", "optimizer")
 
-class _Count(TorchDispatchMode):
+
+class OpCount(TorchDispatchMode):
+    """Counts aten calls (by name) and the bytes of their tensor outputs."""
+
     def __init__(self):
         super().__init__()
         self.ops, self.bytes = 0, 0
@@ -33,17 +44,17 @@ class _Count(TorchDispatchMode):
         return out
 
 
-def count(method: str) -> dict:
-    from mpismoe_edge.cli import default_backbone_path
+def setup(method: str):
+    """(model in training mode, its AdamW, the encoded batch of 32 default tweets, their targets)."""
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.data import load_default
     from mpismoe_edge.inference import encode, make_tokenizer
-    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
 
     train_ds, _ = load_default(64, 10)
     backbone, tok_json = load_backbone(default_backbone_path())
     if method == "lst":
-        side, quant = SideConfig(dense_ffn=True, init="random"), None
+        side, quant = SideConfig(dense_ffn=True, expert_bits=None, init="random"), None
     else:  # RTN builds fast; the packed layout and the step are those of GNP-IQ
         side, quant = SideConfig(expert_bits=4, init="random"), QuantConfig(bits=4, method="rtn")
     torch.manual_seed(0)
@@ -51,12 +62,20 @@ def count(method: str) -> dict:
         backbone, ModelConfig(labels=train_ds.labels, max_length=64, side=side, quant=quant), tok_json, progress=False
     )
     feed = encode(make_tokenizer(tok_json, 64), train_ds.texts[:32], model.input_names)
-    target = torch.tensor(train_ds.targets[:32])
-    model.train()
-    with _Count() as c:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model.train(), opt, feed, torch.tensor(train_ds.targets[:32])
+
+
+def _loss(model, states, feed, target):
+    return torch.nn.functional.cross_entropy(model.side(states, feed["attention_mask"]), target) + model.aux_loss()
+
+
+def count(method: str) -> dict:
+    model, _, feed, target = setup(method)
+    with OpCount() as c:
         states = model.backbone_states(**feed)
         backbone_ops, backbone_bytes = c.ops, c.bytes
-        loss = torch.nn.functional.cross_entropy(model.side(states, feed["attention_mask"]), target) + model.aux_loss()
+        loss = _loss(model, states, feed, target)
         forward_ops = c.ops
         loss.backward()
     return {
@@ -70,11 +89,54 @@ def count(method: str) -> dict:
     }
 
 
+def step(model, opt, feed, target) -> list[float]:
+    """One training step (as the training loop runs it); seconds per phase of :data:`PHASES`."""
+    marks = [time.perf_counter()]
+    states = model.backbone_states(**feed)
+    marks.append(time.perf_counter())
+    loss = _loss(model, states, feed, target)
+    marks.append(time.perf_counter())
+    loss.backward()
+    marks.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    marks.append(time.perf_counter())
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def timed(methods: list[str], steps: int, top: int) -> None:
+    runs = {m: setup(m) for m in methods}
+    for run in runs.values():
+        step(*run)  # warm-up
+    seconds = {m: [] for m in methods}
+    for _ in range(steps):
+        for m, run in runs.items():
+            seconds[m].append(step(*run))
+    print(f"\n| method | {' | '.join(f'{p} (ms)' for p in PHASES)} | step (ms) | vs {methods[-1]} |")
+    print("|---|" + "---|" * (len(PHASES) + 2))
+    total = {m: statistics.median(sum(s) for s in seconds[m]) for m in methods}
+    for m in methods:
+        phases = [statistics.median(s[i] for s in seconds[m]) * 1e3 for i in range(len(PHASES))]
+        print(
+            f"| {m} | {' | '.join(f'{v:.0f}' for v in phases)} | {total[m] * 1e3:.0f} | "
+            f"{total[m] / total[methods[-1]]:.2f}x |"
+        )
+    for m, run in runs.items() if top else ():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(*run)
+        print(f"\n{m}: top {top} operators by self CPU time in one step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["mp-ismoe", "lst"], choices=["mp-ismoe", "lst"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--time", type=int, default=0, metavar="N", help="also time N interleaved training steps")
+    p.add_argument("--top", type=int, default=0, metavar="K", help="with --time: the K costliest operators")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rows = [count(m) for m in args.methods]
     print("| method | backbone ops | side forward ops | side backward ops | all ops | MB allocated (all outputs) |")
     print("|---|---|---|---|---|---|")
@@ -83,6 +145,8 @@ def main() -> None:
             f"| {r['method']} | {r['backbone']} | {r['side_forward']} | {r['side_backward']} | "
             f"{r['total']} | {r['mb']:.0f} |"
         )
+    if args.time:
+        timed(args.methods, args.time, args.top)
 
 
 if __name__ == "__main__":

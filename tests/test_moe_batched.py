@@ -1,11 +1,11 @@
-"""ISMoE's batched experts: one wide FFN whose hidden units are scaled by the top-k routing weights."""
+"""ISMoE's batched experts: all experts of a layer in one grouped matmul (eager) or one wide FFN (export)."""
 
 import pytest
 import torch
 from conftest import tiny_model
 
 from mpismoe_edge.side.experts import straight_through
-from mpismoe_edge.side.moe import expert_stack, wide_mixture
+from mpismoe_edge.side.moe import expert_stack, grouped_mm, grouped_mm_loop, routed_mixture, wide_mixture
 from mpismoe_edge.side.router import load_balance_loss, z_loss
 
 
@@ -56,17 +56,53 @@ def test_batched_experts_equal_a_loop_over_the_experts_in_outputs_and_gradients(
             torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_experts_a_token_does_not_pick_get_zero_gradient_from_it():
+def _routed(x, weights, w1, b1, w2, b2):
+    return routed_mixture(x, weights, w1, b1, w2, b2)
+
+
+def _wide(x, weights, w1, b1, w2, b2):
+    return wide_mixture(x, weights, lambda h: torch.nn.functional.linear(h, w1, b1), lambda h: h @ w2.t(), b2)
+
+
+@pytest.mark.parametrize("mixture", [_routed, _wide], ids=["routed (training)", "wide (export)"])
+def test_experts_a_token_does_not_pick_get_zero_gradient_from_it(mixture):
     moe = _moe(expert_bits=4)
     x = torch.randn(3, moe.experts[0].fc1.in_features)
     weights = torch.zeros(3, len(moe.experts))
     weights[:, 0], weights[:, 2] = 0.7, 0.3  # experts 1 and 3: picked by no token
-    w1, b1, w2, b2 = expert_stack(moe.experts)
-    out = wide_mixture(x, weights, lambda h: torch.nn.functional.linear(h, w1, b1), lambda h: h @ w2.t(), b2)
-    out.square().sum().backward()
+    mixture(x, weights, *expert_stack(moe.experts)).square().sum().backward()
     for e, expert in enumerate(moe.experts):
         grads = [p.grad for p in expert.parameters()]
         assert all((g == 0).all() for g in grads) == (e in (1, 3))
+
+
+def test_routed_and_wide_mixtures_are_the_same_sum():
+    moe = _moe(expert_bits=4)
+    x = torch.randn(2, 5, moe.experts[0].fc1.in_features)
+    weights, _ = moe.router(x, x, torch.randn(2, 5, 64), None)
+    stack = expert_stack(moe.experts)
+    torch.testing.assert_close(_routed(x, weights, *stack), _wide(x, weights, *stack), atol=1e-6, rtol=1e-5)
+
+
+def test_no_routed_token_gives_a_zero_mixture():
+    moe = _moe()
+    x = torch.randn(4, moe.experts[0].fc1.in_features)
+    out = routed_mixture(x, torch.zeros(4, len(moe.experts)), *expert_stack(moe.experts))
+    assert out.shape == x.shape and (out == 0).all()
+
+
+@pytest.mark.parametrize("k,m", [(8, 12), (6, 5)], ids=["16-byte rows", "unaligned rows"])
+def test_grouped_matmul_equals_one_matmul_per_block_with_empty_blocks(k, m):
+    a = torch.randn(10, k, requires_grad=True)
+    b = torch.randn(4, k, m, requires_grad=True)
+    sizes = torch.tensor([3, 0, 7, 0])
+    probe = torch.randn(10, m)
+    want = torch.cat([a[:3] @ b[0], a[3:] @ b[2]])
+    want_grads = torch.autograd.grad((want * probe).sum(), [a, b])
+    for form in (grouped_mm, grouped_mm_loop):
+        got = form(a, b, sizes)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad((got * probe).sum(), [a, b]), want_grads)
 
 
 def test_padding_tokens_get_no_expert_output():

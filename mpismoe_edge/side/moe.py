@@ -18,14 +18,14 @@ from .router import InteractiveRouter, load_balance_loss, z_loss
 class ISMoE(nn.Module):
     """Mixture of side experts routed by :class:`InteractiveRouter`.
 
-    The experts of a layer run as one wide FFN (:func:`wide_mixture`): every token goes through
-    all ``E*H`` hidden units and each expert's units are scaled by the token's routing weight,
-    zero for the experts it does not pick. That is exactly top-k routing (the unpicked experts
-    add nothing and get no gradient from the token) in two matmuls instead of ``2E`` small ones
-    on gathered tokens; for experts this small the dense form is the fastest on CPU
-    (``benchmarks/moe_train_ops.py``), and it is the same static graph the export traces.
-    Eager PyTorch stacks the experts' weights per forward (fake-quantized in one call while
-    they train quantization-aware); the export reads the packed stack of :meth:`prepare_export`.
+    Eager PyTorch runs each expert only on the tokens routed to it, all experts of the layer in
+    one grouped matmul per expert layer (:func:`routed_mixture`), with their weights stacked and
+    fake-quantized in one call (:func:`expert_stack`). Under export (torch.export / ONNX) every
+    expert runs on every token as one wide FFN whose hidden units are scaled by the dense
+    routing weights, zero for the experts a token does not pick (:func:`wide_mixture`): the
+    same sum, a static graph, and every expert in the exported model. For training on CPU the
+    routed form is ~4x faster than the wide one and holds ~1/4 of its activations
+    (``benchmarks/moe_train_ops.py``): the wide form does ``E/k`` times the work.
     """
 
     def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
@@ -88,14 +88,9 @@ class ISMoE(nn.Module):
                 out = self._stacked_mixture(x, weights)
             else:
                 out = sum(weights[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
-        else:  # padding tokens (weight 0 after masking) get no expert, as in a sparse dispatch
-            w1, b1, w2, b2 = expert_stack(self.experts)
-            out = wide_mixture(
-                x,
-                weights if mask is None else weights * mask.unsqueeze(-1),
-                lambda inp: nn.functional.linear(inp, w1, b1),
-                lambda inp: nn.functional.linear(inp, w2),
-                b2,
+        else:  # padding tokens (weight 0 after masking) go to no expert
+            out = routed_mixture(
+                x, weights if mask is None else weights * mask.unsqueeze(-1), *expert_stack(self.experts)
             )
         if self.shared is not None:
             out = out + self.shared(x)
@@ -160,6 +155,46 @@ def wide_mixture(
     h = nn.functional.gelu(fc1(x))
     h = (h.unflatten(-1, (weights.shape[-1], -1)) * weights.unsqueeze(-1)).flatten(-2)
     return fc2(h) + weights @ bias2
+
+
+def routed_mixture(
+    x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """``sum_e w_e * expert_e(x)`` over the (token, expert) pairs with ``w > 0`` only (``x`` ``[..., D]``,
+    ``weights`` ``[..., E]``, the experts as :func:`expert_stack` gives them).
+
+    The pairs are sorted by expert once: one ``index_select`` gathers the routed tokens, each
+    expert layer of all experts is one grouped matmul over the contiguous slices, one
+    ``index_add`` adds the gated outputs back (per token in expert order, as a loop over the
+    experts adds them). Unpicked experts get no gradient from a token.
+    """
+    flat, w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, weights.shape[-1])
+    experts = w.shape[-1]
+    expert, token = torch.nonzero(w.t() > 0, as_tuple=True)
+    sizes = torch.bincount(expert, minlength=experts)
+    gate = w.reshape(-1).index_select(0, token * experts + expert).unsqueeze(-1)
+    routed = flat.index_select(0, token).to(w1.dtype)  # autocast: the layer's input may be in bf16
+    h = grouped_mm(routed, w1.unflatten(0, (experts, -1)).transpose(1, 2), sizes)
+    h = nn.functional.gelu(h + b1.unflatten(0, (experts, -1)).index_select(0, expert))
+    y = grouped_mm(h, w2.unflatten(1, (experts, -1)).permute(1, 2, 0), sizes) + b2.index_select(0, expert)
+    return torch.zeros_like(flat).index_add(0, token, (y * gate).to(flat.dtype)).reshape(x.shape)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``cat_e(a_e @ b[e])`` for ``a`` ``[N, K]`` cut into consecutive row blocks of ``sizes`` ``[E]``,
+    ``b`` ``[E, K, M]``: ``torch.nn.functional.grouped_mm`` on the CPU where torch has it (one
+    kernel; it wants rows and strides in multiples of 16 bytes; on CUDA bf16 on SM80+), else
+    :func:`grouped_mm_loop`."""
+    size = a.element_size()
+    aligned = all(n == 1 or n * size % 16 == 0 for n in (*a.stride(), *b.stride(), a.shape[1], *b.shape[1:]))
+    if a.device.type == "cpu" and aligned and hasattr(nn.functional, "grouped_mm"):
+        return nn.functional.grouped_mm(a, b, offs=sizes.cumsum(0).to(torch.int32))
+    return grouped_mm_loop(a, b, sizes)
+
+
+def grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm` as one matmul per block."""
+    return torch.cat([part @ b[e] for e, part in enumerate(a.split(sizes.tolist()))])
 
 
 def expert_stack(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
