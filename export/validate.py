@@ -38,20 +38,24 @@ class Case:
 
 
 def default_cases(model: nn.Module, max_length: int | None = None) -> list[Case]:
-    """Batches 1 and 7, short and long sequences, unpadded and padded rows."""
+    """Batches 1, 2 and 7, short and long sequences up to the model's ``max_length`` (the longest
+    input the runtime feeds it), unpadded and padded rows."""
     if "pixel_values" in input_names(model):
         return [Case(1, 0, ()), Case(7, 0, ())]
-    max_length = max_length or getattr(getattr(model, "config", None), "max_length", None) or 128
-    long = max(4, min(int(max_length), 64))
+    max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", None) or 128)
+    long = max(4, min(max_length, 64))
     rng = np.random.default_rng(0)
     lens7 = [19] + sorted(rng.integers(1, 19, size=6).tolist(), reverse=True)
-    return [
+    cases = [
         Case(1, 5, (5,)),
         Case(1, 12, (7,)),
         Case(7, 19, tuple(lens7)),
         Case(7, long, (long,) * 7),
         Case(2, long, (long, 2)),
     ]
+    if max_length > long:  # appended: the cases above keep their seeds
+        cases += [Case(1, max_length, (max_length,)), Case(2, max_length, (max_length, max_length // 3))]
+    return cases
 
 
 def _feed(model: nn.Module, case: Case, seed: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,10 @@
 
 Runs the PyTorch checkpoint and the exported ONNX model (through the torch-free runtime) on
 the same texts, then reports max abs diff of the logits, label agreement and both accuracies;
-exits 1 when a bar is missed, 2 on bad input. For a token-classification model the logits of
+exits 1 when a bar is missed, 2 on bad input. A text whose logits are past ``--atol`` because one
+token's top-k expert choice fell the other way on a near tie (a routing flip, confirmed by
+pinning that choice: ``route_flips``) is counted and reported apart and judged by the label
+agreement; every other text must stay within ``--atol``. For a token-classification model the logits of
 every real token are compared and the agreement is per token (no accuracies: gold tags are not
 read); its data may also be the training JSONL, whose "tokens" (words) are joined by spaces.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 
 EXIT_CODES = """exit status:
   0  parity passed
@@ -116,19 +121,47 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.spec import DEFAULT_PARITY_BARS, PARITY_BARS
 
     atol, min_agreement = PARITY_BARS.get(predictor.manifest.target, DEFAULT_PARITY_BARS)
+    atol = atol if args.atol is None else args.atol
+    flips = _routing_flips(model, texts, torch_logits, onnx_logits, atol)
     report = compare_logits(
         torch_logits,
         onnx_logits,
         labels,
         task=model.config.task,
-        atol=atol if args.atol is None else args.atol,
+        atol=atol,
         min_agreement=min_agreement if args.min_agreement is None else args.min_agreement,
+        routing_flips=list(flips),
     )
-    print(json.dumps(report.to_dict()) if args.json else report.summary())
+    if args.json:
+        print(json.dumps({**report.to_dict(), "routing_flip_details": [f.to_dict() for f in flips.values()]}))
+    else:
+        print(report.summary())
+    for flip in list(flips.values())[:10]:
+        print(
+            f"note: text {flip.index}: max abs diff {flip.max_abs_diff:.3g} past atol is a routing flip: in MoE layer "
+            f"{flip.layer}, {'several tokens' if flip.token < 0 else f'token {flip.token}'} picks expert "
+            f"{flip.experts[0]} over {flip.experts[1]} by {flip.margin:.2g} in PyTorch and the other in the export; "
+            f"pinned the other way PyTorch matches the export to {flip.pinned_abs_diff:.2g}",
+            file=sys.stderr,
+        )
     if not report.passed:
         print("parity FAILED: " + "; ".join(report.failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _routing_flips(model, texts, torch_logits, onnx_logits, atol: float) -> dict:
+    """The texts past ``atol`` whose difference is a confirmed routing flip (``route_flips``);
+    none looked for when more texts than ``route_flips.MAX_TEXTS`` are past it (then the export
+    differs in more than near ties)."""
+    from .route_flips import MAX_TEXTS, find_routing_flips
+    from .runtime.parity import text_abs_diffs
+
+    diffs = text_abs_diffs(torch_logits, onnx_logits, model.config.task)
+    over = [int(i) for i in (~(diffs <= atol)).nonzero()[0] if np.isfinite(diffs[i])]
+    if not over or len(over) > MAX_TEXTS or atol < 0:
+        return {}
+    return find_routing_flips(model, texts, onnx_logits, over, atol)
 
 
 if __name__ == "__main__":

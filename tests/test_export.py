@@ -461,3 +461,16 @@ def test_an_unattributable_staging_folder_is_removed_by_age_only(tmp_path, name,
     os.utime(folder, (past, past))
     assert remove_stale_staging(tmp_path / "out") == ([folder] if removed else [])
     assert folder.exists() != removed
+
+
+@pytest.mark.parametrize("max_length", [16, 64, 128, 512])
+def test_validation_runs_the_models_max_length_padded_and_unpadded(max_length):
+    from types import SimpleNamespace
+
+    from mpismoe_edge.export.validate import default_cases
+
+    fake = SimpleNamespace(config=SimpleNamespace(max_length=max_length), input_names=["input_ids"])
+    cases = default_cases(fake)
+    full = [c for c in cases if c.seq == max_length]
+    assert any(not c.padded for c in full) and any(c.padded for c in full)
+    assert min(c.seq for c in cases) <= 5  # short sequences stay

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from mpismoe_edge.runtime.parity import accuracy, compare_logits, label_agreement, labels_to_indices, max_abs_diff
+from mpismoe_edge.runtime.parity import (
+    accuracy,
+    compare_logits,
+    label_agreement,
+    labels_to_indices,
+    max_abs_diff,
+    text_abs_diffs,
+)
 
 RNG = np.random.default_rng(0)
 REF = RNG.normal(size=(50, 3)).astype(np.float32)
@@ -143,3 +150,51 @@ def test_token_logits_that_cannot_be_compared_are_refused(reference, candidate, 
 def test_sequence_reports_have_no_token_count():
     assert "tokens" not in compare_logits(REF, REF).to_dict()
     assert "tokens" not in compare_logits(REF, REF).summary()
+
+
+def _jump(rows, by=6e-3):
+    """REF with ``rows`` moved by ``by`` (as a flipped routing choice moves one text's logits)."""
+    cand = REF.copy()
+    cand[rows, 0] += by
+    return cand
+
+
+def test_a_text_past_atol_fails_and_the_failure_counts_the_texts():
+    r = compare_logits(REF, _jump([7, 9]), atol=1e-3)
+    assert not r.passed and r.over_atol == 2
+    assert r.failures == ["max_abs_diff 0.006 > atol 0.001 (2 of 50 texts past atol)"]
+
+
+def test_a_routing_flip_is_counted_and_judged_by_its_label_not_by_atol():
+    r = compare_logits(REF, _jump([7]), atol=1e-3, routing_flips=[7])
+    assert r.passed and r.over_atol == 1 and r.routing_flips == [7]
+    assert r.max_abs_diff == pytest.approx(6e-3, rel=1e-3) and r.max_abs_diff_without_flips == 0.0
+    assert "1 of 50 texts past atol 0.001, 1 by a routing flip (judged by labels)" in r.summary()
+
+
+def test_a_routing_flip_does_not_excuse_another_text():
+    r = compare_logits(REF, _jump([7, 9]), atol=1e-3, routing_flips=[7])
+    assert not r.passed and r.over_atol == 2
+    assert r.failures == ["max_abs_diff 0.006 > atol 0.001 (1 of 50 texts past atol not explained by a routing flip)"]
+
+
+def test_a_routing_flip_that_changes_a_label_counts_against_the_agreement():
+    cand = REF.copy()
+    cand[7] = cand[7][::-1] * 10  # another argmax
+    r = compare_logits(REF, cand, atol=1e-3, min_agreement=0.99, routing_flips=[7])
+    assert not r.passed and r.failures == ["label agreement 0.9800 < 0.99"]
+
+
+@pytest.mark.parametrize("flips", [[50], [-1]])
+def test_a_routing_flip_index_outside_the_texts_is_refused(flips):
+    with pytest.raises(ValueError, match=r"routing_flips must be text indices in \[0, 50\)"):
+        compare_logits(REF, REF, routing_flips=flips)
+
+
+def test_token_logits_count_texts_past_atol_not_tokens():
+    ref = [np.zeros((3, 2)), np.zeros((4, 2)), np.zeros((2, 2))]
+    cand = [r.copy() for r in ref]
+    cand[1][1:3, 0] = 0.5  # two tokens of text 1
+    r = compare_logits(ref, cand, task="token-classification", atol=1e-3, routing_flips=[1])
+    assert r.over_atol == 1 and r.passed and r.max_abs_diff_without_flips == 0.0
+    assert text_abs_diffs(ref, cand, "token-classification").tolist() == [0.0, 0.5, 0.0]
