@@ -14,15 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mpismoe_edge.runtime.tasks import kind
 from mpismoe_edge.runtime.text import TextEncoder
 
-# our task -> (Hugging Face's head class mapping, problem_type); the pipeline each one loads as:
-# text-classification, text-classification (raw score in the logits), token-classification
-HEADS = {
-    "classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "single_label_classification"),
-    "regression": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "regression"),
-    "token-classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", None),
-}
 IMAGE_HEAD = "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"
 
 
@@ -30,7 +24,7 @@ def head_architecture(model_type: str, task: str, image: bool = False) -> str | 
     """The Hugging Face class name of ``model_type``'s head for ``task`` (None if it has none)."""
     from transformers.models.auto import modeling_auto
 
-    mapping = getattr(modeling_auto, IMAGE_HEAD if image else HEADS[task][0])
+    mapping = getattr(modeling_auto, IMAGE_HEAD if image else kind(task).head_mapping)
     name = mapping.get(model_type)
     return name if isinstance(name, str) else None
 
@@ -39,8 +33,7 @@ def hf_config(
     backbone_config: dict[str, Any], task: str, labels: list[str] | None, num_outputs: int, image: bool = False
 ) -> dict[str, Any]:
     """``config.json``: the backbone's config plus the head a loader builds the pipeline from."""
-    if task not in HEADS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(HEADS)}")
+    head = kind(task)  # the Hugging Face head and problem_type of the task (runtime/tasks.py)
     names = list(labels or [])
     if len(names) != num_outputs:
         names = [f"LABEL_{i}" for i in range(num_outputs)]
@@ -52,9 +45,8 @@ def hf_config(
         cfg["architectures"] = [arch]
     cfg["id2label"] = {str(i): name for i, name in enumerate(names)}
     cfg["label2id"] = {name: i for i, name in enumerate(names)}
-    problem_type = HEADS[task][1]
-    if problem_type and not image:
-        cfg["problem_type"] = problem_type
+    if head.problem_type and not image:
+        cfg["problem_type"] = head.problem_type
     cfg["transformers.js_config"] = {"dtype": "fp32"}
     return cfg
 

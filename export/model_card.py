@@ -17,7 +17,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from mpismoe_edge.runtime.spec import CHECKPOINT_FILE, IMAGE_INPUTS, METRICS_FILE, PIPELINES
+from mpismoe_edge.runtime.spec import CHECKPOINT_FILE, IMAGE_INPUTS, METRICS_FILE
+from mpismoe_edge.runtime.tasks import kind
 
 NOT_RECORDED = "not recorded"
 SAMPLE_TEXT = "I love my new self-driving car"
@@ -55,7 +56,7 @@ def pipeline_tag(manifest: dict[str, Any]) -> str:
     """The Hugging Face pipeline the export loads as (``image-classification`` for image inputs)."""
     if any(name in IMAGE_INPUTS for name in manifest.get("inputs") or ()):
         return "image-classification"
-    return PIPELINES[manifest["task"]]
+    return kind(manifest["task"]).pipeline
 
 
 def _yaml_scalar(value: str) -> str:
@@ -113,7 +114,8 @@ def task_section(manifest: dict[str, Any], config: dict[str, Any]) -> str:
         "classification": "one label per text",
         "regression": "one number per text (the `logits` output itself; no softmax)",
         "token-classification": "one label per token (entities as BIO tags)",
-    }[task]
+        "multi-label-classification": "any number of labels per text (a sigmoid per label)",
+    }.get(task, task)
     out = [
         "## Task and labels",
         "",

@@ -19,8 +19,8 @@ _LAZY = {
     "QuantConfig": "config",
     "SideConfig": "config",
     # shared names (torch-free)
-    "Task": "runtime.spec",
-    "TASKS": "runtime.spec",
+    "Task": "runtime.tasks",
+    "TASKS": "runtime.tasks",
     "TARGETS": "runtime.spec",
     # data
     "Dataset": "data",

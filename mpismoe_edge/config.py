@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from .runtime.spec import TASKS, Task, TaskName
+from .runtime.tasks import TASKS, kind
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -191,22 +191,23 @@ class ModelConfig(JsonConfig):
 
     backbone: str = ""  # where it came from (provenance only)
     backbone_config: dict[str, Any] = field(default_factory=dict)  # HF config.to_dict()
-    task: TaskName = "classification"
+    task: str = "classification"  # a kind of runtime/tasks.py (Task.REGRESSION is taken as "regression")
     labels: list[str] = field(default_factory=list)
     max_length: int = 64  # tokens per text, special tokens included; longer texts are cut
     side: SideConfig = field(default_factory=SideConfig)
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # backbone; None keeps fp32
 
     def __post_init__(self) -> None:
-        if isinstance(self.task, Task):  # Task.REGRESSION -> "regression": configs hold plain JSON values
-            self.task = self.task.value
+        self.task = getattr(self.task, "value", self.task)  # Task.REGRESSION -> "regression": plain JSON values
         super().__post_init__()
+        if self.task not in TASKS:
+            raise ValueError(f"ModelConfig.task must be one of {', '.join(map(repr, TASKS))}, got {self.task!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"ModelConfig.max_length must be an integer >= 2, got {self.max_length!r}")
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.task == "regression" else len(self.labels)
+        return kind(self.task).num_outputs(self.labels)
 
 
 @dataclass

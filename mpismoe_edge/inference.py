@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .data import Dataset
+from .runtime.tasks import kind
 from .runtime.text import TextEncoder
 
 
@@ -44,45 +45,6 @@ def encode(
 
 def token_lengths(tok: TextEncoder, texts: list[str] | list[list[str]]) -> list[int]:
     return [len(e.ids) for e in tokenize(tok, texts)]
-
-
-def word_targets(encs: list, tags: list[list[int]]) -> torch.Tensor:
-    """``[batch, seq]`` token targets from word tags: each word's tag on its first sub-token,
-    -100 (ignored by the loss) on its other sub-tokens, special tokens and padding. Words cut
-    off by truncation are not scored."""
-    out = torch.full((len(encs), max(1, max(len(e.ids) for e in encs))), -100, dtype=torch.long)
-    for b, (enc, word_tags) in enumerate(zip(encs, tags)):
-        prev = None
-        for t, w in enumerate(enc.word_ids):
-            if w is not None and w != prev:
-                out[b, t] = word_tags[w]
-            prev = w
-    return out
-
-
-def targets(task: str, encs: list, values: list) -> torch.Tensor:
-    """The loss's targets for rows tokenized as ``encs``: class ids, regression values, or for
-    token classification ``word_targets``."""
-    if task == "token-classification":
-        return word_targets(encs, values)
-    return torch.tensor(values, dtype=torch.float32 if task == "regression" else torch.long)
-
-
-def loss_sum(task: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed loss, scored count)`` of a batch: the mean is their ratio; kept apart so that
-    shards of a batch (ranks) add up to the whole batch's mean. Computed in fp32."""
-    logits = logits.float()
-    if task == "regression":
-        return torch.nn.functional.mse_loss(logits.squeeze(-1), target, reduction="sum"), target.new_tensor(
-            target.numel()
-        )
-    if task == "token-classification":
-        flat = target.flatten()
-        return (
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-100, reduction="sum"),
-            (flat != -100).sum(),
-        )
-    return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), target.new_tensor(target.numel())
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -150,66 +112,37 @@ def evaluate(
     shard: tuple[int, int] = (0, 1),
     progress: str | None = None,
 ) -> dict[str, float]:
-    """Accuracy (classification; for token classification over words, each scored at its first
-    sub-token) or MSE (regression), plus the loss; for BIO-tagged token classification also the
-    entity-level F1 of the words scored (``metrics.entity_f1``). ``shard=(rank, world)``: this
-    rank scores rows ``rank::world`` and the sums are added over the process group (every rank
-    gets the whole data's figures)."""
+    """The loss and the task's metrics (``runtime.tasks``: accuracy; for token classification
+    over words, each scored at its first sub-token, and entity F1 for BIO tags; MSE; micro-F1).
+    ``shard=(rank, world)``: this rank scores rows ``rank::world`` and the sums are added over the
+    process group (every rank gets the whole data's figures)."""
     from . import distributed
-    from .metrics import entities, f1_from_counts, is_bio
 
     rank, world = shard
     rows = list(range(rank, len(data), world))
-    task = model.config.task
-    labels = model.config.labels
-    bio = task == "token-classification" and is_bio(labels)
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, right, scored; entities gold, found, matched
+    task, labels = kind(model.config.task), model.config.labels
+    sums = torch.zeros(2 + len(task.count_names), dtype=torch.float64)  # loss, scored, the kind's counts
     texts = [data.texts[j] for j in rows]
     for idx, encs, logits in logits_by_length(model, tok, texts, model.input_names, batch_size, progress):
-        target = targets(task, encs, [data.targets[rows[j]] for j in idx]).to(logits.device)
-        loss, count = loss_sum(task, logits, target)
-        sums[0] += loss.item()
-        sums[2] += count.item()
-        if task != "regression":
-            scored = target != -100
-            pred = logits.argmax(-1)
-            sums[1] += (pred[scored] == target[scored]).sum().item()
-        if bio:
-            for t, p, m in zip(target.tolist(), pred.tolist(), scored.tolist()):
-                gold = entities([labels[x] for x, keep in zip(t, m) if keep])
-                found = entities([labels[x] for x, keep in zip(p, m) if keep])
-                sums[3:] += torch.tensor([len(gold), len(found), len(gold & found)], dtype=torch.float64)
+        target = task.targets(encs, [data.targets[rows[j]] for j in idx], labels).to(logits.device)
+        loss, count = task.loss_sum(logits, target)
+        sums += torch.tensor([loss.item(), count.item(), *task.counts(logits, target, labels)], dtype=torch.float64)
     if world > 1:
         sums = distributed.all_sum(sums)
-    loss = sums[0].item() / max(sums[2].item(), 1)
-    if task == "regression":
-        return {"loss": loss, "mse": loss}
-    out = {"loss": loss, "accuracy": sums[1].item() / max(sums[2].item(), 1)}
-    if bio:
-        out["entity_f1"] = f1_from_counts(*(int(x) for x in sums[3:].tolist()))["f1"]
-    return out
+    loss, scored, *counts = sums.tolist()
+    return task.metrics(loss / max(scored, 1), scored, dict(zip(task.count_names, counts)), labels)
 
 
 def predict_labels(model, texts: list[str] | list[list[str]], batch_size: int = 64) -> list:
     """What a trained model says about ``texts``: a label name per text (classification), a
-    number (regression), or for token classification a label name per word of each text (given
-    as a list of words; each word labelled at its first sub-token)."""
+    number (regression), the label names that apply (multi-label), or for token classification a
+    label name per word of each text (given as a list of words; each word labelled at its first
+    sub-token)."""
     if model.tokenizer_json is None:
         raise ValueError("the model has no tokenizer; predicting from texts needs the backbone's tokenizer.json")
     tok = make_tokenizer(model.tokenizer_json, model.config.max_length)
-    task, labels = model.config.task, model.config.labels
+    task, labels = kind(model.config.task), model.config.labels
     out = predict(model, tok, texts, model.input_names, batch_size)
-    if task == "regression":
-        return out.squeeze(-1).tolist()
-    if task != "token-classification":
-        return [labels[i] for i in out.argmax(-1).tolist()]
-    result = []
-    for enc, logits in zip(tokenize(tok, texts), out):
-        ids, seen = logits.argmax(-1).tolist(), set()
-        words = []
-        for t, w in enumerate(enc.word_ids):
-            if w is not None and w not in seen:
-                seen.add(w)
-                words.append(labels[ids[t]])
-        result.append(words)
-    return result
+    if task.token_level:
+        return [task.word_labels(logits.numpy(), labels, enc) for enc, logits in zip(tokenize(tok, texts), out)]
+    return [task.answer(row, labels) for row in out.numpy()]

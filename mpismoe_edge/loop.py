@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .device import autocast
 from .distributed import World, all_sum
-from .inference import loss_sum
+from .runtime.tasks import kind
 
 
 @dataclass
@@ -75,7 +75,7 @@ def train_epoch(
     for b in bar:
         with autocast(device, precision):
             logits = forward(b.inputs)
-        total, count = loss_sum(task, logits, b.target.to(logits.device))
+        total, count = kind(task).loss_sum(logits, b.target.to(logits.device))
         weight = torch.tensor([b.weight * float(count), b.weight], dtype=torch.float64)
         if world.size > 1:
             weight = all_sum(weight)

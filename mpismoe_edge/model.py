@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
-from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS, Task
+from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS
+from .runtime.tasks import kind
 from .side import LadderSideNetwork
 from .side.experts import pack_expert_linears
 from .side.prune import init_from_backbone
@@ -45,7 +46,7 @@ class MPISMoEModel(nn.Module):
             _num_layers(bcfg),
             config.num_outputs,
             config.side,
-            token_level=config.task == Task.TOKEN_CLASSIFICATION,
+            token_level=kind(config.task).token_level,
         )
         accepted = inspect.signature(backbone.forward).parameters
         images = [n for n in IMAGE_INPUTS if n in accepted]
@@ -152,8 +153,7 @@ def build_model(
     network (initialised per ``config.side.init``). ``config`` itself is left as it is: the model
     holds a copy that also records ``backbone_config`` (and, when ``config.backbone`` is empty,
     the directory the backbone was loaded from)."""
-    if config.task != Task.REGRESSION and len(config.labels) < 2:
-        raise ValueError(f"a {config.task} model needs at least 2 labels")
+    kind(config.task).check_labels(config.labels)
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
     config = ModelConfig.from_dict(

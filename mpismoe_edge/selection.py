@@ -1,10 +1,11 @@
 """Which epoch is best, and how long to train: the rules every training run here follows.
 
-An epoch is judged on validation by the task's metric (entity F1 for BIO-tagged token
-classification, accuracy for classification, -MSE for regression) with ties broken by the
-validation loss. On small data the accuracy can sit at the majority class for epochs while
-the loss is still falling; counted as a tie, that stopped runs before they had learned
-anything. The loss breaks the tie, so such an epoch counts as progress.
+An epoch is judged on validation by its task kind's metric (``runtime.tasks``: entity F1 for
+BIO-tagged token classification, accuracy for classification, -MSE for regression, micro-F1 for
+multi-label) with ties broken by the validation loss. On small data the accuracy can sit at
+the majority class for epochs while the loss is still falling; counted as a tie, that stopped
+runs before they had learned anything. The loss breaks the tie, so such an epoch counts as
+progress.
 
 A run also takes at least ``min_steps`` optimizer steps: ``epochs`` is raised for data too
 small to reach them (500 rows at batch 32 give 16 steps an epoch), and early stopping waits
@@ -18,16 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .runtime.tasks import kind
 
-def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
-    """``(metric, -loss)`` of one validation pass: larger is better, compared as a tuple."""
-    if "entity_f1" in metrics:
-        primary = metrics["entity_f1"]
-    elif "accuracy" in metrics:
-        primary = metrics["accuracy"]
-    else:
-        primary = -metrics["mse"]
-    return primary, -metrics["loss"]
+
+def selection_key(metrics: dict[str, float], task: str) -> tuple[float, float]:
+    """``(metric, -loss)`` of one validation pass of a ``task`` model: larger is better, compared as a tuple."""
+    return kind(task).score(metrics), -metrics["loss"]
 
 
 def steps_per_epoch(rows: int, batch_size: int) -> int:
@@ -51,6 +48,7 @@ class EpochLog:
     ``keep`` is called only when an epoch is the best so far; what it returns (e.g. a copy of
     the trained weights) is held as ``best``, so a caller restores the chosen epoch from it."""
 
+    task: str
     history: list[dict[str, float]] = field(default_factory=list)
     best_key: tuple[float, float] | None = None
     best: Any = None
@@ -59,7 +57,7 @@ class EpochLog:
     def judge(self, metrics: dict[str, float], keep: Callable[[], Any]) -> bool:
         """Record one validation pass; True (and ``best = keep()``) when it is the best so far."""
         self.history.append(metrics)
-        key = selection_key(metrics)
+        key = selection_key(metrics, self.task)
         if self.best_key is None or key > self.best_key:
             self.best_key, self.best, self.bad_epochs = key, keep(), 0
             return True
@@ -68,7 +66,7 @@ class EpochLog:
 
     @property
     def best_metrics(self) -> dict[str, float] | None:
-        return max(self.history, key=selection_key) if self.history else None
+        return max(self.history, key=lambda m: selection_key(m, self.task)) if self.history else None
 
     def should_stop(self, patience: int, steps_done: int, min_steps: int) -> bool:
         return should_stop(self.bad_epochs, patience, steps_done, min_steps)

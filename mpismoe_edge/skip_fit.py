@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset
-from .inference import feed, targets, tokenize
+from .inference import feed, tokenize
+from .runtime.tasks import kind
 from .runtime.text import TextEncoder
 from .side.ridge import Probe, fit_probe
 
@@ -28,15 +29,15 @@ def skip_features(
     first sub-token) as the skip sees them, in eval mode."""
     was = model.training
     model.eval()
-    task = model.config.task
+    task = kind(model.config.task)
     xs, ys = [], []
     for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=desc is None, leave=False):
         encs = tokenize(tok, data.texts[start : start + batch_size])
         inputs = feed(tok, encs, model.input_names, device)
         mask = inputs.get("attention_mask")
         x = model.side.skip_features(model.backbone_states(**inputs), mask).float().cpu()
-        y = targets(task, encs, data.targets[start : start + batch_size])
-        if task == "token-classification":
+        y = task.targets(encs, data.targets[start : start + batch_size], model.config.labels)
+        if task.token_level:
             keep = y != -100
             x, y = x[keep], y[keep]
         xs.append(x)
@@ -58,14 +59,16 @@ def fit_skip(
     side = model.side
     if side.skip is None:
         raise ValueError("skip_init='ridge' needs a side network with the linear skip (SideConfig.skip=True)")
+    probe_kind = kind(model.config.task).probe
+    if probe_kind is None:
+        raise ValueError(f"no ridge probe fits a {model.config.task} skip; train it from zero (skip_init='zero')")
     x_train, y_train = skip_features(
         model, tok, train_data, batch_size, device, "skip features (train)" if progress else None
     )
     x_val, y_val = skip_features(
         model, tok, eval_data, batch_size, device, "skip features (validation)" if progress else None
     )
-    kind = "regression" if model.config.task == "regression" else "classification"
-    probe = fit_probe(kind, x_train, y_train, x_val, y_val, model.config.num_outputs)
+    probe = fit_probe(probe_kind, x_train, y_train, x_val, y_val, model.config.num_outputs)
     with torch.no_grad():
         side.skip.weight.copy_(probe.weight)
         side.skip.bias.copy_(probe.bias)

@@ -27,12 +27,13 @@ from .config import TrainConfig
 from .data import Dataset
 from .device import grad_scaler, peak_memory, reset_peak_memory, resolve_device
 from .files import write_json
-from .inference import evaluate, feed, make_tokenizer, targets, token_lengths, tokenize
+from .inference import evaluate, feed, make_tokenizer, token_lengths, tokenize
 from .loop import Batch, batch_order, train_epoch
 from .memory import release_free_pages, return_freed_memory
 from .model import MPISMoEModel, save_checkpoint
 from .resume import read_last, run_settings, write_last
 from .runtime.spec import CHECKPOINT_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
+from .runtime.tasks import kind
 from .runtime.text import TextEncoder
 from .selection import EpochLog, planned_epochs, steps_per_epoch
 from .skip_fit import fit_skip
@@ -76,13 +77,13 @@ def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
     emb = int(getattr(model.backbone.config, "vocab_size", vocab))
     if vocab > emb:
         raise ValueError(f"tokenizer vocabulary ({vocab}) does not match the backbone's embeddings ({emb} rows)")
-    token_task = model.config.task == "token-classification"
-    if token_task != isinstance(data.texts[0], list):
-        kind = "texts split into words" if isinstance(data.texts[0], list) else "plain texts"
-        raise ValueError(f"a {model.config.task} model cannot train on {kind}")
-    if model.config.task != "regression":
+    task = kind(model.config.task)
+    if task.token_level != isinstance(data.texts[0], list):
+        given = "texts split into words" if isinstance(data.texts[0], list) else "plain texts"
+        raise ValueError(f"a {task.name} model cannot train on {given}")
+    if task.has_labels:
         n = len(model.config.labels)
-        ids = [t for row in data.targets for t in row] if token_task else data.targets
+        ids = [t for row in data.targets for t in row] if isinstance(data.targets[0], list) else data.targets
         bad = [t for t in ids if not 0 <= int(t) < n]
         if bad:
             raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
@@ -203,7 +204,7 @@ def _epochs(run: _Run, train_data: Dataset, eval_data: Dataset, log: EpochLog, s
         for idx in batch_order(lengths, cfg.batch_size, cfg.seed * 1000 + epoch):
             rows, weight = distributed.shard(idx, world)
             encs = tokenize(run.tok, [train_data.texts[j] for j in rows])
-            targ = targets(task, encs, [train_data.targets[j] for j in rows])
+            targ = kind(task).targets(encs, [train_data.targets[j] for j in rows], model.config.labels)
             yield Batch(feed(run.tok, encs, model.input_names, run.device), targ, weight)
 
     reset_peak_memory(run.device)
@@ -239,9 +240,11 @@ def _log_state(log: EpochLog) -> dict[str, Any]:
             "bad_epochs": log.bad_epochs}  # fmt: skip
 
 
-def _restore_log(progress: dict[str, Any]) -> EpochLog:
+def _restore_log(task: str, progress: dict[str, Any]) -> EpochLog:
     key = progress["best_key"]
-    return EpochLog(progress["history"], tuple(key) if key else None, progress["best_side"], progress["bad_epochs"])
+    return EpochLog(
+        task, progress["history"], tuple(key) if key else None, progress["best_side"], progress["bad_epochs"]
+    )
 
 
 def _pack(run: _Run) -> None:
@@ -280,7 +283,8 @@ def train(
     settings = run_settings(model.config, cfg)
     saved = read_last(Path(out_dir) / LAST_CHECKPOINT_FILE, settings) if resume else None
     run = _start(model, cfg, out_dir, progress)
-    log = _restore_log(saved["progress"]) if saved is not None else EpochLog()
+    task = model.config.task
+    log = _restore_log(task, saved["progress"]) if saved is not None else EpochLog(task)
     _fit_probe(run, train_data, eval_data, log, resumed=saved is not None)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()

@@ -33,10 +33,10 @@ from .spec import (
     MODEL_FILE,
     MODEL_PATHS,
     OUTPUT_NAME,
-    TASKS,
     TEXT_INPUTS,
     TOKENIZER_FILE,
 )
+from .tasks import TASKS
 
 __all__ = [
     "ExportFileError",

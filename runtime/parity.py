@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .records import label_ids
-from .spec import TASKS
+from .tasks import TASKS
 
 
 @dataclass

@@ -6,20 +6,9 @@ instead of keeping copies (this module imports nothing but the standard library)
 
 from __future__ import annotations
 
-import enum
 import typing
 
-# ---- tasks (Hugging Face pipeline names) ---------------------------------------------------
-TaskName = typing.Literal["classification", "regression", "token-classification"]
-TASKS: tuple[str, ...] = typing.get_args(TaskName)
-# The same names as an enum (``Task.TOKEN_CLASSIFICATION == "token-classification"``).
-Task = enum.Enum("Task", {name.upper().replace("-", "_"): name for name in TASKS}, type=str)
-# the Hugging Face pipeline each task's export loads as (a regression export: text-classification, raw logit)
-PIPELINES = {
-    "classification": "text-classification",
-    "regression": "text-classification",
-    "token-classification": "token-classification",
-}
+# (the task kinds, with their names, heads, losses, metrics and how output is read: tasks.py)
 
 # ---- graph inputs and outputs --------------------------------------------------------------
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

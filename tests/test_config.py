@@ -23,7 +23,8 @@ BAD_CONFIGS = [
     (
         ModelConfig,
         {"task": "ner"},
-        "ModelConfig.task must be one of 'classification', 'regression', 'token-classification', got 'ner'",
+        "ModelConfig.task must be one of 'classification', 'regression', 'token-classification', "
+        "'multi-label-classification', got 'ner'",
     ),
     (ModelConfig, {"max_length": 1}, "ModelConfig.max_length must be an integer >= 2, got 1"),
 ]

@@ -6,18 +6,36 @@ from mpismoe_edge.selection import planned_epochs, selection_key, should_stop
 def test_a_tied_accuracy_with_a_lower_loss_is_the_better_epoch():
     stuck = {"accuracy": 0.40, "loss": 1.05}
     learning = {"accuracy": 0.40, "loss": 0.98}
-    assert selection_key(learning) > selection_key(stuck)
+    assert selection_key(learning, "classification") > selection_key(stuck, "classification")
 
 
 def test_a_higher_accuracy_wins_over_a_lower_loss():
-    assert selection_key({"accuracy": 0.60, "loss": 1.2}) > selection_key({"accuracy": 0.59, "loss": 0.5})
+    better, worse = {"accuracy": 0.60, "loss": 1.2}, {"accuracy": 0.59, "loss": 0.5}
+    assert selection_key(better, "classification") > selection_key(worse, "classification")
 
 
 def test_entity_f1_judges_token_classification_and_mse_judges_regression():
-    assert selection_key({"accuracy": 0.90, "entity_f1": 0.2, "loss": 1.0}) > selection_key(
-        {"accuracy": 0.95, "entity_f1": 0.1, "loss": 0.5}
+    token = "token-classification"
+    assert selection_key({"accuracy": 0.90, "entity_f1": 0.2, "loss": 1.0}, token) > selection_key(
+        {"accuracy": 0.95, "entity_f1": 0.1, "loss": 0.5}, token
     )
-    assert selection_key({"mse": 0.5, "loss": 0.5}) > selection_key({"mse": 0.7, "loss": 0.7})
+    assert selection_key({"mse": 0.5, "loss": 0.5}, "regression") > selection_key(
+        {"mse": 0.7, "loss": 0.7}, "regression"
+    )
+
+
+def test_token_classification_without_bio_tags_is_judged_by_word_accuracy():
+    token = "token-classification"
+    assert selection_key({"accuracy": 0.9, "loss": 1.0}, token) > selection_key({"accuracy": 0.8, "loss": 0.5}, token)
+
+
+def test_micro_f1_judges_multi_label_classification():
+    task = "multi-label-classification"
+    better, worse = (
+        {"micro_f1": 0.7, "exact_match": 0.2, "loss": 0.9},
+        {"micro_f1": 0.6, "exact_match": 0.5, "loss": 0.3},
+    )
+    assert selection_key(better, task) > selection_key(worse, task)
 
 
 def test_small_data_gets_enough_epochs_for_the_minimum_steps():

@@ -8,8 +8,9 @@ from conftest import tiny_model, tiny_tokenizer
 
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
-from mpismoe_edge.inference import evaluate, make_tokenizer, predict, word_targets
+from mpismoe_edge.inference import evaluate, make_tokenizer, predict
 from mpismoe_edge.model import load_checkpoint
+from mpismoe_edge.runtime.tasks import kind
 from mpismoe_edge.train import TrainConfig, train
 
 TAGS = ["O", "NEG", "POS"]
@@ -41,13 +42,13 @@ def test_word_tags_land_on_the_first_sub_token_only():
     tok = make_tokenizer(tiny_tokenizer().to_str(), 16)
     encs = tok.tokenize_words([["i", "zzq", "love"]])
     assert encs[0].tokens == ["[CLS]", "i", "z", "##z", "##q", "love", "[SEP]"]
-    assert word_targets(encs, [[0, 1, 2]]).tolist() == [[-100, 0, 1, -100, -100, 2, -100]]
+    assert kind("token-classification").targets(encs, [[0, 1, 2]], TAGS).tolist() == [[-100, 0, 1, -100, -100, 2, -100]]
 
 
 def test_truncated_words_are_not_scored():
     tok = make_tokenizer(tiny_tokenizer().to_str(), 4)
     encs = tok.tokenize_words([["i", "love", "this", "movie"]])
-    assert word_targets(encs, [[1, 2, 1, 2]]).tolist() == [[-100, 1, 2, -100]]
+    assert kind("token-classification").targets(encs, [[1, 2, 1, 2]], TAGS).tolist() == [[-100, 1, 2, -100]]
 
 
 def test_jsonl_words_and_tag_names_load_as_ids(tmp_path):
@@ -183,7 +184,7 @@ def test_the_real_minilm_tokenizer_tags_each_given_word_once():
     except FileNotFoundError:
         pytest.skip("the bundled MiniLM is not installed")
     (enc,) = TextEncoder(path, 64).tokenize_words([["@united", "flights", "#DeflateGate"]])
-    targets = word_targets([enc], [[1, 0, 2]])[0].tolist()
+    targets = kind("token-classification").targets([enc], [[1, 0, 2]], TAGS)[0].tolist()
     # the pre-tokenizer splits '@united' and '#DeflateGate' further; each given word is still one word
     assert [(enc.tokens[i], t) for i, t in enumerate(targets) if t != -100] == [("@", 1), ("flights", 0), ("#", 2)]
 

@@ -80,7 +80,7 @@ def fit_probe(
         w = ridge_fit(z_train, y - offset, alpha)
         pred = z_val @ w + offset
         for scale in scales:
-            key = selection_key(_metrics(task, scale * pred, y_val))
+            key = selection_key(_metrics(task, scale * pred, y_val), task)
             if best is None or key > best[0]:
                 best = (key, alpha, scale, w)
     _, alpha, scale, w = best
