@@ -18,6 +18,8 @@ import pytest
 from mpismoe_edge.export.runtimes import OPENVINO_CONFIG
 
 JS_DIR = Path(__file__).parent / "js"
+BROWSER_DIR = Path(__file__).parent.parent / "examples" / "browser"  # the page, its packages and check_page.mjs
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 JS_PACKAGES = {
     "onnxruntime-node": "onnxruntime-node",
     "onnxruntime-web": "onnxruntime-web",
@@ -32,6 +34,14 @@ def _missing(client: str) -> str | None:
             return "node is not installed"
         if not (JS_DIR / "node_modules" / JS_PACKAGES[client]).is_dir():
             return f"{JS_PACKAGES[client]} is not installed (cd tests/js && npm ci)"
+    elif client == "browser-page":
+        if shutil.which("node") is None:
+            return "node is not installed"
+        if not Path(CHROMIUM).is_file():
+            return f"{CHROMIUM} not found (apt-get install chromium)"
+        for package in ("@huggingface/transformers", "puppeteer-core"):
+            if not (BROWSER_DIR / "node_modules" / package).is_dir():
+                return f"{package} is not installed (cd examples/browser && npm ci)"
     elif client == "openvino":
         try:
             import openvino  # noqa: F401
