@@ -46,7 +46,10 @@ def routed(x, w, experts):
 
 def wide(x, w, experts):
     w1, b1, w2, b2 = expert_stack(experts)
-    return wide_mixture(x, w, lambda h: nn.functional.linear(h, w1, b1), lambda h: nn.functional.linear(h, w2), b2)
+    fc1, fc2 = w1.flatten(0, 1), w2.permute(1, 0, 2).flatten(1)  # [E*H, D], [D, E*H]
+    return wide_mixture(
+        x, w, lambda h: nn.functional.linear(h, fc1, b1.flatten()), lambda h: nn.functional.linear(h, fc2), b2
+    )
 
 
 def _pairs(w):
@@ -62,10 +65,10 @@ def padded_bmm(x, w, experts):
     starts = torch.cumsum(sizes, 0) - sizes
     slot = torch.arange(len(expert)) - starts.index_select(0, expert)
     cap = int(sizes.max())
-    w1, b1, w2, b2 = expert_stack(experts)  # [E*H, D], [E*H], [D, E*H], [E, D]
+    w1, b1, w2, b2 = expert_stack(experts)  # [E, H, D], [E, H], [E, D, H], [E, D]
     routed = flat.new_zeros(E * cap, flat.shape[-1]).index_copy(0, expert * cap + slot, flat.index_select(0, token))
-    h = torch.baddbmm(b1.view(E, 1, H), routed.view(E, cap, -1), w1.view(E, H, -1).transpose(1, 2))
-    y = torch.baddbmm(b2.view(E, 1, -1), nn.functional.gelu(h), w2.view(-1, E, H).permute(1, 2, 0))
+    h = torch.baddbmm(b1.unsqueeze(1), routed.view(E, cap, -1), w1.transpose(1, 2))
+    y = torch.baddbmm(b2.unsqueeze(1), nn.functional.gelu(h), w2.transpose(1, 2))
     y = y.reshape(E * cap, -1).index_select(0, expert * cap + slot) * gate
     return torch.zeros_like(flat).index_add(0, token, y).reshape(x.shape)
 
@@ -78,11 +81,7 @@ def per_expert(x, w, experts):
     w1, b1, w2, b2 = expert_stack(experts)
     routed = flat.index_select(0, token).split([sizes[e] for e in used])
     ys = [
-        nn.functional.linear(
-            nn.functional.gelu(nn.functional.linear(chunk, w1[e * H : (e + 1) * H], b1[e * H : (e + 1) * H])),
-            w2[:, e * H : (e + 1) * H],
-            b2[e],
-        )
+        nn.functional.linear(nn.functional.gelu(nn.functional.linear(chunk, w1[e], b1[e])), w2[e], b2[e])
         for e, chunk in zip(used, routed)
     ]
     return torch.zeros_like(flat).index_add(0, token, torch.cat(ys) * gate).reshape(x.shape)

@@ -5,10 +5,11 @@ tweets with the real MiniLM-L6 backbone: backbone forward, side forward, side ba
 shared CPU each small op costs tens of microseconds, so the count is what the time per step
 follows when the matmuls are small; it does not depend on the machine's load.
 
-``--time N`` also times N training steps of each method interleaved (backbone forward, side
-forward, backward, AdamW step and gradient clipping; median per phase) and ``--top K`` lists the
-K operators with the most self CPU time in one more step of each (torch profiler). Times depend
-on the machine's load: only the side-by-side ratio of one run means anything.
+``--top K`` also lists the K operators with the most big calls. ``--time N`` also times N
+training steps of each method interleaved (backbone forward, side forward, backward, AdamW step
+and gradient clipping; median per phase) and, with ``--top K``, the K operators with the most
+self CPU time in one more step of each (torch profiler). Times depend on the machine's load:
+only the side-by-side ratio of one run means anything.
 
     python benchmarks/step_ops.py [--methods mp-ismoe lst] [--threads 1] [--time 5] [--top 12]
 """
@@ -26,21 +27,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 PHASES = ("backbone", "side forward", "backward", "optimizer")
 
 
+GRAIN = 32768  # ATen's parallel grain size: ops on fewer elements run on the calling thread alone
+
+
 class OpCount(TorchDispatchMode):
-    """Counts aten calls (by name) and the bytes of their tensor outputs."""
+    """Counts aten calls (by name), the bytes of their tensor outputs, and the "big" calls: those
+    with an output of at least :data:`GRAIN` elements, which run as a parallel region (every
+    thread of the process must get the CPU before it ends; on an oversubscribed CPU each costs a
+    scheduling wait, so a process with more threads than free cores runs at this count's pace)."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.bytes = 0, 0
+        self.ops, self.bytes, self.big = 0, 0, 0
         self.by_name: collections.Counter = collections.Counter()
+        self.big_by_name: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         self.by_name[str(func.overloadpacket)] += 1
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, torch.Tensor):
-                self.bytes += o.numel() * o.element_size()
+        tensors = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        self.bytes += sum(o.numel() * o.element_size() for o in tensors)
+        fresh = all(r.alias_info is None for r in func._schema.returns)  # views and in-place ops return an input
+        if fresh and any(o.numel() >= GRAIN for o in tensors):
+            self.big += 1
+            self.big_by_name[str(func.overloadpacket)] += 1
         return out
 
 
@@ -74,18 +85,18 @@ def count(method: str) -> dict:
     model, _, feed, target = setup(method)
     with OpCount() as c:
         states = model.backbone_states(**feed)
-        backbone_ops, backbone_bytes = c.ops, c.bytes
+        backbone = c.ops, c.big
         loss = _loss(model, states, feed, target)
-        forward_ops = c.ops
+        forward = c.ops, c.big
         loss.backward()
     return {
         "method": method,
-        "backbone": backbone_ops,
-        "backbone_mb": backbone_bytes / 2**20,
-        "side_forward": forward_ops - backbone_ops,
-        "side_backward": c.ops - forward_ops,
-        "total": c.ops,
+        "backbone": backbone,
+        "side_forward": (forward[0] - backbone[0], forward[1] - backbone[1]),
+        "side_backward": (c.ops - forward[0], c.big - forward[1]),
+        "total": (c.ops, c.big),
         "mb": c.bytes / 2**20,
+        "big_by_name": c.big_by_name,
     }
 
 
@@ -134,17 +145,19 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["mp-ismoe", "lst"], choices=["mp-ismoe", "lst"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N interleaved training steps")
-    p.add_argument("--top", type=int, default=0, metavar="K", help="with --time: the K costliest operators")
+    p.add_argument("--top", type=int, default=0, metavar="K", help="the K operators with most big calls (and time)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = [count(m) for m in args.methods]
-    print("| method | backbone ops | side forward ops | side backward ops | all ops | MB allocated (all outputs) |")
+    print("aten calls (of which big: an output of >= 32768 elements, a parallel region):\n")
+    print("| method | backbone | side forward | side backward | all | MB allocated (all outputs) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['method']} | {r['backbone']} | {r['side_forward']} | {r['side_backward']} | "
-            f"{r['total']} | {r['mb']:.0f} |"
-        )
+        cells = [f"{r[k][0]} ({r[k][1]})" for k in ("backbone", "side_forward", "side_backward", "total")]
+        print(f"| {r['method']} | {' | '.join(cells)} | {r['mb']:.0f} |")
+    if args.top:
+        for r in rows:
+            print(f"\n{r['method']}: big calls by operator: {dict(r['big_by_name'].most_common(args.top))}")
     if args.time:
         timed(args.methods, args.time, args.top)
 

@@ -61,7 +61,11 @@ def _routed(x, weights, w1, b1, w2, b2):
 
 
 def _wide(x, weights, w1, b1, w2, b2):
-    return wide_mixture(x, weights, lambda h: torch.nn.functional.linear(h, w1, b1), lambda h: h @ w2.t(), b2)
+    """The export's form over the stacked experts: fc1 ``[E*H, D]``, fc2 ``[D, E*H]``."""
+    fc1, fc2 = w1.flatten(0, 1), w2.permute(1, 0, 2).flatten(1)
+    return wide_mixture(
+        x, weights, lambda h: torch.nn.functional.linear(h, fc1, b1.flatten()), lambda h: h @ fc2.t(), b2
+    )
 
 
 @pytest.mark.parametrize("mixture", [_routed, _wide], ids=["routed (training)", "wide (export)"])
@@ -118,7 +122,7 @@ def test_stacked_fake_quantization_equals_each_experts_own(bits):
     w1, _, w2, _ = expert_stack(moe.experts)
     own1 = [straight_through(e.fc1.weight, bits, e.fc1.group_size) for e in moe.experts]
     own2 = [straight_through(e.fc2.weight, bits, e.fc2.group_size) for e in moe.experts]
-    assert torch.equal(w1, torch.cat(own1, 0)) and torch.equal(w2, torch.cat(own2, 1))
+    assert torch.equal(w1, torch.stack(own1)) and torch.equal(w2, torch.stack(own2))
 
 
 def test_packed_experts_run_batched_as_their_own_forward():
