@@ -46,7 +46,9 @@ function showScores(rows) {
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.style.width = `${(100 * score).toFixed(1)}%`;
-    row.insertCell().appendChild(bar);
+    const barCell = row.insertCell();
+    barCell.className = "barcell";
+    barCell.appendChild(bar);
     cell(row, score.toFixed(4), "number probability");
   });
   return table;
