@@ -18,7 +18,8 @@ forms that compute the same sum ``sum_e w_e * expert_e(x)``:
 and, for scale, LST's one dense side FFN (48 -> 192 -> 48, float). Every form is checked against
 the routed one (outputs, gradients of the input, the routing weights the token picked and the
 experts), then all are timed interleaved (median of ``--repeats``); the operator count (aten
-calls of forward + backward) does not depend on the machine's load; the saved activations
+calls of forward + backward; big: an output of >= 32768 elements, a parallel region, as
+``step_ops.OpCount`` counts them) does not depend on the machine's load; the saved activations
 (bytes the autograd graph holds after the forward) are what the form adds to peak memory.
 
     python benchmarks/moe_train_ops.py [--repeats 50] [--threads 2]
@@ -151,7 +152,7 @@ def main() -> None:
             diffs[name] = max((g - r).abs().max().item() for g, r in pairs)
         with OpCount() as c:
             _step(form, module, x, w, probe)
-        ops[name] = c.ops
+        ops[name] = (c.ops, c.big)
         saved[name] = _saved_bytes(form, module, x, w) / 2**20
     times = {name: [] for name in forms}
     for _ in range(args.repeats):
@@ -165,11 +166,14 @@ def main() -> None:
         f"top-{K}, {BITS}-bit fake-quantized experts (groups of {G}); torch {torch.__version__} CPU, "
         f"{args.threads} threads, median of {args.repeats} interleaved runs\n"
     )
-    print("| form | ms | ops | saved activations (MB) | max abs diff vs routed (outputs, gradients) |")
+    print("| form | ms | aten calls (big) | saved activations (MB) | max abs diff vs routed (outputs, gradients) |")
     print("|---|---|---|---|---|")
     for name in forms:
         diff = f"{diffs[name]:.1e}" if name in diffs else "-"
-        print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ops[name]} | {saved[name]:.1f} | {diff} |")
+        print(
+            f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ops[name][0]} ({ops[name][1]}) | "
+            f"{saved[name]:.1f} | {diff} |"
+        )
 
 
 if __name__ == "__main__":
