@@ -173,6 +173,7 @@ def test_export_model_targets_parity(model, cached_export, tmp_path, target):
     out = tmp_path / "out"
     manifest = pipeline.export_model(model, out, target=target, log=None)
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "manifest.json",
         "onnx",
