@@ -109,6 +109,8 @@ def _pinned(model, text: str, choices: Sequence[_Choice]) -> np.ndarray:
             for c in by_layer[layer]:
                 row = logits[0, c.token]
                 picked = row.topk(router.top_k).indices.tolist()
+                if c.experts[0] not in picked or c.experts[1] in picked:  # moved by a pin upstream
+                    continue
                 picked[picked.index(c.experts[0])] = c.experts[1]
                 chosen = torch.tensor(picked, device=row.device)
                 weights[0, c.token] = torch.zeros_like(row).scatter(0, chosen, row[chosen].softmax(-1))

@@ -116,3 +116,13 @@ def test_a_routing_flip_does_not_lift_the_label_bar(tie, capsys):
     args = [str(tie["root"] / "model.pt"), str(tie["root"] / "onnx"), "--data", str(tie["data"])]
     assert main([*args, "--min-agreement", "1.01"]) == 1  # no agreement reaches it: the bar still applies
     assert "label agreement 1.0000 < 1.01" in capsys.readouterr().err
+
+
+def test_pinning_a_choice_that_an_earlier_pin_already_moved_leaves_it_alone(tie):
+    from mpismoe_edge.route_flips import _Choice, _pinned
+
+    model, text, token = tie["model"], TEXTS[TIE_TEXT], tie["token"]
+    logits = _router_logits(model, text, LAYER)[token]
+    unpicked = [int(e) for e in logits.argsort()[: logits.numel() - model.side.moe_layers()[LAYER].router.top_k]]
+    stale = _Choice(LAYER, token, (unpicked[0], unpicked[-1]), 0.0)  # neither is the token's k-th pick
+    np.testing.assert_array_equal(_pinned(model, text, [stale]), _pinned(model, text, ()))
