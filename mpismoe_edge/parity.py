@@ -62,17 +62,18 @@ def _texts_and_labels(
 ) -> tuple[list[str], list[int] | None]:
     from .data import load_default
     from .runtime import records
+    from .runtime.tasks import kind
 
-    token_task = task == "token-classification"
+    task_kind = kind(task)
     if path is None:
         test = load_default()[1]
-        return test.texts[:limit], None if token_task else list(test.targets[:limit])
+        return test.texts[:limit], list(test.targets[:limit]) if task_kind.one_label else None
     rows = records.read_rows(path)[:limit]
     first = rows[0][1]
-    if token_task and "text" not in first and "tokens" in first:
+    if task_kind.token_level and "text" not in first and "tokens" in first:
         return _joined_words(path, rows), None
     texts = records.texts(rows, path)
-    if token_task or "label" not in first or not labels:  # per-word tags are not compared
+    if not task_kind.one_label or "label" not in first or not labels:  # per-word tags, label sets: not compared
         return texts, None
     return texts, records.label_ids(
         records.column(rows, "label", path), labels, [f"{path} line {no}" for no, _ in rows]

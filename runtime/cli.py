@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     positive_int("--batch-size", args.batch_size)
     positive_int("--threads", args.threads, optional=True)
+    items: list[tuple[int | None, str]]
     if args.input is not None:
-        items = read_input(args.input)
+        items = list(read_input(args.input))
     else:
         items = [(None, t) for t in args.text]
 

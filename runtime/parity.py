@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .records import label_ids
-from .tasks import TASKS
+from .tasks import kind
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _per_text(a: np.ndarray, b: np.ndarray, lengths: list[int] | None) -> np.nda
 def text_abs_diffs(reference, candidate, task: str = "classification") -> np.ndarray:
     """Each text's max |reference - candidate| (``[n]``, float64; inf where NaN/inf), in the
     layouts :func:`compare_logits` takes."""
-    if task == "token-classification":
+    if kind(task).token_level:
         a, b, lengths = _token_logits(reference, candidate)
         return _per_text(a, b, lengths)
     a, b = _as_logits(reference, "reference"), _as_logits(candidate, "candidate")
@@ -198,12 +198,11 @@ def compare_logits(
     per text (real tokens only); diffs and the argmax agreement are over all their tokens, and
     ``n`` counts texts, ``tokens`` tokens. Gold labels are not taken for this task.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    task_kind = kind(task)  # what the two sides must agree on (runtime/tasks.py)
     tokens = lengths = None
-    if task == "token-classification":
+    if task_kind.token_level:
         if labels is not None:
-            raise ValueError("gold labels are not supported for token-classification (compare without them)")
+            raise ValueError(f"gold labels are not supported for {task} (compare without them)")
         a, b, lengths = _token_logits(reference, candidate)
         n, tokens = len(lengths), int(a.shape[0])
     else:
@@ -234,10 +233,14 @@ def compare_logits(
             )
 
     agree = ref_acc = cand_acc = None
-    if task != "regression" and a.ndim == 2:
-        agree = label_agreement(a, b)
+    decided = task_kind.decisions(a) if a.ndim == 2 else None
+    if decided is not None:
+        same = decided == task_kind.decisions(b)
+        agree = float(same.reshape(len(same), -1).all(-1).mean())  # a row agrees when all its decisions do
         if min_agreement is not None and agree < min_agreement:
             failures.append(f"label agreement {agree:.4f} < {min_agreement:g}")
+        if labels is not None and not task_kind.one_label:
+            raise ValueError(f"gold labels are not supported for {task} (compare without them)")
         if labels is not None:
             ref_acc, cand_acc = accuracy(a, labels, label_names), accuracy(b, labels, label_names)
             if max_accuracy_drop is not None and cand_acc < ref_acc - max_accuracy_drop:

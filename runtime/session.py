@@ -20,6 +20,7 @@ from tokenizers import Encoding
 from .checks import positive_int
 from .manifest import ExportFileError, Manifest, find_model, load_manifest, require_file
 from .spec import TEXT_INPUTS, TOKENIZER_FILE
+from .tasks import kind
 from .text import TextEncoder, check_texts, was_truncated
 
 CPU = "CPUExecutionProvider"
@@ -31,7 +32,7 @@ GRAPH_OPTIMIZATION = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-_ORT_DTYPES = {
+_ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
     "tensor(float)": np.dtype(np.float32),
@@ -115,12 +116,6 @@ def create_session(
     return _load(model_path, _session_options(threads, graph_optimization, False), [CPU]), "cpu"
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = np.exp(x - x.max(axis=-1, keepdims=True))
-    return x / x.sum(axis=-1, keepdims=True)
-
-
 def _dim_str(shape) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
@@ -144,7 +139,9 @@ class Predictor:
         positive_int("batch_size", batch_size)
         self.session, self.encoder, self.manifest = session, encoder, manifest
         self.provider, self.batch_size = provider, batch_size
-        self._inputs = {i.name: (_ORT_DTYPES.get(i.type), list(i.shape)) for i in session.get_inputs()}
+        self._inputs: dict[str, tuple[np.dtype | None, list]] = {
+            i.name: (_ORT_DTYPES.get(i.type), list(i.shape)) for i in session.get_inputs()
+        }
         unknown = [n for n in self._inputs if n not in TEXT_INPUTS]
         if unknown:
             raise ValueError(
@@ -270,7 +267,8 @@ class Predictor:
             arrays = self.encoder.pad([encs[i] for i in idx]).arrays()
             feed = {n: arrays[n].astype(dt, copy=False) for n, (dt, _) in self._inputs.items()}
             chunks.append((idx, self._run(feed)))
-        if self.task == "token-classification":
+        logits: np.ndarray | list[np.ndarray]
+        if kind(self.task).token_level:
             logits = self._per_text(chunks, encs)
         else:
             first = chunks[0][1]
@@ -316,6 +314,7 @@ class Predictor:
 
         classification: {"label", "probabilities": {label: p}, "truncated"}
         regression:     {"score", "truncated"} (score is a list when the model has several outputs)
+        multi-label-classification: {"labels" (those above their threshold), "probabilities", "truncated"}
         token-classification: {"words": [{"word", "start", "end", "label", "score"}, ...],
             "truncated"}, one entry per word as the tokenizer's pre-tokenizer splits the text, labelled by its
             first sub-word token (``score``: that label's probability there); ``start``/``end``
@@ -324,29 +323,12 @@ class Predictor:
         """
         texts = check_texts(texts)
         logits, encs = self._logits_and_encodings(texts, batch_size)
-        flags = [was_truncated(e) for e in encs]
-        if self.task == "token-classification":
-            labels = self._label_names(logits[0].shape[-1])
-            return [
-                {"words": _words(text, enc, _softmax(rows), labels), "truncated": cut}
-                for text, enc, rows, cut in zip(texts, encs, logits, flags)
-            ]
-        if logits.ndim == 1:
-            logits = logits[:, None]
-        if self.task == "regression":
-            return [
-                {"score": float(row[0]) if row.size == 1 else row.tolist(), "truncated": cut}
-                for row, cut in zip(logits.reshape(len(flags), -1), flags)
-            ]
-        labels = self._label_names(logits.shape[-1])
-        probs = _softmax(logits)
+        task = kind(self.task)  # how a row of logits is read (runtime/tasks.py)
+        rows = logits if isinstance(logits, list) or logits.ndim > 1 else logits[:, None]
+        labels = self._label_names(rows[0].shape[-1]) if task.has_labels else []
         return [
-            {
-                "label": labels[int(p.argmax())],
-                "probabilities": {lab: float(v) for lab, v in zip(labels, p)},
-                "truncated": cut,
-            }
-            for p, cut in zip(probs, flags)
+            {**task.read(row, labels, text, enc), "truncated": was_truncated(enc)}
+            for text, enc, row in zip(texts, encs, rows)
         ]
 
     def _label_names(self, n: int) -> list[str]:
@@ -354,30 +336,3 @@ class Predictor:
         if len(labels) != n:
             raise ValueError(f"model returns {n} logits but the manifest lists {len(labels)} labels")
         return labels
-
-
-def _words(text: str, enc: Encoding, probs: np.ndarray, labels: list[str]) -> list[dict]:
-    """The words of ``enc`` (by ``word_ids``; special tokens have none), each labelled by its
-    first sub-word token, with its character span in ``text``."""
-    spans: dict[int, list[int]] = {}  # word id -> [first token, end offset], in word order
-    for t, (w, (_, end)) in enumerate(zip(enc.word_ids, enc.offsets)):
-        if w is None:
-            continue
-        if w in spans:
-            spans[w][1] = end
-        else:
-            spans[w] = [t, end]
-    if spans and enc.overflowing:  # the last word may go on past max_length
-        last = next(reversed(spans))
-        for over in enc.overflowing:
-            for w, (_, end) in zip(over.word_ids, over.offsets):
-                if w == last:
-                    spans[last][1] = end
-    words = []
-    for first, end in spans.values():
-        start = enc.offsets[first][0]
-        k = int(probs[first].argmax())
-        words.append(
-            {"word": text[start:end], "start": start, "end": end, "label": labels[k], "score": float(probs[first, k])}
-        )
-    return words

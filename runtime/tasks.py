@@ -48,6 +48,7 @@ class TaskKind:
     problem_type: ClassVar[str | None]  # config.json ``problem_type``
     token_level: ClassVar[bool] = False  # one row of logits per token, else per text
     has_labels: ClassVar[bool] = True  # class names (regression: none)
+    one_label: ClassVar[bool] = False  # exactly one class per text (argmax): gold labels score an accuracy
     probe: ClassVar[str | None] = "classification"  # what the ridge-fitted skip fits (side/ridge.py); None: no probe
     selection: ClassVar[tuple[str, int]]  # (metric, +1 larger is better / -1 smaller) that picks the best epoch
     count_names: ClassVar[tuple[str, ...]] = ("right",)  # what :meth:`counts` sums per batch
@@ -105,6 +106,7 @@ class Classification(TaskKind):
     pipeline = "text-classification"
     head_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     problem_type = "single_label_classification"
+    one_label = True
     selection = ("accuracy", 1)
 
 
@@ -192,7 +194,7 @@ class TokenClassification(TaskKind):
         scored = target != IGNORE
         pred = logits.argmax(-1)
         out = [float((pred[scored] == target[scored]).sum().item()), 0.0, 0.0, 0.0]
-        if is_bio(labels):
+        if is_bio(list(labels)):
             for t, p, m in zip(target.tolist(), pred.tolist(), scored.tolist()):
                 gold = entities([labels[x] for x, keep in zip(t, m) if keep])
                 found = entities([labels[x] for x, keep in zip(p, m) if keep])
@@ -203,7 +205,7 @@ class TokenClassification(TaskKind):
         from mpismoe_edge.metrics import f1_from_counts, is_bio
 
         out = {"loss": loss, "accuracy": counts["right"] / max(scored, 1)}
-        if is_bio(labels):
+        if is_bio(list(labels)):
             out["entity_f1"] = f1_from_counts(int(counts["gold"]), int(counts["found"]), int(counts["matched"]))["f1"]
         return out
 
@@ -279,7 +281,7 @@ KINDS: dict[str, TaskKind] = {
     k.name: k for k in (Classification(), Regression(), TokenClassification(), MultiLabelClassification())
 }
 TASKS: tuple[str, ...] = tuple(KINDS)
-Task = enum.Enum("Task", {name.upper().replace("-", "_"): name for name in TASKS}, type=str)  # Task.REGRESSION
+Task = enum.Enum("Task", {n.upper().replace("-", "_"): n for n in TASKS}, type=str)  # type: ignore[misc]
 
 
 def kind(name: str) -> TaskKind:

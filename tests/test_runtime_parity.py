@@ -65,7 +65,7 @@ def test_nan_fails_not_raises():
         (REF, REF[:, :2], {}, r"shape mismatch: reference \[50, 3\] vs candidate \[50, 2\]"),
         (np.zeros((0, 3)), np.zeros((0, 3)), {}, "n > 0"),
         (np.array([["a"]]), np.array([["a"]]), {}, "reference must be numeric"),
-        (REF, REF, {"task": "ranking"}, "task must be one of"),
+        (REF, REF, {"task": "ranking"}, "unknown task .ranking.; expected one of"),
     ],
     ids=["shape", "empty", "strings", "task"],
 )
