@@ -34,8 +34,8 @@ runs once per method, at the first seed.
                                [--preload LIB] [--device cpu|cuda|auto] [--precision fp32|bf16|fp16]
 
 On CUDA the table adds each method's peak allocated accelerator memory (``torch.cuda.max_memory_allocated``).
-``--speed`` only times an epoch of training steps: MP-ISMoE vs LST in one process x 2 threads and
-MP-ISMoE in 2 torchrun processes x 1 thread (gloo), interleaved ``--repeats`` times:
+``--speed`` only times an epoch of training steps: MP-ISMoE vs LST, each in one process x 2 threads
+and in 2 torchrun processes x 1 thread (gloo), interleaved ``--repeats`` times (``--arms`` picks some):
 
     python benchmarks/train.py --speed --repeats 3 --n-train 640 --n-val 100 --n-test 100
 """
@@ -104,10 +104,9 @@ def _prepare(args):
 
 def _build(method: str, train_ds, args):
     """(model, tokenizer) for ``method``, as the training run builds it."""
-    from mpismoe_edge.cli import default_backbone_path
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.inference import make_tokenizer
-    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
 
     path = default_backbone_path()
     backbone, tok_json = load_backbone(path)
@@ -323,12 +322,15 @@ SPEED_ARMS = {  # name: (processes, threads per process, mpismoe-train arguments
     "mp-ismoe, 1 process x 2 threads": (1, 2, ["--expert-bits", "4"]),
     "lst, 1 process x 2 threads": (1, 2, ["--bits", "0", "--dense-ffn", "--side-init", "random"]),
     "mp-ismoe, 2 processes x 1 thread (torchrun, gloo)": (2, 1, ["--expert-bits", "4"]),
+    "lst, 2 processes x 1 thread (torchrun, gloo)": (2, 1, ["--bits", "0", "--dense-ffn", "--side-init", "random"]),
 }
 
 
 def _speed(args) -> None:
-    """Seconds per epoch of training steps (``metrics.json`` history), the arms interleaved
-    ``--repeats`` times, each a fresh ``mpismoe-train`` process (or torchrun job); prints a table."""
+    """Seconds per epoch of training steps (``metrics.json`` history), the arms (``--arms``: those
+    whose name starts with one of them) interleaved ``--repeats`` times, each a fresh
+    ``mpismoe-train`` process (or torchrun job); prints a table. "vs LST" compares an arm with
+    the LST arm of the same processes x threads when it ran."""
     common = [
         "--epochs",
         "1",
@@ -350,9 +352,11 @@ def _speed(args) -> None:
         args.precision,
         "-q",
     ]
-    times: dict[str, list[float]] = {name: [] for name in SPEED_ARMS}
+    arms = {k: v for k, v in SPEED_ARMS.items() if not args.arms or any(k.startswith(a) for a in args.arms)}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    rss: dict[str, list[float]] = {name: [] for name in arms}  # rank 0's peak since its start
     for rep in range(args.repeats):
-        for name, (procs, threads, extra) in SPEED_ARMS.items():
+        for name, (procs, threads, extra) in arms.items():
             out = os.path.join(args.workdir, f"speed-{rep}-{len(times[name])}-{name.split(',')[0]}-{procs}")
             launch = (
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
@@ -368,17 +372,24 @@ def _speed(args) -> None:
                 env=env,
             )
             with open(os.path.join(out, "metrics.json")) as f:
-                times[name].append(json.load(f)["history"][0]["seconds"])
+                metrics = json.load(f)
+            times[name].append(metrics["history"][0]["seconds"])
+            rss[name].append(metrics["peak_rss_mb"])
             print(f"# repeat {rep} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
-    ref = statistics.median(times["lst, 1 process x 2 threads"])
-    one = statistics.median(times["mp-ismoe, 1 process x 2 threads"])
-    print(f"| arm | epoch of steps (s, median of {args.repeats}) | per repeat | rows/s | vs LST | vs MP-ISMoE 1 x 2 |")
-    print("|---|---|---|---|---|---|")
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    lst = {arms[n][:2]: t for n, t in med.items() if n.startswith("lst,")}
+    one = med.get("mp-ismoe, 1 process x 2 threads")
+    print(
+        f"| arm | epoch of steps (s, median of {args.repeats}) | per repeat | rows/s | vs LST (same procs x threads) "
+        "| vs MP-ISMoE 1 x 2 | peak RSS (MB, rank 0, max) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
-        med = statistics.median(ts)
+        ref = lst.get(arms[name][:2])
         print(
-            f"| {name} | {med:.1f} | {' / '.join(f'{t:.1f}' for t in ts)} | {args.n_train / med:.1f} | "
-            f"{med / ref:.2f}x | {med / one:.2f}x |"
+            f"| {name} | {med[name]:.1f} | {' / '.join(f'{t:.1f}' for t in ts)} | {args.n_train / med[name]:.1f} | "
+            f"{f'{med[name] / ref:.2f}x' if ref else '-'} | {f'{med[name] / one:.2f}x' if one else '-'} | "
+            f"{max(rss[name]):.0f} |"
         )
 
 
@@ -423,6 +434,7 @@ def main() -> None:
         "1 process x 2 threads (interleaved, --repeats times; RTN backbone)",
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--arms", nargs="+", help="with --speed: only the arms whose name starts with one of these")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the one seed of a --one/--probe child
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
