@@ -98,6 +98,7 @@ def test_text_batches_pad_and_mask():
     assert b["input_ids"][0, 4] == 0  # [PAD]
 
 
+@pytest.mark.slow
 def test_capture_inputs_drops_padding_caps_rows_and_is_seeded():
     model, batches = tiny_bert(), padded_batches()
     layers = selected_linears(model, QUANT)
@@ -374,6 +375,7 @@ def _run_cli(capsys, *args):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_without_matplotlib_writes_the_calibrated_model_and_the_json(checkpoint, capsys, monkeypatch):
     from mpismoe_edge.model import load_checkpoint
 
@@ -399,6 +401,7 @@ def test_cli_without_matplotlib_writes_the_calibrated_model_and_the_json(checkpo
     assert "needs matplotlib" in err
 
 
+@pytest.mark.slow
 def test_cli_calibrates_checkpoint(checkpoint, capsys):
     from mpismoe_edge.model import load_checkpoint
 
@@ -471,6 +474,7 @@ def test_cli_needs_a_budget(checkpoint, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_cli_calibrates_a_token_classification_checkpoint(checkpoint, tmp_path, capsys):
     from transformers import AutoModel
 

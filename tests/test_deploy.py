@@ -19,6 +19,8 @@ from mpismoe_edge.runtime.manifest import find_model
 from mpismoe_edge.runtime.spec import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
 from mpismoe_edge.runtime.text import TextEncoder
 
+pytestmark = pytest.mark.slow  # every export runs in the deploy clients (node, wasm, OpenVINO, .ort)
+
 ATOL = 1e-4
 # ort-int8 quantizes activations at run time: x86 MLAS (VNNI/AMX) and wasm round them on different
 # kernels, a one-step flip moves a logit by ~1e-4..1e-3 (3.4e-4 seen in onnxruntime-web 1.30.0).

@@ -19,6 +19,8 @@ from mpismoe_edge.distributed import World, shard
 from mpismoe_edge.model import read_checkpoint
 from mpismoe_edge.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # torchrun processes
+
 # 33 rows in batches of 8: the last global batch has one row, so one rank runs it with weight 0
 DATA = Dataset(TEXTS * 4 + TEXTS[:1], LABELS * 4 + LABELS[:1], ["neg", "neu", "pos"])
 CFG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_ratio=0.1, min_steps=0, device="cpu", threads=1)

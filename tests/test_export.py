@@ -279,6 +279,7 @@ def test_external_data(model, cached_export, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_deterministic_bytes(ckpt, portable):
     """A fresh load and export of the same checkpoint gives byte-identical model.onnx."""
     from mpismoe_edge.model import load_checkpoint
@@ -299,6 +300,7 @@ def _cli(args, capsys):
     return code, cap.out, cap.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,target", [("mixed-bits", "ort-cpu"), ("shared-fixture", "portable")])
 def test_cli_end_to_end(which, target, ckpt, tiny_checkpoint, tmp_path, capsys):
     """The real thing: load, trace, fuse, validate, write (no cached proto)."""
@@ -425,6 +427,7 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(model, ca
     assert _staging(out) == [] and json.loads((out / "manifest.json").read_text())["format"].startswith("mpismoe")
 
 
+@pytest.mark.slow
 def test_a_live_exports_staging_folder_is_kept_and_both_exports_finish(model, cached_export, tmp_path):
     out = tmp_path / "out"
     other = subprocess.Popen(

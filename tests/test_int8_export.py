@@ -18,6 +18,8 @@ from mpismoe_edge.export.int8_target import unsupported
 from mpismoe_edge.export.lower import make_inputs
 from mpismoe_edge.runtime.spec import MODEL_PATHS
 
+pytestmark = pytest.mark.slow  # the int8 target exports the backbone twice (TorchScript + ORT optimizer)
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import tiny_backbone, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # measures the resident memory of whole processes
+
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
 
 

@@ -166,6 +166,7 @@ def test_card_holds_snippets_for_python_node_and_the_browser_page(exported):
     assert "python examples/browser/serve.py EXPORT" in card
 
 
+@pytest.mark.slow
 def test_reexport_writes_a_byte_identical_card(exported, export, tmp_path):
     first = (exported / README_FILE).read_bytes()
     again = export(tmp_path / "elsewhere" / "named-otherwise", metrics=METRICS)  # another folder: no path in the card
@@ -256,6 +257,7 @@ def test_read_metrics_gives_none_when_the_run_recorded_nothing_for_this_checkpoi
     assert read_metrics(tmp_path / checkpoint) is None
 
 
+@pytest.mark.slow
 def test_export_cli_puts_the_runs_metrics_in_the_card(tiny_checkpoint, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

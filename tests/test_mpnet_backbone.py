@@ -8,6 +8,8 @@ import torch
 from conftest import TEXTS, tiny_tokenizer
 from torch import nn
 
+pytestmark = pytest.mark.slow  # trains and exports an MPNet backbone
+
 
 def _tiny_mpnet():
     import transformers as tf

@@ -18,6 +18,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_parity_passes_on_a_faithful_export(tiny_checkpoint, exported, tiny_jsonl, capsys):
     assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -25,6 +26,7 @@ def test_parity_passes_on_a_faithful_export(tiny_checkpoint, exported, tiny_json
     assert report["reference_accuracy"] == report["candidate_accuracy"]
 
 
+@pytest.mark.slow
 def test_parity_fails_with_exit_1_when_a_bar_is_missed(tiny_checkpoint, exported, tiny_jsonl, capsys):
     assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), "--atol", "-1"]) == 1
     assert "parity FAILED" in capsys.readouterr().err
@@ -35,6 +37,7 @@ def test_parity_reports_missing_export_with_exit_2(tiny_checkpoint, tmp_path, ti
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_parity_refuses_data_without_text(tiny_checkpoint, exported, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
@@ -42,6 +45,7 @@ def test_parity_refuses_data_without_text(tiny_checkpoint, exported, tmp_path, c
     assert "bad.jsonl line 1: 'text' missing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--batch-size", "--limit"])
 def test_parity_refuses_a_non_positive_size_with_exit_2(tiny_checkpoint, exported, tiny_jsonl, capsys, flag):
     assert main([str(tiny_checkpoint), str(exported), "--data", str(tiny_jsonl), flag, "0"]) == 2
@@ -65,6 +69,7 @@ BROKEN = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
 def test_a_broken_file_is_one_error_line_naming_it_with_exit_2_not_a_parity_failure(
     tiny_checkpoint, exported, tiny_jsonl, tmp_path, capsys, change, message

@@ -15,6 +15,8 @@ from conftest import TEXTS, tiny_model
 from mpismoe_edge.parity import main
 from mpismoe_edge.route_flips import find_routing_flips
 
+pytestmark = pytest.mark.slow  # exports a model with a built near tie
+
 TIE_TEXT = 0  # TEXTS[0], "i love this movie"
 LAYER = 1  # the last MoE layer of the tiny model
 DELTA = 1e-5  # each side's margin at the tie: far above rounding noise (~1e-7), far below atol 1e-3

@@ -52,6 +52,7 @@ def test_token_level_skip_gives_logits_per_token():
     assert model(ids, mask).shape == (3, 7, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["portable", "ort-int8"])
 def test_a_model_with_the_skip_exports_within_the_parity_bar(target, tmp_path):
     model = tiny_model(skip=True)
@@ -62,6 +63,7 @@ def test_a_model_with_the_skip_exports_within_the_parity_bar(target, tmp_path):
     assert manifest["parity"]["passed"]
 
 
+@pytest.mark.slow
 def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_jsonl, backbone_dir):
     from mpismoe_edge.cli import train_main
     from mpismoe_edge.model import load_checkpoint

@@ -17,6 +17,8 @@ from mpismoe_edge.runtime import Predictor
 from mpismoe_edge.runtime.session import TruncationWarning
 from mpismoe_edge.runtime.text import TextEncoder
 
+pytestmark = pytest.mark.slow  # exports a token-classification model
+
 TAGS = ["O", "B-X", "I-X"]
 # "qqb" is out of vocabulary: q ##q ##b.
 TEXTS = ["i love qqb movies", "ok", "self driving cars are really fast", "the film was fine"]
