@@ -24,8 +24,8 @@ class ISMoE(nn.Module):
     expert runs on every token as one wide FFN whose hidden units are scaled by the dense
     routing weights, zero for the experts a token does not pick (:func:`wide_mixture`): the
     same sum, a static graph, and every expert in the exported model. For training on CPU the
-    routed form is ~4x faster than the wide one and holds ~1/4 of its activations
-    (``benchmarks/moe_train_ops.py``): the wide form does ``E/k`` times the work.
+    routed form was 3-8x faster than the wide one and held 1/4.6 of its activations at the
+    quickstart's shapes (``benchmarks/moe_train_ops.py``): the wide form does ``E/k`` times the work.
     """
 
     def __init__(self, dim: int, backbone_dim: int, cfg: SideConfig):
