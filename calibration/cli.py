@@ -21,6 +21,9 @@ from mpismoe_edge.quant.pack import SUPPORTED_BITS
 from .allocate import WEIGHTINGS, Allocation, allocate, resolve_budget
 from .sensitivity import LayerSensitivity, apply_bits, measure_sensitivities, text_batches
 
+# calibration's defaults: the CLI and calibrate() share them
+SAMPLES, MAX_ROWS, GAIN_SAMPLES, BATCH_SIZE = 256, 4096, 64, 32  # texts, token rows per layer, gain texts
+
 
 def _widths(text: str) -> list[int]:
     try:
@@ -48,24 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="calibration texts: CSV or JSONL with a 'text' column (default: the bundled training data)"
     )
-    p.add_argument("--samples", type=int, default=256, help="calibration texts drawn from the data (default 256)")
-    p.add_argument("--max-rows", type=int, default=4096, help="token rows kept per layer (default 4096)")
-    p.add_argument("--widths", type=_widths, default=[2, 3, 4, 8], help="candidate widths (default 2,3,4,8)")
+    p.add_argument(
+        "--samples", type=int, default=SAMPLES, help="calibration texts drawn from the data (default %(default)s)"
+    )
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS, help="token rows kept per layer (default %(default)s)")
+    p.add_argument(
+        "--widths", type=_widths, default=list(SUPPORTED_BITS), help="candidate widths (default: every packed width)"
+    )
     p.add_argument(
         "--weighting",
         choices=WEIGHTINGS,
-        default="propagated",
+        default=WEIGHTINGS[0],
         help="weight of each layer's relative output error in the objective: its measured propagation "
         "gain to the hidden states (default), 1, or its output energy share",
     )
     p.add_argument(
         "--gain-samples",
         type=int,
-        default=64,
-        help="calibration texts for the propagation gains (one forward pass over them per layer; default 64)",
+        default=GAIN_SAMPLES,
+        help="calibration texts for the propagation gains (one forward pass over them per layer; default %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default %(default)s")
     p.add_argument("--report-dir", help="write calibration.json and calibration.png here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -78,12 +85,12 @@ def calibrate_backbone(
     texts: Sequence[str],
     max_length: int,
     *,
-    widths: Sequence[int] = (2, 3, 4, 8),
-    max_rows: int = 4096,
-    batch_size: int = 32,
+    widths: Sequence[int] = SUPPORTED_BITS,
+    max_rows: int = MAX_ROWS,
+    batch_size: int = BATCH_SIZE,
     seed: int = 0,
-    weighting: str = "propagated",
-    gain_samples: int = 64,
+    weighting: str = WEIGHTINGS[0],
+    gain_samples: int = GAIN_SAMPLES,
     quantized: dict | None = None,
     progress: bool = False,
     **budget,

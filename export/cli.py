@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mpismoe_edge.runtime.spec import DEFAULT_TARGET, MIN_OPSET, TARGETS
+from mpismoe_edge.runtime.spec import DEFAULT_TARGET, EXPORT_ATOL, MIN_OPSET, TARGET_ATOL, TARGETS
 
 EXIT_CODES = """exit status:
   0  written (and validated, unless --no-validate)
@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
     p.add_argument(
-        "--atol", type=float, default=None, help="max abs diff allowed vs PyTorch (default 1e-4; 0.25 for ort-int8)"
+        "--atol",
+        type=float,
+        default=None,
+        help=f"max abs diff allowed vs PyTorch (default {EXPORT_ATOL:g}; "
+        + "; ".join(f"{atol:g} for {t}" for t, atol in TARGET_ATOL.items())
+        + ")",
     )
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")

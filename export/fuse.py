@@ -32,7 +32,7 @@ import torch
 from onnx import numpy_helper
 
 from mpismoe_edge.quant.pack import pack_bits
-from mpismoe_edge.runtime.spec import INT8_ATOL
+from mpismoe_edge.runtime.spec import TARGET_ATOL
 
 from . import functions as F
 from .validate import DEFAULT_ATOL
@@ -45,7 +45,6 @@ TARGET_BITS = {
     "ort-cuda": frozenset({4, 8}),
 }
 INT8_TARGET = "ort-int8"  # int8 compute on ORT CPU (int8_target.py); fuse() handles its side network as ort-cpu
-TARGET_ATOL = {INT8_TARGET: INT8_ATOL}  # others: validate.DEFAULT_ATOL (float-exact targets)
 
 
 def default_atol(target: str) -> float:

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from mpismoe_edge.runtime.parity import abs_diff
+from mpismoe_edge.runtime.spec import EXPORT_ATOL
 
 from .lower import OUTPUT_NAME, input_names, make_inputs
 
-DEFAULT_ATOL = 1e-4
+DEFAULT_ATOL = EXPORT_ATOL
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from .runtime.spec import DEFAULT_BATCH_SIZE, DEFAULT_PARITY_BARS, PARITY_BARS, PROVIDERS
+
 EXIT_CODES = """exit status:
   0  parity passed
   1  parity FAILED: the check ran and a bar was missed (logits past --atol, label agreement below --min-agreement)
@@ -43,16 +45,20 @@ def _parser() -> argparse.ArgumentParser:
         "--atol",
         type=float,
         default=None,
-        help="max allowed |logit difference| (default 1e-3; 0.25 for an ort-int8 export)",
+        help=f"max allowed |logit difference| (default {DEFAULT_PARITY_BARS[0]:g}; "
+        + "; ".join(f"{bars[0]:g} for an {t} export" for t, bars in PARITY_BARS.items())
+        + ")",
     )
     p.add_argument(
         "--min-agreement",
         type=float,
         default=None,
-        help="min fraction of equal argmax labels (default 0.999; 0.995 for an ort-int8 export)",
+        help=f"min fraction of equal labels (default {DEFAULT_PARITY_BARS[1]:g}; "
+        + "; ".join(f"{bars[1]:g} for an {t} export" for t, bars in PARITY_BARS.items())
+        + ")",
     )
-    p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--provider", choices=PROVIDERS, default=PROVIDERS[0], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

@@ -25,6 +25,7 @@ import warnings
 
 from . import records
 from .checks import positive_int
+from .spec import DEFAULT_BATCH_SIZE, GRAPH_OPTIMIZATIONS, PROVIDERS
 
 EXIT_CODES = """exit status:
   0  every input was predicted
@@ -53,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         help='JSONL file with a "text" field per line (\'-\' for stdin), or a .csv file with a "text" column',
     )
-    p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--provider", choices=PROVIDERS, default=PROVIDERS[0], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
-    p.add_argument("--graph-optimization", choices=["all", "extended", "basic", "disable"], default="all")
+    p.add_argument(
+        "--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default=GRAPH_OPTIMIZATIONS[0], help="default: %(default)s"
+    )
     return p
 
 

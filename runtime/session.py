@@ -19,19 +19,19 @@ from tokenizers import Encoding
 
 from .checks import positive_int
 from .manifest import ExportFileError, Manifest, find_model, load_manifest, require_file
-from .spec import TEXT_INPUTS, TOKENIZER_FILE
+from .spec import DEFAULT_BATCH_SIZE, GRAPH_OPTIMIZATIONS, PROVIDERS, TEXT_INPUTS, TOKENIZER_FILE
 from .tasks import kind
 from .text import TextEncoder, check_texts, was_truncated
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-PROVIDERS = ("cpu", "cuda", "auto")
-GRAPH_OPTIMIZATION = {
+GRAPH_OPTIMIZATION = {  # by the names of spec.GRAPH_OPTIMIZATIONS
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
+assert tuple(GRAPH_OPTIMIZATION) == GRAPH_OPTIMIZATIONS
 _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
@@ -40,7 +40,6 @@ _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(double)": np.dtype(np.float64),
     "tensor(bool)": np.dtype(np.bool_),
 }
-DEFAULT_BATCH_SIZE = 32
 
 
 class TruncationWarning(UserWarning):

@@ -15,16 +15,23 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 IMAGE_INPUTS = ("pixel_values",)
 OUTPUT_NAME = "logits"
 
+# ---- running an export -------------------------------------------------------------------
+PROVIDERS = ("cpu", "cuda", "auto")  # auto: CUDA when this onnxruntime can use it, else CPU
+GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disable")  # ONNX Runtime's graph optimization levels
+DEFAULT_BATCH_SIZE = 32  # texts per ONNX Runtime call
+
 # ---- export targets and the ONNX opset -----------------------------------------------------
 TargetName = typing.Literal["portable", "ort-cpu", "ort-cuda", "ort-int8"]
 TARGETS: tuple[str, ...] = typing.get_args(TargetName)
 DEFAULT_TARGET: str = "portable"
 MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
 
+EXPORT_ATOL = 1e-4  # export validation's max |logit difference| vs PyTorch on the float-exact targets
 # int8 activations (ort-int8: rounded per tensor, per call) move the logits by ~5e-2; this bar
 # catches wiring bugs (logits off by O(1)); label agreement is what mpismoe-parity measures.
 INT8_ATOL = 0.25
 # mpismoe-parity's default bars (max |logit difference|, min label agreement) by export target
+TARGET_ATOL = {"ort-int8": INT8_ATOL}  # export validation's tolerance where it is not EXPORT_ATOL
 PARITY_BARS = {"ort-int8": (INT8_ATOL, 0.995)}
 DEFAULT_PARITY_BARS = (1e-3, 0.999)  # the float-exact targets
 

@@ -13,10 +13,10 @@ from conftest import tiny_model
 from onnx import numpy_helper
 
 from mpismoe_edge.export import cli, pipeline
-from mpismoe_edge.export.fuse import INT8_ATOL, default_atol
+from mpismoe_edge.export.fuse import default_atol
 from mpismoe_edge.export.int8_target import unsupported
 from mpismoe_edge.export.lower import make_inputs
-from mpismoe_edge.runtime.spec import MODEL_PATHS
+from mpismoe_edge.runtime.spec import INT8_ATOL, MODEL_PATHS
 
 pytestmark = pytest.mark.slow  # the int8 target exports the backbone twice (TorchScript + ORT optimizer)
 
