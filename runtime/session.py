@@ -19,7 +19,7 @@ from tokenizers import Encoding
 
 from .checks import positive_int
 from .manifest import ExportFileError, Manifest, find_model, load_manifest, require_file
-from .spec import DEFAULT_BATCH_SIZE, GRAPH_OPTIMIZATIONS, PROVIDERS, TEXT_INPUTS, TOKENIZER_FILE
+from .spec import DEFAULT_BATCH_SIZE, PROVIDERS, TEXT_INPUTS, TOKENIZER_FILE
 from .tasks import kind
 from .text import TextEncoder, check_texts, was_truncated
 
@@ -31,7 +31,6 @@ GRAPH_OPTIMIZATION = {  # by the names of spec.GRAPH_OPTIMIZATIONS
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-assert tuple(GRAPH_OPTIMIZATION) == GRAPH_OPTIMIZATIONS
 _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),

@@ -40,3 +40,9 @@ def test_an_export_directory_holds_only_the_spec_file_names():
 
 def test_the_format_on_disk_is_mpismoe_edge_onnx_1():
     assert spec.FORMAT == "mpismoe-edge-onnx/1" == spec.FORMAT_PREFIX + str(spec.FORMAT_MAJOR)
+
+
+def test_the_runtime_maps_every_graph_optimization_name():
+    from mpismoe_edge.runtime.session import GRAPH_OPTIMIZATION
+
+    assert tuple(GRAPH_OPTIMIZATION) == spec.GRAPH_OPTIMIZATIONS
