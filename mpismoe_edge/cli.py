@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--float-embeddings", action="store_true", help="keep the embedding tables fp32 (default: packed at --bits)"
     )
+    quant.add_argument(
+        "--backbone-from",
+        metavar="CHECKPOINT",
+        help="train on the quantized backbone of this model.pt, bit for bit, instead of quantizing again (its "
+        "quantization settings are taken; --backbone, if given, is only where the float weights for the side "
+        "network's pruned init are read): tasks on one backbone can share its pass (mpismoe-export a b -o OUT)",
+    )
 
     side = p.add_argument_group("side network")
     side.add_argument("--reduction", type=int, default=SideConfig.reduction, help="side width = backbone hidden / this")
@@ -159,12 +166,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if not args.keep_freed_memory:
         from .memory import bound_kernel_cache
 
         bound_kernel_cache()  # before any torch computation, or oneDNN ignores it
     try:
+        if args.backbone_from:
+            _check_backbone_from(args, parser)
         return _train(args)
     except (ValueError, FileNotFoundError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -208,6 +218,18 @@ def _quant_config(args) -> QuantConfig | None:
         seed=args.seed,
         embeddings=not args.float_embeddings,
     )
+
+
+QUANT_OPTIONS = ("bits", "group_size", "bits_map", "quant_method", "float_embeddings")
+
+
+def _check_backbone_from(args, parser: argparse.ArgumentParser) -> None:
+    """--backbone-from takes the quantization from its checkpoint: a quantization option set too
+    would be ignored, so it is an error."""
+    given = [name for name in QUANT_OPTIONS if getattr(args, name) != parser.get_default(name)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"--backbone-from takes the backbone's quantization from {args.backbone_from}; drop {flags}")
 
 
 def _side_config(args) -> SideConfig:
@@ -256,9 +278,17 @@ def _train(args) -> int:
     resolve_device(args.device)  # a device this machine lacks fails now
     quant, side = _quant_config(args), _side_config(args)
     train_ds, eval_ds, test_ds = _datasets(args)
-    backbone_path = args.backbone or default_backbone_path()
+    shared = None
+    if args.backbone_from:  # its quantized backbone, read before any slow work
+        from .model import shared_backbone
+
+        source, backbone_state, shared_tokenizer, shared_print = shared = shared_backbone(args.backbone_from)
+        quant, provenance = source.quant, source.backbone
+        backbone_path = args.backbone or source.backbone
+    else:
+        backbone_path = provenance = args.backbone or default_backbone_path()
     config = ModelConfig(
-        backbone=backbone_path,
+        backbone=provenance,
         task=args.task,
         labels=train_ds.labels,
         max_length=args.max_length,
@@ -273,7 +303,12 @@ def _train(args) -> int:
         hf_logging.disable_progress_bar()
     backbone, tokenizer_json = load_backbone(backbone_path)
     torch.manual_seed(args.seed)  # the side network's initial weights, so that --seed fixes the whole run
-    model = build_model(backbone, config, tokenizer_json, progress=not args.quiet and launched_rank() == 0)
+    if shared is None:
+        model = build_model(backbone, config, tokenizer_json, progress=not args.quiet and launched_rank() == 0)
+    else:
+        model = build_model(backbone, config, shared_tokenizer or tokenizer_json, backbone_state=backbone_state)
+        if model.backbone_fingerprint != shared_print:
+            raise ValueError(f"{args.backbone_from}: its backbone does not match its fingerprint {shared_print}")
     result = train(
         model, train_ds, eval_ds, cfg, args.out, resume=args.resume, progress=not args.quiet, test_data=test_ds
     )

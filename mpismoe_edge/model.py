@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig, QuantConfig
 from .quant.api import load_quantized_state, quantize_model
+from .quant.fingerprint import fingerprint
 from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS
 from .runtime.tasks import kind
 from .side import LadderSideNetwork
@@ -97,6 +98,12 @@ class MPISMoEModel(nn.Module):
             self, make_tokenizer(self.tokenizer_json, self.config.max_length), texts, self.input_names, batch_size
         )
 
+    @property
+    def backbone_fingerprint(self) -> str:
+        """Which backbone this model runs on (``quant/fingerprint.py``): models with equal
+        fingerprints may share one backbone pass."""
+        return fingerprint(self.backbone)
+
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing plus router z-loss of the last training forward, weighted by the config."""
         cfg = self.config.side
@@ -147,12 +154,19 @@ def load_backbone(path: str | os.PathLike | None = None) -> tuple[nn.Module, str
 
 
 def build_model(
-    backbone: nn.Module, config: ModelConfig, tokenizer_json: str | None = None, progress: bool = True
+    backbone: nn.Module,
+    config: ModelConfig,
+    tokenizer_json: str | None = None,
+    progress: bool = True,
+    backbone_state: dict[str, torch.Tensor] | None = None,
 ) -> MPISMoEModel:
     """Freeze and quantize ``backbone`` (in place) per ``config.quant`` and attach a fresh side
     network (initialised per ``config.side.init``). ``config`` itself is left as it is: the model
     holds a copy that also records ``backbone_config`` (and, when ``config.backbone`` is empty,
-    the directory the backbone was loaded from)."""
+    the directory the backbone was loaded from).
+
+    ``backbone_state``: an already quantized backbone's state (:func:`shared_backbone`), loaded
+    instead of quantizing again; ``backbone`` still gives the side network its pruned init."""
     kind(config.task).check_labels(config.labels)
     if not hasattr(backbone.config, "hidden_size") or not hasattr(backbone.config, "num_hidden_layers"):
         raise ValueError(f"backbone {type(backbone).__name__} has no hidden_size/num_hidden_layers in its config")
@@ -167,10 +181,35 @@ def build_model(
     _probe_hidden_states(model)  # a backbone that cannot feed the ladder fails here, before any slow work
     if config.side.init == "pruned":
         init_from_backbone(model.side, backbone)  # from the float weights, before quantization
-    if config.quant is not None:
+    if backbone_state is not None:
+        _load_backbone_state(backbone, backbone_state, config.backbone)
+    elif config.quant is not None:
         quantize_model(backbone, config.quant, progress=progress)
     _own_tensors(backbone)
     return model
+
+
+def _load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    if getattr(backbone, "pooler", None) is not None and not any(k.startswith("pooler.") for k in state):
+        backbone.pooler = None  # saved from a backbone built without its pooler
+    try:
+        load_quantized_state(backbone, state)
+    except (RuntimeError, AttributeError) as exc:  # missing/unexpected keys, size mismatches
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"the float backbone does not fit the quantized backbone of {source}: {first}") from None
+
+
+def shared_backbone(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, str]:
+    """What a new task needs to train on the quantized backbone of checkpoint ``path`` without
+    quantizing again: its config (``backbone``, ``backbone_config``, ``quant``), the backbone's
+    state (keys without ``backbone.``), its tokenizer JSON and its fingerprint."""
+    payload = read_checkpoint(path)
+    config = ModelConfig.from_json(payload["config"])
+    state = {k[len("backbone.") :]: v for k, v in payload["state_dict"].items() if k.startswith("backbone.")}
+    found = payload.get("backbone_fingerprint")
+    if found is None:  # a checkpoint from before fingerprints: compute it from the rebuilt model
+        found = load_checkpoint(path).backbone_fingerprint
+    return config, state, payload.get("tokenizer_json"), found
 
 
 @torch.no_grad()
@@ -207,6 +246,7 @@ def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
         "config": model.config.to_json(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "tokenizer_json": model.tokenizer_json,
+        "backbone_fingerprint": model.backbone_fingerprint,
     }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
