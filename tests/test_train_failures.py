@@ -136,3 +136,9 @@ def test_help_shows_every_default_from_the_configs(capsys):
         assert f"(default: {default})" in entries[option], entries[option]
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "exit codes: 0" in out
+
+
+def test_quiet_prints_no_progress_bar_not_even_the_backbones_loading_bar(tmp_path, tiny_jsonl, backbone_dir, capfd):
+    assert _run(tmp_path, tiny_jsonl, "--backbone", str(backbone_dir)) == 0  # TINY holds -q
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err
