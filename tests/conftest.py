@@ -13,6 +13,19 @@ WORDS = (
     "happy sad not very really ok fine neutral think it this that i you we they"
 ).split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# mpismoe-train flags for a run on the tiny backbone that takes seconds
+TINY_TRAIN_FLAGS = [
+    "--epochs",
+    "1",
+    "--min-steps",
+    "0",
+    "--group-size",
+    "32",
+    "--quant-method",
+    "rtn",
+    "--reduction",
+    "4",
+]
 
 
 def tiny_tokenizer() -> Tokenizer:

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN_FLAGS
 
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import load_file, load_splits
@@ -63,8 +64,8 @@ def test_a_multi_label_model_trains_exports_runs_and_passes_parity(tmp_path, mul
 
     run = tmp_path / "run"
     flags = ["--task", TASK, "--data", str(multi_label_jsonl), "--eval-data", str(multi_label_jsonl)]
-    tiny = ["--epochs", "2", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4"]
-    assert train_main([*flags, "--backbone", str(backbone_dir), "-o", str(run), *tiny, "-q"]) == 0
+    tiny = [*TINY_TRAIN_FLAGS, "--epochs", "2", "-q"]
+    assert train_main([*flags, "--backbone", str(backbone_dir), "-o", str(run), *tiny]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"loss", "micro_f1", "exact_match"} <= set(metrics["final"])
 

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 import torch
-from conftest import LABELS, TEXTS, tiny_model
+from conftest import LABELS, TEXTS, TINY_TRAIN_FLAGS, tiny_model
 
 from mpismoe_edge import cli
 from mpismoe_edge.data import Dataset
@@ -15,7 +15,7 @@ from mpismoe_edge.files import WriteError
 from mpismoe_edge.train import TrainConfig, train
 
 DATA = Dataset(TEXTS * 4, LABELS * 4, ["neg", "neu", "pos"])
-TINY = ["--epochs", "1", "--min-steps", "0", "--group-size", "32", "--quant-method", "rtn", "--reduction", "4", "-q"]
+TINY = [*TINY_TRAIN_FLAGS, "-q"]
 
 
 @pytest.fixture
