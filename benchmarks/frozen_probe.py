@@ -14,21 +14,20 @@ test split is scored once. NER (token-level) is left out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.task_data import BACKBONES, TASKS, backbone_path, load_task
 from mpismoe_edge.side.ridge import ALPHAS, ridge_fit
 
-_spec = importlib.util.spec_from_file_location("benchmarks_tasks", Path(__file__).resolve().with_name("tasks.py"))
-tasks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tasks)
-
-SEQUENCE_TASKS = tuple(t for t in tasks.TASKS if t != "wnut16")
+SEQUENCE_TASKS = tuple(t for t in TASKS if t != "wnut16")
 FEATURES = ("last layer", "all layers")
 
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="runs/tasks")
     p.add_argument("--tasks", nargs="+", choices=SEQUENCE_TASKS, default=list(SEQUENCE_TASKS))
-    p.add_argument("--backbones", nargs="+", choices=tasks.BACKBONES, default=["minilm"])
+    p.add_argument("--backbones", nargs="+", choices=BACKBONES, default=["minilm"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-rows", type=int, default=500)
     p.add_argument("--val-rows", type=int, default=400)
@@ -90,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from mpismoe_edge.model import load_backbone
 
     try:  # the data and backbones first: one line, nothing printed, when a folder is missing
-        paths = {name: tasks.backbone_path(name, args.data) for name in args.backbones}
+        paths = {name: backbone_path(name, args.data) for name in args.backbones}
         for task_name in args.tasks:
-            tasks.load_task(args.data, task_name, 0)
+            load_task(args.data, task_name, 0)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {f: [] for f in FEATURES}
             cache: dict[str, torch.Tensor] = {}  # text -> pooled states: the seeds share validation, test, some rows
             for seed in args.seeds:
-                info, train, val, test = tasks.load_task(args.data, task_name, seed, args.train_rows, args.val_rows)
+                info, train, val, test = load_task(args.data, task_name, seed, args.train_rows, args.val_rows)
                 splits = {"train": train, "val": val, "test": test}
                 todo = sorted({t for d in splits.values() for t in d.texts} - cache.keys())
                 for t, s in zip(todo, pooled_states(backbone, tok, todo) if todo else []):

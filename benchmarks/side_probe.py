@@ -5,7 +5,8 @@ once per seed and backbone (``q4``: 4-bit GNP-IQ with the seed's noise, as MP-IS
 benchmarks/train.py; ``fp32``: as LST) and cached in ``--workdir`` (fp16, every layer, ~1.2 GB
 per seed and backbone). Each variant then trains only the side network on them, in about a
 third of the time of a full run. Same split, batches, optimizer, schedule and epoch choice as
-benchmarks/train.py: validation chooses the epoch, the test split is scored only at it.
+benchmarks/train.py: validation chooses the epoch (``mpismoe_edge.selection``: accuracy, then the
+loss), the test split is scored only at it.
 
 Differences from a full run, so its figures are comparable with each other, not with
 benchmarks/train.py: the states are stored in fp16; experts in quantization-aware training are
@@ -103,16 +104,19 @@ def _batch(states: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.
 
 
 @torch.no_grad()
-def _accuracy(side, split: dict) -> float:
+def _scores(side, split: dict) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the side network on a cached split."""
     side.eval()
     order = sorted(range(len(split["states"])), key=lambda i: split["states"][i].shape[1])
-    right = 0
+    right, loss = 0, 0.0
     for i in range(0, len(order), 64):
         idx = order[i : i + 64]
         hs, mask = _batch([split["states"][j] for j in idx])
-        right += (side(hs, mask).argmax(-1) == torch.tensor([split["targets"][j] for j in idx])).sum().item()
+        logits, target = side(hs, mask), torch.tensor([split["targets"][j] for j in idx])
+        right += (logits.argmax(-1) == target).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
     side.train()
-    return right / len(order)
+    return {"accuracy": right / len(order), "loss": loss / len(order)}
 
 
 def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) -> dict:
@@ -121,6 +125,7 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     from mpismoe_edge.config import ModelConfig, SideConfig
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
     from mpismoe_edge.model import build_model
+    from mpismoe_edge.selection import EpochLog
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
@@ -141,7 +146,7 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
     train = cache["train"]
     opt, sched = make_optimizer(params, tcfg, tcfg.epochs * math.ceil(len(train["states"]) / tcfg.batch_size))
     lengths = [s.shape[1] for s in train["states"]]
-    best_val, test = -1.0, 0.0
+    log = EpochLog("classification")
     for epoch in range(tcfg.epochs):
         batches = (
             Batch(_batch([train["states"][j] for j in idx]), torch.tensor([train["targets"][j] for j in idx]))
@@ -158,10 +163,9 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
             grad_clip=tcfg.grad_clip,
             desc=f"{name} seed {args.seed} epoch {epoch + 1}",
         )
-        val = _accuracy(side, cache["val"])
-        if val > best_val:  # the test split is scored only at the epoch validation chooses
-            best_val, test = val, _accuracy(side, cache["test"])
-    return {"val": 100 * best_val, "test": 100 * test}
+        # the test split is scored only at an epoch validation chooses
+        log.judge(_scores(side, cache["val"]), lambda: _scores(side, cache["test"])["accuracy"])
+    return {"val": 100 * log.best_metrics["accuracy"], "test": 100 * log.best}
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:

@@ -44,43 +44,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.measure import PeakRSS, rss
 
 METHODS = ["full-ft", "lora", "lst", "lst-pruned", "mp-ismoe"]
 SIDE_METHODS = ("lst", "lst-pruned", "mp-ismoe")  # frozen backbone + ladder side network, trained by mpismoe_edge.train
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples RSS in a thread; ``peak`` is the largest value seen since start."""
-
-    def __init__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
+CLASSIFICATION = {"task": "classification"}  # the tweets' task kind, as benchmarks/scoring.py reads it
 
 
 def _prepare(args):
@@ -103,32 +81,21 @@ def _prepare(args):
 
 
 def _build(method: str, train_ds, args):
-    """(model, tokenizer) for ``method``, as the training run builds it."""
-    from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
+    """(model, tokenizer) for ``method``, as the training run builds it (``benchmarks/peers.py``)."""
+    from benchmarks.peers import fine_tuned, side_model
     from mpismoe_edge.inference import make_tokenizer
-    from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
+    from mpismoe_edge.model import default_backbone_path, load_backbone
 
     path = default_backbone_path()
     backbone, tok_json = load_backbone(path)
     tok = make_tokenizer(tok_json, args.max_length)
-    if method in SIDE_METHODS:
-        if method.startswith("lst"):  # LST: fp32 backbone, one dense FFN per side block; side init random or pruned
-            side, quant = (
-                SideConfig(dense_ffn=True, expert_bits=None, init="pruned" if method == "lst-pruned" else "random"),
-                None,
-            )
-        else:
-            side, quant = SideConfig(expert_bits=args.expert_bits), QuantConfig(bits=args.bits, seed=args.seed)
-        cfg = ModelConfig(backbone=path, labels=train_ds.labels, max_length=args.max_length, side=side, quant=quant)
-        return build_model(backbone, cfg, tok_json, progress=False), tok
-    model = _Classifier(backbone, len(train_ds.labels))
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model.backbone = get_peft_model(
-            backbone, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
-        )
-    return model, tok
+    if method in SIDE_METHODS:  # LST: fp32 backbone, one float dense FFN per side block; side init random or pruned
+        model = side_model(
+            method, backbone, tok_json, path, "classification", train_ds.labels, max_length=args.max_length,
+            expert_bits=args.expert_bits, bits=args.bits, seed=args.seed, lst_ffn_bits=None,
+        )  # fmt: skip
+        return model, tok
+    return fine_tuned(backbone, len(train_ds.labels), token_level=False, lora=method == "lora"), tok
 
 
 def _run_one(method: str, args) -> dict:
@@ -141,7 +108,7 @@ def _run_one(method: str, args) -> dict:
 
     train_ds, val_ds, test_ds = _prepare(args)
     device = resolve_device(args.device)
-    base = _rss()
+    base = rss()
     reset_peak_memory(device)
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -184,138 +151,32 @@ def _run_one(method: str, args) -> dict:
 def _probe_one(method: str, args) -> dict:
     """Build ``method`` and measure its training-step tensor memory (a process of its own, so
     that the profiler's own records stay out of the training run's RSS)."""
+    from benchmarks.measure import tensor_peak
+
     train_ds, _, _ = _prepare(args)
     model, tok = _build(method, train_ds, args)
-    return _tensor_peak(model, tok, train_ds, args, aux=method in SIDE_METHODS)
-
-
-def peak_live_bytes(prof) -> int:
-    """The peak of net CPU tensor allocations (bytes) over a ``torch.profiler`` window with
-    ``profile_memory=True``: allocations and frees replayed in time order."""
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type().name == "CPU"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def _tensor_peak(model, tok, train_ds, args, aux: bool) -> dict:
-    """Model tensor bytes and peak live tensor bytes (MB) over ``args.probe_steps`` training steps
-    on the longest batches, with a fresh AdamW (its state is allocated inside the window)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from mpismoe_edge.inference import encode, token_lengths
-    from mpismoe_edge.loop import Batch, batch_order, train_epoch
-
-    names = getattr(model, "input_names", ["input_ids", "attention_mask", "token_type_ids"])
-    lengths = token_lengths(tok, train_ds.texts)
-    batches = sorted(batch_order(lengths, args.batch_size, args.seed), key=lambda b: -max(lengths[j] for j in b))
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
-    }
-    model_bytes = sum(storages.values())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    steps = (
-        Batch(encode(tok, [train_ds.texts[j] for j in idx], names), torch.tensor([train_ds.targets[j] for j in idx]))
-        for idx in batches[: args.probe_steps]
-    )
-    model.train()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_epoch(
-            lambda inputs: model(**inputs),
-            steps,
-            opt,
-            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-            params,
-            "classification",
-            aux_loss=model.aux_loss if aux else None,
-            grad_clip=None,
-            progress=False,
-        )
-    peak = peak_live_bytes(prof)
-    return {"model_tensors_mb": model_bytes / 2**20, "tensor_peak_mb": (model_bytes + peak) / 2**20}
-
-
-class _Classifier:
-    """Mean-pooled encoder + linear head, trained end to end (the full-FT / LoRA peers)."""
-
-    def __new__(cls, backbone, num_labels):
-        import torch
-
-        class Classifier(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.backbone = backbone
-                self.head = torch.nn.Linear(backbone.config.hidden_size, num_labels)
-
-            def forward(self, input_ids, attention_mask, token_type_ids=None):
-                h = self.backbone(
-                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-                ).last_hidden_state
-                m = attention_mask.unsqueeze(-1).float()
-                return self.head((h * m).sum(1) / m.sum(1))
-
-        return Classifier()
+    return tensor_peak(
+        model, tok, train_ds, "classification", batch_size=args.batch_size, seed=args.seed, steps=args.probe_steps,
+        aux=method in SIDE_METHODS,
+    )  # fmt: skip
 
 
 def _train_plain(model, tok, train_ds, val_ds, test_ds, args, lr, device):
-    """(best validation accuracy, test accuracy at that epoch, trainable params, seconds of each epoch's steps)."""
-    import torch
-
-    from mpismoe_edge.inference import encode, token_lengths
-    from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    """Full fine-tuning / LoRA by ``benchmarks/peer_training.py`` for exactly ``--epochs`` (the
+    side methods' patience and minimum steps here); (validation accuracy of the chosen epoch, test
+    accuracy at it, trainable params, seconds of each epoch's steps)."""
+    from benchmarks.peer_training import fit
+    from benchmarks.scoring import score
     from mpismoe_edge.memory import release_free_pages
-    from mpismoe_edge.train import TrainConfig, make_optimizer
 
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, TrainConfig(lr=lr), args.epochs * math.ceil(len(train_ds) / args.batch_size))
-    best, test_acc = -1.0, 0.0
-    lengths = token_lengths(tok, train_ds.texts)
-    epochs = []
-    for epoch in range(args.epochs):
-        model.train()
-        start = time.perf_counter()
-        batches = (
-            Batch(
-                encode(tok, [train_ds.texts[j] for j in idx], names, device),
-                torch.tensor([train_ds.targets[j] for j in idx]),
-            )
-            for idx in batch_order(lengths, args.batch_size, args.seed * 1000 + epoch)
-        )
-        train_epoch(
-            lambda inputs: model(**inputs),
-            batches,
-            opt,
-            sched,
-            params,
-            "classification",
-            grad_clip=1.0,
-            device=device,
-            precision=args.precision,
-            after_step=None if args.keep_freed_memory else release_free_pages,
-            progress=False,
-        )
-        epochs.append(time.perf_counter() - start)
-        val = _accuracy(model, tok, val_ds, names)
-        if val > best:  # the test split is scored only at the epoch validation chooses
-            best, test_acc = val, _accuracy(model, tok, test_ds, names)
-    return best, test_acc, sum(p.numel() for p in params), epochs
-
-
-def _accuracy(model, tok, data, names) -> float:
-    import torch
-
-    from mpismoe_edge.inference import predict
-
-    return (predict(model, tok, data.texts, names).argmax(-1) == torch.tensor(data.targets)).float().mean().item()
+    run = fit(
+        model, tok, "classification", train_ds, lambda: score(model, tok, val_ds, CLASSIFICATION, model.input_names),
+        lambda: score(model, tok, test_ds, CLASSIFICATION, model.input_names)["accuracy"],  # only at a better epoch
+        lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, patience=args.epochs, min_steps=0,
+        device=device, precision=args.precision, after_step=None if args.keep_freed_memory else release_free_pages,
+    )  # fmt: skip
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return run.log.best_metrics["accuracy"], run.log.best, params, run.epoch_seconds
 
 
 SPEED_ARMS = {  # name: (processes, threads per process, mpismoe-train arguments)

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
+from benchmarks import frozen_probe as probe
 from mpismoe_edge.data import Dataset
-
-_SPEC = importlib.util.spec_from_file_location(
-    "bench_frozen_probe", Path(__file__).parents[1] / "benchmarks" / "frozen_probe.py"
-)
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
 
 
 def test_ridge_fit_matches_the_primal_solution():

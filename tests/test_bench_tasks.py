@@ -1,8 +1,7 @@
-"""benchmarks/tasks.py: task loading, the scoring helpers and the summary table, on synthetic rows."""
+"""benchmarks/tasks.py's parts: task loading, the scoring helpers and the summary table, on synthetic rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from benchmarks.scoring import baseline, word_predictions
+from benchmarks.task_data import load_task, write_split_files
+from benchmarks.task_report import small_data_report, summarize
 from mpismoe_edge.data import Dataset
-
-_SPEC = importlib.util.spec_from_file_location("bench_tasks", Path(__file__).parents[1] / "benchmarks" / "tasks.py")
-tasks = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(tasks)
 
 
 def _write(folder: Path, info: dict, rows: dict[str, list[dict]]) -> None:
@@ -31,25 +29,25 @@ def test_train_rows_subsample_is_seeded_and_val_rows_keep_the_first(tmp_path):
         {"task": "classification", "labels": ["a", "b"]},
         {"train": rows, "validation": rows, "test": rows},
     )
-    info, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10, val_rows=5)
+    info, train, val, test = load_task(str(tmp_path), "toy", seed=1, train_rows=10, val_rows=5)
     assert len(train) == 10 and val.texts == [f"t{i}" for i in range(5)] and len(test) == 50
-    assert tasks.load_task(str(tmp_path), "toy", seed=1, train_rows=10)[1].texts == train.texts
-    assert tasks.load_task(str(tmp_path), "toy", seed=2, train_rows=10)[1].texts != train.texts
+    assert load_task(str(tmp_path), "toy", seed=1, train_rows=10)[1].texts == train.texts
+    assert load_task(str(tmp_path), "toy", seed=2, train_rows=10)[1].texts != train.texts
 
 
 def test_a_missing_task_folder_says_to_fetch_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="fetch_tasks.py"):
-        tasks.load_task(str(tmp_path), "wnut16", seed=0)
+        load_task(str(tmp_path), "wnut16", seed=0)
 
 
 def test_each_word_is_labelled_by_its_first_sub_token_and_cut_words_get_the_fill():
     enc = SimpleNamespace(word_ids=[None, 0, 0, 1, None])  # [CLS] w0 w0' w1 [SEP]; word 2 cut off
     logits = torch.tensor([[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [9, 0, 0], [0, 0, 9]])
-    assert tasks._word_predictions([logits], [enc], [3], fill=2) == [[1, 0, 2]]
+    assert word_predictions([logits], [enc], [3], fill=2) == [[1, 0, 2]]
 
 
 def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
-    cls = tasks.baseline(
+    cls = baseline(
         {"task": "classification"},
         Dataset(["x"] * 3, [1, 1, 0], ["a", "b"]),
         Dataset(["x"] * 4, [1, 0, 0, 1], ["a", "b"]),
@@ -57,8 +55,8 @@ def test_baselines_are_the_majority_class_all_o_and_the_training_mean():
     assert cls == {"accuracy": 0.5}
     ner_info = {"task": "token-classification", "labels": ["B-x", "O"]}
     test = Dataset([["a", "b"]], [[0, 1]], ner_info["labels"])
-    assert tasks.baseline(ner_info, test, test) == {"entity_f1": 0.0, "word_accuracy": 0.5}
-    reg = tasks.baseline({"task": "regression"}, Dataset(["x"] * 2, [1.0, 3.0], []), Dataset(["x"] * 2, [0.0, 4.0], []))
+    assert baseline(ner_info, test, test) == {"entity_f1": 0.0, "word_accuracy": 0.5}
+    reg = baseline({"task": "regression"}, Dataset(["x"] * 2, [1.0, 3.0], []), Dataset(["x"] * 2, [0.0, 4.0], []))
     assert reg["mse"] == 4.0 and reg["pearson"] == 0.0
 
 
@@ -88,7 +86,7 @@ def test_summary_reports_means_and_paired_differences():
         _row("tweets", "mp-ismoe", 1, 0.73, 100),
         {"task": "tweets", "backbone": "minilm", "method": "lst", "seed": 0, "kind": "probe", "tensor_peak_mb": 50.0},
     ]
-    text = tasks.summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
+    text = summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
     assert "| tweets | majority / mean | 40.00 |" in text
     assert "| tweets | mp-ismoe | 73.00 | 73.00 / 73.00 |" in text
     assert "| tweets | lst | 71.00 | 70.00 / 72.00 | - | 71.00 | 1/3, 1/3 | 50 | 200 |" in text
@@ -105,9 +103,8 @@ def test_the_split_files_hold_the_rows_the_benchmark_loads(tmp_path):
         (tmp_path / "toy" / f"{split}.jsonl").write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         )
-    args = SimpleNamespace(data=str(tmp_path), task="toy", seed=3, train_rows=10, val_rows=5)
-    files = tasks._write_split_files(args, tmp_path / "out")
-    _, train, val, test = tasks.load_task(str(tmp_path), "toy", seed=3, train_rows=10, val_rows=5)
+    files = write_split_files(str(tmp_path), "toy", 3, 10, 5, tmp_path / "out")
+    _, train, val, test = load_task(str(tmp_path), "toy", seed=3, train_rows=10, val_rows=5)
     written = [[json.loads(line)["text"] for line in f.read_text().split("\n") if line] for f in files]
     assert written == [train.texts, val.texts, test.texts]
 
@@ -121,7 +118,7 @@ def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
         {**_row("vader-movies", "mpismoe-train", 0, 0), "test": {"mse": 2.5}, "epochs": 13},
     ]
     base = {("tweets", 0): {"accuracy": 0.55}, ("vader-movies", 0): {"mse": 3.0}}
-    text = tasks.small_data_report(rows, "minilm", info, base)
+    text = small_data_report(rows, "minilm", info, base)
     assert "| tweets | 0 | accuracy | 55.00 | 60.00 | 50.00 | 9 / 13 | yes | no |" in text
     assert "| vader-movies | 0 | mse | 3.00 | 2.00 | 2.50 | 1 / 13 | yes | yes |" in text
     assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text

@@ -1,0 +1,158 @@
+"""The tables of ``benchmarks/tasks.py --report``, from the rows of its results file (JSONL).
+
+A row is one run (``kind: "run"``: test and validation metrics at the chosen epoch, peak RSS,
+trainable parameters, seconds, training rows, epochs) or one live-tensor probe (``kind:
+"probe"``); :func:`summarize` prints a backbone's table (means over seeds) and the paired
+comparisons, :func:`small_data_report` whether default ``mpismoe-train`` beats the majority class
+/ mean predictor wherever full fine-tuning does. Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.peers import CLI_METHOD, METHODS, SKIP_METHODS
+from benchmarks.task_data import TASKS
+
+PRIMARY = {"classification": "accuracy", "token-classification": "entity_f1", "regression": "pearson"}
+SECONDARY = {"token-classification": "word_accuracy", "regression": "spearman"}
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a row of the results file: a run already there is not run again."""
+    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run")
+
+
+def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[str, dict]) -> str:
+    """The markdown table of ``backbone`` (mean over seeds) and the comparison lines."""
+    runs = [r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"]
+    probes = {(r["task"], r["method"]): r for r in rows if r["backbone"] == backbone and r.get("kind") == "probe"}
+    lines = [
+        "| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | "
+        "epoch chosen / trained "
+        "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    table: dict[tuple[str, str], dict] = {}
+    for task in TASKS:
+        if task not in infos:
+            continue
+        kind = infos[task]["task"]
+        prim, sec = PRIMARY[kind], SECONDARY.get(kind)
+        base = baselines.get(task)
+        if base:
+            lines.append(
+                f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | {100 * base[sec]:.2f} |"
+                if sec
+                else f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |"
+            )
+            lines[-1] += " - | - | - | - | 0 | 0 | - |"
+        for method in (*METHODS, *SKIP_METHODS, CLI_METHOD):
+            rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            vals = [r["test"][prim] for r in rs]
+            probe = probes.get((task, method), {})
+            t = table[(task, method)] = {
+                "mean": statistics.mean(vals),
+                "seeds": [r["seed"] for r in rs],
+                "vals": vals,
+                "tensor": probe.get("tensor_peak_mb"),
+                "rss": max(r["peak_rss_mb"] for r in rs),
+            }
+            sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
+            epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in rs)
+            tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
+            lines.append(
+                f"| {task} | {method} | {100 * t['mean']:.2f} | "
+                f"{' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
+                f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
+                f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | "
+                f"{statistics.median(r['seconds'] for r in rs):.0f} "
+                f"| {rs[0]['train_rows']:,} |"
+            )
+    lines.append("")
+    lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
+
+    def diff(a: str, b: str, task: str) -> str | None:
+        if (task, a) not in table or (task, b) not in table:
+            return None
+        x, y = table[(task, a)], table[(task, b)]
+        paired = [
+            100 * (u - v) for s, u in zip(x["seeds"], x["vals"]) for s2, v in zip(y["seeds"], y["vals"]) if s == s2
+        ]
+        mem = f", live tensors {x['tensor'] / y['tensor']:.2f}x" if x["tensor"] and y["tensor"] else ""
+        return (
+            f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
+            f"RSS {x['rss'] / y['rss']:.2f}x)"
+        )
+
+    for ours in (
+        "mp-ismoe",
+        CLI_METHOD,
+        *SKIP_METHODS,
+    ):  # MP-ISMoE as the sweep trains it, as mpismoe-train does, with the skip
+        for other in (
+            ("lst", "full-ft", "mp-ismoe-side-router") if ours not in SKIP_METHODS else ("lst", "full-ft", "mp-ismoe")
+        ):
+            parts = [f"{task} {d}" for task in TASKS if (d := diff(ours, other, task))]
+            if parts:
+                lines.append(f"\n{ours} vs {other}: " + "; ".join(parts))
+        both = [task for task in TASKS if (task, ours) in table and (task, "full-ft") in table]
+        if both:
+            gap = statistics.mean(100 * (table[(t, ours)]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
+            lines.append(f"\n{ours} vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
+    return "\n".join(lines)
+
+
+BEATS = {"classification": ("accuracy", 1), "token-classification": ("entity_f1", 1), "regression": ("mse", -1)}
+
+
+def small_data_report(
+    rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[tuple[str, int], dict]
+) -> str:
+    """Per task and seed: the baseline (majority class, all ``O``, the training mean: of that
+    seed's training rows), full fine-tuning and default ``mpismoe-train``, and whether each beats
+    the baseline (accuracy, entity F1 higher; MSE lower)."""
+    runs = {
+        (r["task"], r["method"], r["seed"]): r
+        for r in rows
+        if r["backbone"] == backbone and r.get("kind", "run") == "run"
+    }
+    lines = [
+        f"| task | seed | metric | baseline | full-ft | {CLI_METHOD} | its epochs (chosen / trained) | "
+        f"full-ft beats it | {CLI_METHOD} beats it |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    both = wins = 0
+    for task in TASKS:
+        if task not in infos:
+            continue
+        key, sign = BEATS[infos[task]["task"]]
+        for seed in sorted({s for (t, m, s) in runs if t == task and m == CLI_METHOD}):
+            base = baselines[(task, seed)][key]
+            ours, full = runs[(task, CLI_METHOD, seed)], runs.get((task, "full-ft", seed))
+            beat_ours = sign * (ours["test"][key] - base) > 0
+            beat_full = full is not None and sign * (full["test"][key] - base) > 0
+            both += beat_full
+            wins += beat_full and beat_ours
+            scale = 1 if key == "mse" else 100
+
+            def fmt(v: float, scale: int = scale) -> str:
+                return f"{scale * v:.2f}"
+
+            lines.append(
+                f"| {task} | {seed} | {key} | {fmt(base)} | {fmt(full['test'][key]) if full else '-'} | "
+                f"{fmt(ours['test'][key])} "
+                f"| {ours['epoch']} / {ours['epochs']} | {'yes' if beat_full else 'no' if full else '-'} | "
+                f"{'yes' if beat_ours else 'no'} |"
+            )
+    lines.append(f"\n{CLI_METHOD} beats the baseline in {wins} of the {both} runs where full fine-tuning does.")
+    return "\n".join(lines)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results file; none when it is not there yet."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
