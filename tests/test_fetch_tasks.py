@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from mpismoe_edge.data import load_file
-
-_SPEC = importlib.util.spec_from_file_location("fetch_tasks", Path(__file__).parents[1] / "scripts" / "fetch_tasks.py")
-fetch = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(fetch)
+from scripts import fetch_tasks as fetch
 
 
 def test_rotten_tomatoes_keeps_fresh_and_rotten_snippets_only():
