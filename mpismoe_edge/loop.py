@@ -1,8 +1,8 @@
 """The one training loop: the order of batches and an epoch of optimizer steps.
 
-``train()`` (the side network on a live backbone), the full fine-tuning and LoRA peers of
-``benchmarks/train.py`` and ``benchmarks/side_probe.py`` (the side network on cached backbone
-states) all run their epochs through :func:`train_epoch`; they differ only in what ``forward``
+``train()`` (the side network on a live backbone), the full fine-tuning and LoRA peers of the
+benchmarks (``benchmarks/peer_training.py``) and ``benchmarks/side_probe.py`` (the side network
+on cached backbone states) all run their epochs through :func:`train_epoch`; they differ only in what ``forward``
 does with a batch's inputs.
 """
 
