@@ -1,5 +1,10 @@
 """``mpismoe-export model.pt -o out/``: checkpoint -> validated ONNX directory.
 
+``mpismoe-export a/model.pt b/model.pt ... -o out/`` (or ``NAME=PATH`` to name a task; by
+default a task is named after its run folder): several tasks trained on one quantized backbone
+(equal fingerprints) -> one backbone pass and each task's side network (:mod:`.multitask`),
+as one graph (``--layout merged``) or the backbone's and one per task (``--layout split``).
+
 Exit status: 0 written; 2 bad input (unreadable or foreign checkpoint, bad option, unusable
 output path), nothing written; 1 export or validation failed, nothing written.
 """
@@ -7,11 +12,12 @@ output path), nothing written; 1 export or validation failed, nothing written.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from mpismoe_edge.runtime.spec import DEFAULT_TARGET, EXPORT_ATOL, MIN_OPSET, TARGET_ATOL, TARGETS
+from mpismoe_edge.runtime.spec import DEFAULT_TARGET, EXPORT_ATOL, LAYOUTS, MIN_OPSET, TARGET_ATOL, TARGETS
 
 EXIT_CODES = """exit status:
   0  written (and validated, unless --no-validate)
@@ -36,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
+    p.add_argument(
+        "checkpoint",
+        nargs="+",
+        help="model.pt written by mpismoe-train; several (NAME=PATH names a task, default: its run folder's "
+        "name) export the tasks on their shared backbone: one backbone pass, one output NAME_logits per task",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=None,
+        help="of several tasks: merged, one graph (default); split, onnx/backbone.onnx and one "
+        "onnx/side_NAME.onnx per task, so a task is added or updated by shipping its side graph",
+    )
     p.add_argument("-o", "--output", required=True, help="output directory (created or replaced atomically)")
     p.add_argument(
         "--target",
@@ -88,6 +106,78 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+def task_checkpoints(args: list[str]) -> dict[str, Path]:
+    """Task name -> checkpoint: ``NAME=PATH``, or a path named after its folder (``runs/sentiment/model.pt``
+    -> ``sentiment``). ValueError for a name given twice or one that is not a word."""
+    from .multitask import check_task_names
+
+    pairs = []
+    for arg in args:
+        name, sep, rest = arg.partition("=")
+        if sep and not Path(arg).is_file():
+            pairs.append((name, Path(rest)))
+        else:
+            path = Path(arg)
+            folder = path.resolve().parent.name if path.suffix else path.name
+            pairs.append((re.sub(r"\W", "_", folder) or "task", path))
+    check_task_names([n for n, _ in pairs])
+    return dict(pairs)
+
+
+def _load(ckpt: Path):
+    from mpismoe_edge.model import load_checkpoint
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load chatter about pickle protocols
+            return load_checkpoint(ckpt)
+    except Exception as e:  # truncated, corrupt, code-carrying pickle, foreign format, bad config
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if str(ckpt) not in msg:
+            msg = f"{ckpt}: cannot load checkpoint ({msg})"
+        raise ValueError(msg) from None
+
+
+def _export_tasks(args, models: dict, sources: dict[str, str], out: Path, log) -> int:
+    from .multitask import export_tasks
+    from .output import OutputError
+    from .pipeline import ParityError
+
+    if args.inline_functions or args.ort_format:
+        return _fail("--inline-functions and --ort-format take one checkpoint", 2)
+    try:
+        manifest = export_tasks(
+            models,
+            out,
+            target=args.target,
+            layout=args.layout or "merged",
+            opset=args.opset,
+            atol=args.atol,
+            validate_export=not args.no_validate,
+            accuracy_level=args.accuracy_level,
+            sources=sources,
+            log=log,
+        )
+    except (OutputError, ValueError) as e:  # an unusable output, different backbones, a bad task name
+        return _fail(str(e), 2)
+    except ParityError as e:
+        return _fail(f"{e}; nothing written", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130)
+    except Exception as e:  # the exporter or ONNX Runtime failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return _fail(f"export failed: {type(e).__name__}: {first}; nothing written", 1)
+    tasks = ", ".join(t["name"] for t in manifest["tasks"])
+    if manifest.get("parity"):
+        print(
+            f"ok: {out} ({tasks} on one backbone; target {args.target}, layout {manifest['layout']}, "
+            f"max abs diff {manifest['parity']['max_abs_diff']:.3g})"
+        )
+    else:
+        print(f"ok: {out} ({tasks} on one backbone; target {args.target}, layout {manifest['layout']}, not validated)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -103,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.atol is not None and not args.atol >= 0:
         return _fail(f"--atol must be >= 0, got {args.atol}", 2)
-    ckpt, out = Path(args.checkpoint), Path(args.output)
-    if not ckpt.is_file():
-        return _fail(f"checkpoint not found: {ckpt}", 2)
+    out = Path(args.output)
+    try:
+        named = task_checkpoints(args.checkpoint)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    for path in named.values():
+        if not path.is_file():
+            return _fail(f"checkpoint not found: {path}", 2)
+    multi = (
+        len(named) > 1 or args.layout is not None or any("=" in c and not Path(c).is_file() for c in args.checkpoint)
+    )
+    ckpt = next(iter(named.values()))
 
     from .output import OutputError, check_target
 
@@ -115,18 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), 2)
 
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    log(f"loading {ckpt}...")
-    from mpismoe_edge.model import load_checkpoint
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.load chatter about pickle protocols
-            model = load_checkpoint(ckpt)
-    except Exception as e:  # truncated, corrupt, code-carrying pickle, foreign format, bad config
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if str(ckpt) not in msg:
-            msg = f"{ckpt}: cannot load checkpoint ({msg})"
-        return _fail(msg, 2)
+    models = {}
+    for name, path in named.items():
+        log(f"loading {path}...")
+        try:
+            models[name] = _load(path)
+        except ValueError as e:
+            return _fail(str(e), 2)
+    if multi:
+        return _export_tasks(args, models, {n: str(p) for n, p in named.items()}, out, log)
+    model = models[next(iter(models))]
 
     from .model_card import read_metrics
     from .pipeline import ParityError, export_model

@@ -175,10 +175,13 @@ def _strip_metadata(graph: onnx.GraphProto) -> None:
     graph.doc_string = ""
 
 
-def to_onnx(model: nn.Module, opset: int = F.MIN_OPSET, optimize: bool = True) -> onnx.ModelProto:
+def to_onnx(
+    model: nn.Module, opset: int = F.MIN_OPSET, optimize: bool = True, output_names: list[str] | None = None
+) -> onnx.ModelProto:
     """Export ``model`` (put in eval mode) to an in-memory portable ONNX model.
 
     Weights are embedded in the returned proto (callers decide on external data when saving).
+    ``output_names``: for a model returning several tensors (default: the one ``logits``).
     """
     if opset < F.MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: the exported ops need opset >= {F.MIN_OPSET}")
@@ -195,13 +198,13 @@ def to_onnx(model: nn.Module, opset: int = F.MIN_OPSET, optimize: bool = True) -
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # exporter chatter about axis names / deprecations
-            program = _export(model, example, names, opset, optimize)
+            program = _export(model, example, names, opset, optimize, output_names or [OUTPUT_NAME])
     finally:
         quiet.setLevel(level)
     return finalize(program.model_proto, opset)
 
 
-def _export(model, example, names, opset, optimize):
+def _export(model, example, names, opset, optimize, output_names):
     return torch.onnx.export(
         model,
         (),
@@ -209,7 +212,7 @@ def _export(model, example, names, opset, optimize):
         dynamo=True,
         opset_version=opset,
         input_names=names,
-        output_names=[OUTPUT_NAME],
+        output_names=output_names,
         dynamic_shapes=_dynamic_shapes(names),
         custom_translation_table=_translation_table(),
         optimize=optimize,

@@ -215,6 +215,7 @@ def build_manifest(
         "fusion": stats,
         "accuracy_level": accuracy_level,
         "bits": quant_bits(model, proto),
+        "backbone_fingerprint": getattr(model, "backbone_fingerprint", None),
         "sizes": sizes,
         "parity": parity,
     }

@@ -33,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="model.pt written by mpismoe-train")
+    p.add_argument(
+        "checkpoint",
+        nargs="+",
+        help="model.pt written by mpismoe-train; for a multi-task export, one per task (NAME=PATH, or named "
+        "after its run folder as mpismoe-export names it): every task is checked",
+    )
     p.add_argument("onnx_dir", help="directory written by mpismoe-export")
     p.add_argument(
         "--data",
@@ -101,6 +106,18 @@ def _joined_words(path: str, rows: list) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from .runtime.manifest import load_manifest
+
+        manifest = load_manifest(args.onnx_dir)
+        if manifest.tasks:
+            return _main_tasks(args, manifest)
+        if len(args.checkpoint) > 1:
+            raise ValueError(f"{args.onnx_dir} is a single-task export: give one checkpoint")
+        args.checkpoint = args.checkpoint[0]
+    except (ValueError, OSError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         from .runtime.checks import positive_int
 
         positive_int("--limit", args.limit)
@@ -153,6 +170,72 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not report.passed:
         print("parity FAILED: " + "; ".join(report.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_tasks(args, manifest) -> int:
+    """Parity of every task of a multi-task export against its own checkpoint, on the same texts
+    (gold labels are not read: the tasks label different things)."""
+    from .export.cli import task_checkpoints
+    from .model import load_checkpoint
+    from .runtime import Predictor
+    from .runtime.checks import positive_int
+    from .runtime.parity import compare_logits
+    from .runtime.spec import DEFAULT_PARITY_BARS, PARITY_BARS
+
+    try:
+        positive_int("--limit", args.limit)
+        positive_int("--batch-size", args.batch_size)
+        named = task_checkpoints(args.checkpoint)
+        tasks = [h.name for h in manifest.tasks]
+        unknown, missing = [n for n in named if n not in tasks], [t for t in tasks if t not in named]
+        if unknown or missing:
+            raise ValueError(
+                f"{args.onnx_dir} holds tasks {tasks}; "
+                + (f"no such task {unknown} " if unknown else "")
+                + (f"no checkpoint for {missing} " if missing else "")
+                + "(name them NAME=CHECKPOINT)"
+            )
+        token_level = [h.task for h in manifest.tasks if h.task == "token-classification"]
+        texts, _ = _texts_and_labels(args.data, args.limit, [], token_level[0] if token_level else "regression")
+        predictor = Predictor.from_dir(args.onnx_dir, provider=args.provider)
+        onnx_logits = predictor.predict_logits(texts, batch_size=args.batch_size)
+        models = {}
+        for name in tasks:
+            models[name] = load_checkpoint(named[name])
+            found, want = models[name].backbone_fingerprint, manifest.raw.get("backbone_fingerprint")
+            if want and found != want:
+                raise ValueError(f"{named[name]}'s backbone ({found}) is not the export's ({want})")
+    except (ValueError, OSError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    atol, min_agreement = PARITY_BARS.get(manifest.target, DEFAULT_PARITY_BARS)
+    atol = atol if args.atol is None else args.atol
+    min_agreement = min_agreement if args.min_agreement is None else args.min_agreement
+    reports, failed = {}, []
+    for name, model in models.items():
+        torch_logits = model.predict_logits(texts, args.batch_size)
+        torch_logits = [t.numpy() for t in torch_logits] if isinstance(torch_logits, list) else torch_logits.numpy()
+        flips = _routing_flips(model, texts, torch_logits, onnx_logits[name], atol)
+        report = compare_logits(
+            torch_logits,
+            onnx_logits[name],
+            None,
+            task=model.config.task,
+            atol=atol,
+            min_agreement=min_agreement,
+            routing_flips=list(flips),
+        )
+        reports[name] = report.to_dict()
+        if not args.json:
+            print(f"{name}: {report.summary()}")
+        if not report.passed:
+            failed.append(f"{name}: " + "; ".join(report.failures))
+    if args.json:
+        print(json.dumps({"tasks": reports, "passed": not failed}))
+    if failed:
+        print("parity FAILED: " + " | ".join(failed), file=sys.stderr)
         return 1
     return 0
 

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         help='JSONL file with a "text" field per line (\'-\' for stdin), or a .csv file with a "text" column',
     )
+    p.add_argument(
+        "--tasks",
+        help="of a multi-task export: the tasks to run, comma-separated (default: all); each line holds one "
+        "result per task, by name",
+    )
     p.add_argument("--provider", choices=PROVIDERS, default=PROVIDERS[0], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
@@ -80,6 +85,7 @@ def _run(args) -> int:
         threads=args.threads,
         graph_optimization=args.graph_optimization,
         batch_size=args.batch_size,
+        tasks=[t.strip() for t in args.tasks.split(",")] if args.tasks is not None else None,
     )
     chunk = max(args.batch_size * 16, 512)  # bound memory; output flows while we work
     for start in range(0, len(items), chunk):

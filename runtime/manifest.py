@@ -26,15 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spec import (
+    BACKBONE_MODEL_FILE,
     DEFAULT_TARGET,
     FORMAT_MAJOR,
     FORMAT_PREFIX,
+    LAYOUTS,
     MANIFEST_FILE,
     MODEL_FILE,
     MODEL_PATHS,
+    MULTI_TASK,
     OUTPUT_NAME,
     TEXT_INPUTS,
     TOKENIZER_FILE,
+    task_output,
 )
 from .tasks import TASKS
 
@@ -44,6 +48,7 @@ __all__ = [
     "TOKENIZER_FILE",
     "MANIFEST_FILE",
     "Manifest",
+    "TaskHead",
     "find_model",
     "load_manifest",
     "parse_manifest",
@@ -57,8 +62,20 @@ class ExportFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class Manifest:
+class TaskHead:
+    """One task of a multi-task export: its name, kind, labels, graph output and (split layout)
+    its side graph, relative to the export folder."""
+
+    name: str
     task: str
+    labels: tuple[str, ...] | None
+    output: str
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    task: str  # a kind of tasks.py, or MULTI_TASK (then ``tasks`` lists them)
     labels: tuple[str, ...] | None
     max_length: int
     inputs: tuple[str, ...]
@@ -66,6 +83,9 @@ class Manifest:
     target: str
     opset: int | None
     raw: dict = field(repr=False, compare=False)
+    tasks: tuple[TaskHead, ...] = ()  # a multi-task export's tasks; empty for one task
+    layout: str = "merged"  # split: the backbone's graph (``backbone_model``) and one per task
+    backbone_model: str | None = None
 
 
 def require_file(path: Path, root: str | Path | None = None) -> Path:
@@ -127,8 +147,8 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
         raise ValueError(f"{source}: unsupported format {fmt!r}; this runtime reads {FORMAT_PREFIX}{FORMAT_MAJOR}")
 
     task = raw.get("task", "classification")
-    if task not in TASKS:
-        raise ValueError(f"{source}: 'task' must be one of {TASKS}, got {task!r}")
+    if task not in TASKS and task != MULTI_TASK:
+        raise ValueError(f"{source}: 'task' must be one of {TASKS + (MULTI_TASK,)}, got {task!r}")
 
     labels = raw.get("labels")
     if labels is not None:
@@ -147,6 +167,17 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
             raise ValueError(f"{source}: '{key}' must be a non-empty list of names")
 
     opset = raw.get("opset")
+    tasks: tuple[TaskHead, ...] = ()
+    layout, backbone_model = "merged", None
+    if task == MULTI_TASK:
+        layout = raw.get("layout", "merged")
+        if layout not in LAYOUTS:
+            raise ValueError(f"{source}: 'layout' must be one of {LAYOUTS}, got {layout!r}")
+        tasks = _task_heads(raw.get("tasks"), layout, outputs, source)
+        if layout == "split":
+            backbone_model = (raw.get("backbone") or {}).get("model") or f"onnx/{BACKBONE_MODEL_FILE}"
+            if not isinstance(backbone_model, str):
+                raise ValueError(f"{source}: 'backbone.model' must be a path")
     return Manifest(
         task=task,
         labels=labels,
@@ -156,4 +187,34 @@ def parse_manifest(raw: dict, source: str = "manifest") -> Manifest:
         target=str(raw.get("target", DEFAULT_TARGET)),
         opset=opset if isinstance(opset, int) else None,
         raw=raw,
+        tasks=tasks,
+        layout=layout,
+        backbone_model=backbone_model,
     )
+
+
+def _task_heads(entries, layout: str, outputs: list, source: str) -> tuple[TaskHead, ...]:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{source}: a multi-task manifest needs 'tasks', a non-empty list of objects")
+    heads = []
+    for i, e in enumerate(entries):
+        name, task = e.get("name"), e.get("task")
+        where = f"{source}: tasks[{i}]"
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: 'name' must be a non-empty string")
+        if task not in TASKS:
+            raise ValueError(f"{where} ({name}): 'task' must be one of {TASKS}, got {task!r}")
+        output = e.get("output", task_output(name))
+        if output not in outputs:
+            raise ValueError(f"{where} ({name}): output {output!r} is not among 'outputs' {outputs}")
+        labels = e.get("labels")
+        if labels is not None and (not isinstance(labels, list) or not labels):
+            raise ValueError(f"{where} ({name}): 'labels' must be a non-empty list")
+        model = e.get("model")
+        if layout == "split" and not isinstance(model, str):
+            raise ValueError(f"{where} ({name}): the split layout needs 'model', the path of its side graph")
+        heads.append(TaskHead(name, task, tuple(map(str, labels)) if labels else None, output, model))
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: task names repeat: {names}")
+    return tuple(heads)

@@ -17,8 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding
 
+from .chain import ChainedSession
 from .checks import positive_int
-from .manifest import ExportFileError, Manifest, find_model, load_manifest, require_file
+from .manifest import ExportFileError, Manifest, TaskHead, check_inside, find_model, load_manifest, require_file
 from .spec import DEFAULT_BATCH_SIZE, PROVIDERS, TEXT_INPUTS, TOKENIZER_FILE
 from .tasks import kind
 from .text import TextEncoder, check_texts, was_truncated
@@ -124,6 +125,9 @@ class Predictor:
     >>> p = Predictor.from_dir("out/")
     >>> p.predict(["great phone", "awful battery"])
     [{'label': 'positive', 'probabilities': {...}, 'truncated': False}, ...]
+
+    A multi-task export (several tasks on one backbone pass) gives each text one result per task:
+    ``{"sentiment": {"label": ...}, "ner": {"words": [...]}, "truncated": False}``.
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class Predictor:
         manifest: Manifest,
         provider: str,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        tasks: Sequence[str] | None = None,
     ):
         positive_int("batch_size", batch_size)
+        self.heads: tuple[TaskHead, ...] = select_tasks(manifest, tasks)
         self.session, self.encoder, self.manifest = session, encoder, manifest
         self.provider, self.batch_size = provider, batch_size
         self._inputs: dict[str, tuple[np.dtype | None, list]] = {
@@ -147,9 +153,11 @@ class Predictor:
                 f"expected a subset of {list(TEXT_INPUTS)} (use run_arrays for raw feeds)"
             )
         outs = [o.name for o in session.get_outputs()]
-        self.output_name = manifest.outputs[0]
-        if self.output_name not in outs:
-            raise ValueError(f"manifest output {self.output_name!r} is not a model output; model has {outs}")
+        self._outputs = [h.output for h in self.heads] or [manifest.outputs[0]]
+        self.output_name = self._outputs[0]
+        for name in self._outputs:
+            if name not in outs:
+                raise ValueError(f"manifest output {name!r} is not a model output; model has {outs}")
 
     @classmethod
     def from_dir(
@@ -159,17 +167,24 @@ class Predictor:
         threads: int | None = None,
         graph_optimization: str = "all",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        tasks: Sequence[str] | None = None,
     ) -> Predictor:
+        """``tasks``: of a multi-task export, the tasks to run (default: all); a split export
+        loads only their side graphs."""
         path = Path(path)
         manifest = load_manifest(path)
+        heads = select_tasks(manifest, tasks)
         tok_path = require_file(path / TOKENIZER_FILE, path)
-        model_path = find_model(path)
-        session, used = create_session(model_path, provider, threads, graph_optimization)
+        session: ort.InferenceSession | ChainedSession
+        if manifest.layout == "split":
+            session, used = _chained(path, manifest, heads, provider, threads, graph_optimization)
+        else:
+            session, used = create_session(find_model(path), provider, threads, graph_optimization)
         if manifest.target == "ort-cuda" and used != "cuda":
             warnings.warn(
                 "model was exported for target 'ort-cuda' but runs on CPU", ProviderFallbackWarning, stacklevel=2
             )
-        return cls(session, TextEncoder(tok_path, manifest.max_length), manifest, used, batch_size)
+        return cls(session, TextEncoder(tok_path, manifest.max_length), manifest, used, batch_size, tasks)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -183,6 +198,11 @@ class Predictor:
     @property
     def max_length(self) -> int:
         return self.manifest.max_length
+
+    @property
+    def tasks(self) -> list[str]:
+        """The names of the tasks this predictor runs (a multi-task export); [] for one task."""
+        return [h.name for h in self.heads]
 
     def input_spec(self) -> dict[str, tuple[str, str]]:
         """{name: (dtype, shape)} of the model's inputs, for messages and docs."""
@@ -238,22 +258,36 @@ class Predictor:
                 if arr.min() < 0 or arr.max() >= vocab:
                     raise ValueError(f"input_ids must lie in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
 
-    def run_arrays(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Run the model on a feed you built yourself; returns the logits (float32)."""
+    def run_arrays(self, feed: Mapping[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+        """Run the model on a feed you built yourself; returns the logits (float32); of a
+        multi-task export, ``{task: logits}``."""
         self.check_feed(feed)
-        return self._run(dict(feed))
+        outs = self._run_all(dict(feed))
+        return dict(zip(self.tasks, outs)) if self.heads else outs[0]
 
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        (out,) = self.session.run([self.output_name], feed)
-        return np.asarray(out, dtype=np.float32)
+        return self._run_all(feed)[0]
+
+    def _run_all(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(out, dtype=np.float32) for out in self.session.run(self._outputs, feed)]
 
     # ---- text -------------------------------------------------------------------------------
     def _batch_size(self, batch_size: int | None) -> int:
         return self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
 
+    def _kinds(self) -> list[str]:
+        return [h.task for h in self.heads] or [self.task]
+
     def _logits_and_encodings(
         self, texts, batch_size: int | None
     ) -> tuple[np.ndarray | list[np.ndarray], list[Encoding]]:
+        every, encs = self._all_logits_and_encodings(texts, batch_size)
+        return every[0], encs
+
+    def _all_logits_and_encodings(
+        self, texts, batch_size: int | None
+    ) -> tuple[list[np.ndarray | list[np.ndarray]], list[Encoding]]:
+        """Each output's logits (one per task; one for a single-task export) and the encodings."""
         texts = check_texts(texts)
         bs = self._batch_size(batch_size)
         encs = self.encoder.tokenize(texts)
@@ -264,15 +298,19 @@ class Predictor:
             idx = order[start : start + bs]
             arrays = self.encoder.pad([encs[i] for i in idx]).arrays()
             feed = {n: arrays[n].astype(dt, copy=False) for n, (dt, _) in self._inputs.items()}
-            chunks.append((idx, self._run(feed)))
-        logits: np.ndarray | list[np.ndarray]
-        if kind(self.task).token_level:
-            logits = self._per_text(chunks, encs)
-        else:
-            first = chunks[0][1]
-            logits = np.empty((len(texts),) + first.shape[1:], dtype=np.float32)
-            for idx, out in chunks:
-                logits[idx] = out
+            chunks.append((idx, self._run_all(feed)))
+        every: list[np.ndarray | list[np.ndarray]] = []
+        for j, task in enumerate(self._kinds()):
+            outs = [(idx, out[j]) for idx, out in chunks]
+            logits: np.ndarray | list[np.ndarray]
+            if kind(task).token_level:
+                logits = self._per_text(outs, encs)
+            else:
+                first = outs[0][1]
+                logits = np.empty((len(texts),) + first.shape[1:], dtype=np.float32)
+                for idx, out in outs:
+                    logits[idx] = out
+            every.append(logits)
         n_cut = sum(was_truncated(e) for e in encs)
         if n_cut:
             warnings.warn(
@@ -280,7 +318,7 @@ class Predictor:
                 TruncationWarning,
                 stacklevel=3,
             )
-        return logits, encs
+        return every, encs
 
     @staticmethod
     def _per_text(chunks: list[tuple[list[int], np.ndarray]], encs: list[Encoding]) -> list[np.ndarray]:
@@ -298,14 +336,16 @@ class Predictor:
                 rows[i] = row[: len(encs[i].ids)].copy()
         return rows
 
-    def predict_logits(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
+    def predict_logits(self, texts: Sequence[str], batch_size: int | None = None):
         """Logits in input order (float32).
 
         classification, regression: one array ``[len(texts), num_outputs]``.
         token-classification: a list with one array ``[tokens_i, num_labels]`` per text: the
         logits of its real tokens (special tokens included, no padding), in tokenizer order.
+        A multi-task export: ``{task: those logits}``.
         """
-        return self._logits_and_encodings(texts, batch_size)[0]
+        every, _ = self._all_logits_and_encodings(texts, batch_size)
+        return dict(zip(self.tasks, every)) if self.heads else every[0]
 
     def predict(self, texts: Sequence[str], batch_size: int | None = None) -> list[dict]:
         """One dict per text.
@@ -320,17 +360,58 @@ class Predictor:
             off by truncation are absent; one cut in the middle keeps its full span.
         """
         texts = check_texts(texts)
-        logits, encs = self._logits_and_encodings(texts, batch_size)
-        task = kind(self.task)  # how a row of logits is read (runtime/tasks.py)
-        rows = logits if isinstance(logits, list) or logits.ndim > 1 else logits[:, None]
-        labels = self._label_names(rows[0].shape[-1]) if task.has_labels else []
+        every, encs = self._all_logits_and_encodings(texts, batch_size)
+        answers = [
+            self._read(task, logits, texts, encs, h.labels if h else self.manifest.labels)
+            for task, logits, h in zip(self._kinds(), every, self.heads or (None,))
+        ]
+        if not self.heads:
+            return [{**a, "truncated": was_truncated(e)} for a, e in zip(answers[0], encs)]
         return [
-            {**task.read(row, labels, text, enc), "truncated": was_truncated(enc)}
-            for text, enc, row in zip(texts, encs, rows)
+            {**{h.name: answers[j][i] for j, h in enumerate(self.heads)}, "truncated": was_truncated(enc)}
+            for i, enc in enumerate(encs)
         ]
 
-    def _label_names(self, n: int) -> list[str]:
-        labels = self.labels or [str(i) for i in range(n)]
+    def _read(self, task_name: str, logits, texts, encs, names) -> list[dict]:
+        task = kind(task_name)  # how a row of logits is read (runtime/tasks.py)
+        rows = logits if isinstance(logits, list) or logits.ndim > 1 else logits[:, None]
+        labels = self._label_names(rows[0].shape[-1], names) if task.has_labels else []
+        return [task.read(row, labels, text, enc) for text, enc, row in zip(texts, encs, rows)]
+
+    def _label_names(self, n: int, names=None) -> list[str]:
+        labels = list(names) if names else [str(i) for i in range(n)]
         if len(labels) != n:
             raise ValueError(f"model returns {n} logits but the manifest lists {len(labels)} labels")
         return labels
+
+
+def select_tasks(manifest: Manifest, tasks: Sequence[str] | None) -> tuple[TaskHead, ...]:
+    """The heads of ``manifest`` named by ``tasks`` (all when None); ValueError naming an unknown
+    one, or ``tasks`` for a single-task export."""
+    if tasks is None:
+        return manifest.tasks
+    if isinstance(tasks, str):
+        raise TypeError("tasks must be a list of task names, not a str")
+    if not manifest.tasks:
+        raise ValueError(f"tasks {list(tasks)} given, but this is a single-task export ({manifest.task})")
+    by_name = {h.name: h for h in manifest.tasks}
+    unknown = [t for t in tasks if t not in by_name]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or list(tasks)}; this export has {list(by_name)}")
+    return tuple(by_name[t] for t in dict.fromkeys(tasks))
+
+
+def _chained(
+    path: Path, manifest: Manifest, heads: tuple[TaskHead, ...], provider: str, threads, graph_optimization: str
+) -> tuple[ChainedSession, str]:
+    """The split layout's sessions: the backbone's, and the side graphs of ``heads`` only."""
+    backbone_path = check_inside(require_file(path / str(manifest.backbone_model), path), path)
+    backbone, used = create_session(backbone_path, provider, threads, graph_optimization)
+    sides = {}
+    for head in heads or manifest.tasks:
+        side_path = check_inside(require_file(path / str(head.model), path), path)
+        sides[head.output] = create_session(side_path, used, threads, graph_optimization)[0]
+    try:
+        return ChainedSession(backbone, sides), used
+    except ValueError as e:
+        raise ExportFileError(f"{path}: {e}") from None

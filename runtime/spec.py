@@ -14,6 +14,20 @@ import typing
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 IMAGE_INPUTS = ("pixel_values",)
 OUTPUT_NAME = "logits"
+MULTI_TASK = "multi-task"  # manifest "task" of an export of several tasks on one backbone ("tasks" lists them)
+LAYOUTS = ("merged", "split")  # a multi-task export: one graph, or the backbone's and one per task
+BACKBONE_MODEL_FILE = "backbone.onnx"  # the split layout's backbone graph (outputs the hidden states)
+
+
+def task_output(name: str) -> str:
+    """The graph output holding task ``name``'s logits in a multi-task export."""
+    return f"{name}_logits"
+
+
+def side_model_file(name: str) -> str:
+    """The split layout's graph of task ``name`` (hidden states + attention_mask -> its logits)."""
+    return f"side_{name}.onnx"
+
 
 # ---- running an export -------------------------------------------------------------------
 PROVIDERS = ("cpu", "cuda", "auto")  # auto: CUDA when this onnxruntime can use it, else CPU
