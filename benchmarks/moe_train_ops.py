@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from step_ops import OpCount
 from torch import nn
 
+from benchmarks.step_ops import OpCount
 from mpismoe_edge.side.experts import Expert
 from mpismoe_edge.side.moe import expert_stack, routed_mixture, wide_mixture
 
