@@ -206,3 +206,35 @@ def test_mpismoe_parity_checks_every_task(merged, models, tmp_path, capsys, tiny
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(report["tasks"]) == set(KINDS) and report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["onnxruntime-node", "onnxruntime-web"])
+def test_a_js_client_runs_the_merged_graph_with_python_onnxruntimes_logits(merged, client, tmp_path):
+    from clients import array, require, run_js
+
+    from mpismoe_edge.export.lower import make_inputs
+
+    require(client)
+    out, manifest = merged
+    model = out / "onnx" / "model.onnx"
+    feed = {k: v.numpy() for k, v in make_inputs(tiny_model(), 2, 9, lengths=[9, 4], seed=3).items()}
+    request = {
+        "client": client,
+        "model": str(model),
+        "feed": {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feed.items()},
+    }
+    got = run_js(request, tmp_path)["outputs"]
+    import onnxruntime as ort
+
+    want = dict(zip(manifest["outputs"], ort.InferenceSession(str(model)).run(manifest["outputs"], feed)))
+    assert set(got) == set(want)
+    for name, ref in want.items():
+        assert float(np.abs(array(got[name]) - ref).max()) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-int8"])
+def test_every_target_exports_several_tasks_that_pass_its_validation(models, target, tmp_path):
+    manifest = export_tasks(models, tmp_path / target, target=target, log=None)
+    assert manifest["parity"]["passed"] and set(manifest["parity"]["tasks"]) == set(KINDS)

@@ -6,7 +6,7 @@
 //           "feed": {name: {"dims": [...], "data": [...int64]}}}
 //       or {"client": "transformers.js", "dir": "DIR", "task": "text-classification" | "token-classification",
 //           "texts": [...]}
-// REPLY:   {"logits": {"dims", "data"}} and, for transformers.js, "pipeline": what the pipeline returned
+// REPLY:   {"logits": {"dims", "data"}} (onnxruntime-*: also "outputs", every graph output by name) and, for transformers.js, "pipeline": what the pipeline returned
 //          (its top label per text, or its entities per text) and the logits of the pipeline's own model.
 import { readFileSync } from "node:fs";
 import path from "node:path";
@@ -28,7 +28,10 @@ function plain(tensor) {
 async function runOrt(ort, options) {
   const session = await ort.InferenceSession.create(request.model, options);
   const outputs = await session.run(tensors(ort, request.feed));
-  return { logits: plain(outputs.logits), inputs: session.inputNames };
+  const reply = { inputs: session.inputNames, outputs: {} };
+  for (const name of session.outputNames) reply.outputs[name] = plain(outputs[name]);
+  if (outputs.logits) reply.logits = plain(outputs.logits);
+  return reply;
 }
 
 async function runTransformers() {
