@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import secrets
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig, QuantConfig
+from .files import save_torch
 from .quant.api import load_quantized_state, quantize_model
 from .quant.fingerprint import fingerprint
 from .runtime.spec import IMAGE_INPUTS, TEXT_INPUTS
@@ -237,10 +237,8 @@ def _probe_hidden_states(model: MPISMoEModel) -> None:
 
 
 def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename), with the
-    mode the umask gives any new file (0644 under umask 022; ``mkstemp``'s 0600 would not be)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``model`` to ``path`` whole or not at all, with the mode the umask gives any new file
+    (``files.save_torch``)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": model.config.to_json(),
@@ -248,15 +246,7 @@ def save_checkpoint(model: MPISMoEModel, path: str | os.PathLike) -> None:
         "tokenizer_json": model.tokenizer_json,
         "backbone_fingerprint": model.backbone_fingerprint,
     }
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch(path, payload)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .files import atomic_write
+from .files import save_torch
 
 # TrainConfig fields that may change between the parts of one run: where, how fast, for how long
 FREE_SETTINGS = ("threads", "return_freed_memory", "device", "eval_batch_size", "epochs", "min_steps", "patience")
@@ -77,4 +77,4 @@ def write_last(
     saved = {"settings": settings, "side": side, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
     if scaler is not None:
         saved["scaler"] = scaler
-    atomic_write(path, lambda tmp: torch.save(saved, tmp))
+    save_torch(path, saved)

@@ -82,18 +82,31 @@ def test_a_resume_of_a_corrupt_last_checkpoint_is_one_error_line_before_the_back
 
 
 def _full_disk_after(monkeypatch, saves: int) -> None:
-    """``torch.save`` works ``saves`` times, then the disk is full (after writing part of the file)."""
-    real, count = torch.save, [0]
+    """Files are written ``saves`` times, then the disk is full (after part of the next file)."""
+    import os
 
-    def save(obj, f, *a, **k):
-        count[0] += 1
-        if count[0] > saves:
-            with open(f, "wb") as fh:
-                fh.write(b"\0" * 1000)
+    real, count = os.fdopen, [0]
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:1000])
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", save)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fdopen(fd, *a, **k):
+        count[0] += 1
+        f = real(fd, *a, **k)
+        return f if count[0] <= saves else FullDisk(f)
+
+    monkeypatch.setattr("mpismoe_edge.files.os.fdopen", fdopen)
 
 
 def test_a_full_disk_keeps_the_last_finished_epoch_and_leaves_no_temp_file(tmp_path, monkeypatch):
