@@ -50,8 +50,9 @@ def read_last(path: str | Path, settings: dict[str, Any], map_location: str | to
     try:
         saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a zip, not torch's format, a pickle of code
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable training state ({reason[:120]}); {advice}") from None
+        text = str(e).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__  # its first sentence
+        raise ValueError(f"{path} is not a readable training state ({reason}); {advice}") from None
     if not isinstance(saved, dict) or not set(_KEYS) <= set(saved):
         raise ValueError(f"{path} is not a training state written by this version of mpismoe-train; {advice}")
     found = _first_difference(saved["settings"], settings)
