@@ -110,12 +110,7 @@ def task_section(manifest: dict[str, Any], config: dict[str, Any]) -> str:
     if not labels:  # older manifests: the head's names in config.json
         id2label = config.get("id2label") or {}
         labels = [id2label[k] for k in sorted(id2label, key=int)]
-    what = {
-        "classification": "one label per text",
-        "regression": "one number per text (the `logits` output itself; no softmax)",
-        "token-classification": "one label per token (entities as BIO tags)",
-        "multi-label-classification": "any number of labels per text (a sigmoid per label)",
-    }.get(task, task)
+    what = kind(task).answers
     out = [
         "## Task and labels",
         "",
@@ -123,7 +118,7 @@ def task_section(manifest: dict[str, Any], config: dict[str, Any]) -> str:
         f"Inputs: {', '.join(f'`{n}`' for n in manifest.get('inputs') or [])}; output `logits`; "
         f"texts are cut at {manifest.get('max_length', NOT_RECORDED)} tokens.",
     ]
-    if task == "regression":
+    if not kind(task).has_labels:
         out.append(f"Output name: {', '.join(f'`{n}`' for n in labels) or NOT_RECORDED}.")
     else:
         out.append(f"Labels ({len(labels)}, in logit order): {', '.join(f'`{n}`' for n in labels)}.")
@@ -282,7 +277,7 @@ def _node_snippet(manifest: dict[str, Any]) -> str:
         task = pipeline_tag(manifest)
         read = (
             "const { logits } = await pipe.model(pipe.tokenizer([text], { padding: true }));  // score: logits[0][0]"
-            if manifest["task"] == "regression"
+            if not kind(manifest["task"]).has_labels  # a raw score: the pipeline would softmax it
             else f"console.log(await pipe(text{', { top_k: null }' if task == 'text-classification' else ''}));"
         )
         return "transformers.js (`npm install @huggingface/transformers@4.3.1`):\n\n" + _code(

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from .runtime.spec import DEFAULT_BATCH_SIZE, DEFAULT_PARITY_BARS, PARITY_BARS, PROVIDERS
+from .runtime.tasks import kind
 
 EXIT_CODES = """exit status:
   0  parity passed
@@ -73,7 +74,6 @@ def _texts_and_labels(
 ) -> tuple[list[str], list[int] | None]:
     from .data import load_default
     from .runtime import records
-    from .runtime.tasks import kind
 
     task_kind = kind(task)
     if path is None:
@@ -197,7 +197,7 @@ def _main_tasks(args, manifest) -> int:
                 + (f"no checkpoint for {missing} " if missing else "")
                 + "(name them NAME=CHECKPOINT)"
             )
-        token_level = [h.task for h in manifest.tasks if h.task == "token-classification"]
+        token_level = [h.task for h in manifest.tasks if kind(h.task).token_level]  # its data may be word lists
         texts, _ = _texts_and_labels(args.data, args.limit, [], token_level[0] if token_level else "regression")
         predictor = Predictor.from_dir(args.onnx_dir, provider=args.provider)
         onnx_logits = predictor.predict_logits(texts, batch_size=args.batch_size)

@@ -49,6 +49,7 @@ class TaskKind:
     token_level: ClassVar[bool] = False  # one row of logits per token, else per text
     has_labels: ClassVar[bool] = True  # class names (regression: none)
     one_label: ClassVar[bool] = False  # exactly one class per text (argmax): gold labels score an accuracy
+    answers: ClassVar[str]  # what a model of the kind says about a text, for people (the model card)
     probe: ClassVar[str | None] = "classification"  # what the ridge-fitted skip fits (side/ridge.py); None: no probe
     selection: ClassVar[tuple[str, int]]  # (metric, +1 larger is better / -1 smaller) that picks the best epoch
     count_names: ClassVar[tuple[str, ...]] = ("right",)  # what :meth:`counts` sums per batch
@@ -107,6 +108,7 @@ class Classification(TaskKind):
     head_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     problem_type = "single_label_classification"
     one_label = True
+    answers = "one label per text"
     selection = ("accuracy", 1)
 
 
@@ -117,6 +119,7 @@ class Regression(TaskKind):
     problem_type = "regression"
     has_labels = False
     probe = "regression"
+    answers = "one number per text (the `logits` output itself; no softmax)"
     selection = ("mse", -1)
     count_names = ()
 
@@ -161,6 +164,7 @@ class TokenClassification(TaskKind):
     head_mapping = "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
     problem_type = None
     token_level = True
+    answers = "one label per token (entities as BIO tags)"
     selection = ("entity_f1", 1)  # BIO tags; other tag sets: the accuracy over words (score)
     count_names = ("right", "gold", "found", "matched")  # words right; entities gold, found, matched
 
@@ -230,6 +234,7 @@ class MultiLabelClassification(TaskKind):
     head_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     problem_type = "multi_label_classification"
     probe = None
+    answers = "any number of labels per text (a sigmoid per label)"
     selection = ("micro_f1", 1)
     count_names = ("exact", "gold", "found", "matched")  # rows with every label right; (row, label) pairs
     threshold = 0.5  # a label is on when its probability is above this (logit > 0)
