@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import TINY_TRAIN_FLAGS, tiny_model
 from conftest import random_batch as _batch
-from conftest import tiny_model
 
 from mpismoe_edge.config import SideConfig
 from mpismoe_edge.export import pipeline
@@ -78,16 +78,7 @@ def test_mpismoe_train_skip_flag_saves_a_model_with_the_skip(tmp_path, tiny_json
             str(tiny_jsonl),
             "-o",
             str(tmp_path / "o"),
-            "--epochs",
-            "1",
-            "--min-steps",
-            "0",
-            "--group-size",
-            "32",
-            "--quant-method",
-            "rtn",
-            "--reduction",
-            "4",
+            *TINY_TRAIN_FLAGS,
             "--skip",
             "--quiet",
         ]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import LABELS, TEXTS, tiny_model
+from conftest import LABELS, TEXTS, TINY_TRAIN_FLAGS, tiny_model
 
 from mpismoe_edge.cli import train_main
 from mpismoe_edge.data import Dataset, load_file
@@ -139,16 +139,7 @@ def test_cli_runs_with_the_same_seed_give_the_same_model(tmp_path, tiny_jsonl, b
                 str(tiny_jsonl),
                 "-o",
                 str(tmp_path / run),
-                "--epochs",
-                "1",
-                "--min-steps",
-                "0",
-                "--group-size",
-                "32",
-                "--quant-method",
-                "rtn",
-                "--reduction",
-                "4",
+                *TINY_TRAIN_FLAGS,
                 "--quiet",
             ]
         )
