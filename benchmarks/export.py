@@ -215,18 +215,20 @@ def rss():
             return int(line.split()[1]) * 1024
 base = rss()
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.log_severity_level = 3
-sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
-names = [i.name for i in sess.get_inputs()]
-sess.run(None, {n: np.ones((1, 128), np.int64) for n in names})
+sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in sys.argv[1:]]
+for sess in sessions:
+    names = [i.name for i in sess.get_inputs()]
+    sess.run(None, {n: np.ones((1, 128), np.int64) for n in names})
 print(rss() - base)
 """
 
 
-def session_memory(path: Path) -> int:
-    """Resident memory (bytes) a fresh process holds after loading ``path`` and running 1 x 128."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+def session_memory(*paths: Path) -> int:
+    """Resident memory (bytes) a fresh process holds after loading ``paths`` (one session each,
+    all kept) and running each once at 1 x 128."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, *map(str, paths)], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -26,18 +26,22 @@ import onnxruntime as ort
 from mpismoe_edge.runtime.manifest import find_model
 
 BLOCK = re.compile(r"^side\.blocks\.(\d+)\.")
+TASK = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)/(side\..*)$")  # a multi-task export's "<task>/side..." (export/multitask)
 HEAD = {"embed_down": "side input"}  # the side stream's start, before block 0; the other weights outside
 # the blocks (final norm, up-projection, head, skip) come after the last block
 
 
 def node_parts(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> "backbone", "side block N" or "side head" (the last block whose weights it depends on)."""
+    """Node name -> "backbone", "side block N" or "side head" (the last block whose weights it depends on);
+    in a multi-task export, "<task>: side block N" and so on."""
     part_of_value: dict[str, str] = {}
     for init in model.graph.initializer:
-        if init.name.startswith("side."):
-            m = BLOCK.match(init.name)
-            part_of_value[init.name] = (
-                f"side block {m.group(1)}" if m else HEAD.get(init.name.split(".")[1], "side head")
+        t = TASK.match(init.name)
+        task, name = (f"{t.group(1)}: ", t.group(2)) if t else ("", init.name)
+        if name.startswith("side."):
+            m = BLOCK.match(name)
+            part_of_value[init.name] = task + (
+                f"side block {m.group(1)}" if m else HEAD.get(name.split(".")[1], "side head")
             )
     parts = {}
     for node in model.graph.node:  # graph order is topological
@@ -51,9 +55,14 @@ def node_parts(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _order(part: str) -> tuple[int, int]:
+    part = part.rsplit(": ", 1)[-1]  # a multi-task export's "<task>: " (one task's parts are compared)
     if part.startswith("side block"):
         return 0, int(part.rsplit(" ", 1)[1])
     return (0, -1) if part == "side input" else (1, 0)
+
+
+def _task(part: str) -> str:
+    return part.rsplit(": ", 1)[0] if ": " in part else ""
 
 
 def profile(path: Path, batch: int, seq: int, runs: int) -> list[tuple[str, str, float]]:
@@ -99,7 +108,7 @@ def table(folder: Path, shapes: list[tuple[int, int]], runs: int) -> str:
             nodes[part].add(name)
             by_op[("side" if part != "backbone" else "backbone", op)] += ms
         total = sum(by_part.values())
-        for part in sorted(by_part, key=lambda p: (p != "backbone", _order(p) if p != "backbone" else (0, 0))):
+        for part in sorted(by_part, key=lambda p: (p != "backbone", _task(p), _order(p) if p != "backbone" else (0,))):
             share = by_part[part] / total
             lines.append(f"| {batch}x{seq} | {part} | {len(nodes[part])} | {by_part[part]:.2f} | {100 * share:.1f}% |")
         side = sum(v for k, v in by_part.items() if k != "backbone")

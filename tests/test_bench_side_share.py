@@ -37,3 +37,28 @@ def test_a_node_belongs_to_the_last_side_block_whose_weights_it_depends_on():
         "b1_add": "side block 1",
         "head": "side head",
     }
+
+
+def test_a_multi_task_export_s_parts_carry_the_task():
+    nodes = [
+        helper.make_node("MatMul", ["x", "backbone.w"], ["h"], name="backbone_mm"),
+        helper.make_node("MatMul", ["h", "a/side.embed_down.weight"], ["a/s0"], name="a/down"),
+        helper.make_node("MatMul", ["a/s0", "a/side.blocks.2.ffn.w"], ["a/s1"], name="a/b2_mm"),
+        helper.make_node("MatMul", ["h", "b_2/side.blocks.0.ffn.w"], ["b/s1"], name="b/b0_mm"),
+        helper.make_node("MatMul", ["b/s1", "b_2/side.head.weight"], ["y"], name="b/head"),
+    ]
+    names = ["backbone.w", "a/side.embed_down.weight", "a/side.blocks.2.ffn.w", "b_2/side.blocks.0.ffn.w"]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [_init(n) for n in [*names, "b_2/side.head.weight"]],
+    )
+    assert node_parts(helper.make_model(graph)) == {
+        "backbone_mm": "backbone",
+        "a/down": "a: side input",
+        "a/b2_mm": "a: side block 2",
+        "b/b0_mm": "b_2: side block 0",
+        "b/head": "b_2: side head",
+    }
