@@ -106,6 +106,24 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+def _exported(export, bad_input: tuple[type[Exception], ...]) -> dict | int:
+    """The manifest ``export()`` wrote, or its failure's exit code, said in one line (nothing is
+    written): 2 for ``bad_input``, 1 when validation or the exporter failed, 130 interrupted."""
+    from .pipeline import ParityError
+
+    try:
+        return export()
+    except bad_input as e:
+        return _fail(str(e), 2)
+    except ParityError as e:
+        return _fail(f"{e}; nothing written", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130)
+    except Exception as e:  # the exporter or ONNX Runtime failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return _fail(f"export failed: {type(e).__name__}: {first}; nothing written", 1)
+
+
 def task_checkpoints(args: list[str]) -> dict[str, Path]:
     """Task name -> checkpoint: ``NAME=PATH``, or a path named after its folder (``runs/sentiment/model.pt``
     -> ``sentiment``). ValueError for a name given twice or one that is not a word."""
@@ -141,12 +159,11 @@ def _load(ckpt: Path):
 def _export_tasks(args, models: dict, sources: dict[str, str], out: Path, log) -> int:
     from .multitask import export_tasks
     from .output import OutputError
-    from .pipeline import ParityError
 
     if args.inline_functions or args.ort_format:
         return _fail("--inline-functions and --ort-format take one checkpoint", 2)
-    try:
-        manifest = export_tasks(
+    manifest = _exported(
+        lambda: export_tasks(
             models,
             out,
             target=args.target,
@@ -157,16 +174,11 @@ def _export_tasks(args, models: dict, sources: dict[str, str], out: Path, log) -
             accuracy_level=args.accuracy_level,
             sources=sources,
             log=log,
-        )
-    except (OutputError, ValueError) as e:  # an unusable output, different backbones, a bad task name
-        return _fail(str(e), 2)
-    except ParityError as e:
-        return _fail(f"{e}; nothing written", 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing written", 130)
-    except Exception as e:  # the exporter or ONNX Runtime failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return _fail(f"export failed: {type(e).__name__}: {first}; nothing written", 1)
+        ),
+        (OutputError, ValueError),  # an unusable output, different backbones, a bad task name
+    )
+    if isinstance(manifest, int):
+        return manifest
     tasks = ", ".join(t["name"] for t in manifest["tasks"])
     if manifest.get("parity"):
         print(
@@ -226,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     model = models[next(iter(models))]
 
     from .model_card import read_metrics
-    from .pipeline import ParityError, export_model
+    from .pipeline import export_model
 
-    try:
-        manifest = export_model(
+    manifest = _exported(
+        lambda: export_model(
             model,
             out,
             target=args.target,
@@ -241,16 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             ort_format=args.ort_format,
             metrics=read_metrics(ckpt),
             log=log,
-        )
-    except OutputError as e:
-        return _fail(str(e), 2)
-    except ParityError as e:
-        return _fail(f"{e}; nothing written", 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing written", 130)
-    except Exception as e:  # the exporter or ONNX Runtime failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return _fail(f"export failed: {type(e).__name__}: {first}; nothing written", 1)
+        ),
+        (OutputError,),
+    )
+    if isinstance(manifest, int):
+        return manifest
     if manifest.get("parity"):
         print(f"ok: {out} (target {args.target}, max abs diff {manifest['parity']['max_abs_diff']:.3g})")
     else:
