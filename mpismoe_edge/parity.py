@@ -27,6 +27,12 @@ EXIT_CODES = """exit status:
   2  bad input or a broken file (checkpoint, export, data), named in one 'error: ...' line; no check ran"""
 
 
+def _bar_help(what: str, bar: int) -> str:
+    """``--help`` of one of the parity bars: its default and each target's own (runtime.spec)."""
+    own = "; ".join(f"{bars[bar]:g} for an {t} export" for t, bars in PARITY_BARS.items())
+    return f"{what} (default {DEFAULT_PARITY_BARS[bar]:g}; {own})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpismoe-parity",
@@ -51,17 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "--atol",
         type=float,
         default=None,
-        help=f"max allowed |logit difference| (default {DEFAULT_PARITY_BARS[0]:g}; "
-        + "; ".join(f"{bars[0]:g} for an {t} export" for t, bars in PARITY_BARS.items())
-        + ")",
+        help=_bar_help("max allowed |logit difference|", 0),
     )
     p.add_argument(
         "--min-agreement",
         type=float,
         default=None,
-        help=f"min fraction of equal labels (default {DEFAULT_PARITY_BARS[1]:g}; "
-        + "; ".join(f"{bars[1]:g} for an {t} export" for t, bars in PARITY_BARS.items())
-        + ")",
+        help=_bar_help("min fraction of equal labels", 1),
     )
     p.add_argument("--provider", choices=PROVIDERS, default=PROVIDERS[0], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s")
