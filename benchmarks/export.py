@@ -19,7 +19,8 @@ label agreement and accuracies on the bundled test tweets for each.
 Per model: file size, ONNX Runtime CPU latency (2 intra-op threads, spinning off, the models
 interleaved run by run, median) at 1 x 128 and 32 x 64 tokens (every other row padded to half
 length), node count and top op types from ONNX Runtime's profiler at 1 x 128, resident memory
-after load + one run, and wasm latency (onnxruntime-web 1.30 under node, 1 thread, 1 x 128;
+of a fresh Python process (numpy and onnxruntime imported) after load + one 1 x 128 run and its
+peak (``VmHWM``), and wasm latency (onnxruntime-web 1.30 under node, 1 thread, 1 x 128;
 ``npm install`` in ``benchmarks/js`` first, or ``--no-wasm``).
 
     python benchmarks/export.py --checkpoint runs/default/model.pt [--repeats 15] [--wasm-repeats 5] [--no-wasm]
@@ -209,27 +210,42 @@ def ort_session(path: Path) -> tuple[ort.InferenceSession, float]:
 
 _RSS_SCRIPT = r"""
 import sys, numpy as np, onnxruntime as ort
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
-base = rss()
+base = status("VmRSS:")
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.log_severity_level = 3
 sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in sys.argv[1:]]
 for sess in sessions:
     names = [i.name for i in sess.get_inputs()]
     sess.run(None, {n: np.ones((1, 128), np.int64) for n in names})
-print(rss() - base)
+print(base, status("VmRSS:"), status("VmHWM:"))
 """
+
+
+def _process_memory(*paths: Path) -> tuple[int, int, int]:
+    """(resident bytes before loading, after loading ``paths`` and running each once at 1 x 128,
+    the peak) of a fresh Python process that has imported numpy and onnxruntime."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, *map(str, paths)], capture_output=True, text=True, check=True
+    )
+    base, after, peak = map(int, out.stdout.strip().splitlines()[-1].split())
+    return base, after, peak
 
 
 def session_memory(*paths: Path) -> int:
     """Resident memory (bytes) a fresh process holds after loading ``paths`` (one session each,
-    all kept) and running each once at 1 x 128."""
-    out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, *map(str, paths)], capture_output=True, text=True, check=True
-    )
-    return int(out.stdout.strip().splitlines()[-1])
+    all kept) and running each once at 1 x 128, over what it held before."""
+    base, after, _ = _process_memory(*paths)
+    return after - base
+
+
+def process_rss(path: Path) -> tuple[int, int]:
+    """(RSS after loading ``path`` and one 1 x 128 run, peak RSS) of that process, in bytes, as a
+    user's app sees it: the Python process with numpy and onnxruntime imported included."""
+    _, after, peak = _process_memory(path)
+    return after, peak
 
 
 def latencies(calls: dict[str, dict], repeats: int) -> dict[str, dict]:
@@ -319,7 +335,7 @@ def main() -> None:
     log("profiles")
     prof = {name: profile(path, vocab) for name, path in rows.items()}
     log("session memory")
-    rss = {name: session_memory(path) for name, path in rows.items()}
+    rss = {name: process_rss(path) for name, path in rows.items()}
     wasm = {}
     if not args.no_wasm:
         log("wasm")
@@ -334,16 +350,20 @@ def main() -> None:
         f"load average at the end {load[0]:.1f}\n"
     )
     print(
-        "| model | MB | 1x128 ms | 32x64 ms | wasm 1x128 ms | vs int8: size | 1x128 | 32x64 | wasm | nodes | RSS MB |"
+        "| model | MB | 1x128 ms | 32x64 ms | wasm 1x128 ms | RSS MB | peak RSS MB "
+        "| vs int8: size | 1x128 | 32x64 | wasm | RSS | peak RSS | nodes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in rows:
         w = f"{wasm[name]:.0f}" if name in wasm else "-"
         wr = f"{wasm[name] / wasm[anchor]:.2f}x" if name in wasm else "-"
+        (after, peak), (a_after, a_peak) = rss[name], rss[anchor]
         print(
             f"| {name} | {mb(size[name])} | {lat[name][SHAPES[0]]:.1f} | {lat[name][SHAPES[1]]:.0f} | {w} | "
-            f"{size[name] / size[anchor]:.2f}x | {lat[name][SHAPES[0]] / lat[anchor][SHAPES[0]]:.2f}x | "
-            f"{lat[name][SHAPES[1]] / lat[anchor][SHAPES[1]]:.2f}x | {wr} | {prof[name][0]} | {mb(rss[name])} |"
+            f"{mb(after)} | {mb(peak)} | {size[name] / size[anchor]:.2f}x | "
+            f"{lat[name][SHAPES[0]] / lat[anchor][SHAPES[0]]:.2f}x | "
+            f"{lat[name][SHAPES[1]] / lat[anchor][SHAPES[1]]:.2f}x | {wr} | "
+            f"{after / a_after:.2f}x | {peak / a_peak:.2f}x | {prof[name][0]} |"
         )
     print("\n### Top op types (ONNX Runtime profiler, 1 x 128, ms per run)\n")
     print("| model | nodes | top op types |")

@@ -1,27 +1,33 @@
-"""Int8 compute for the fused backbone, with the packed low-bit codes as the only weights in the file.
+"""Int8 compute for the fused backbone: ONNX Runtime's int8 kernels with int8 weights in the file,
+no float copy of any packed weight at load.
 
 ``quantize_dynamic`` (ONNX Runtime's, QInt8 weights per output channel) turns the fused
 backbone's ``Attention`` into ``QAttention`` and its ``MatMul`` into ``MatMulInteger`` (fused to
-``DynamicQuantizeMatMul`` at session load: int8 activations, quantized per call, and ORT's
-int8 GEMMs, VNNI/AMX where the CPU has them). It stores int8 weights: 1 byte per weight. Here
-each int8 weight becomes a small subgraph of the layer's packed codes instead,
+``DynamicQuantizeMatMul`` at session load: activations quantized to int8 per call, ORT's int8
+GEMMs). Its int8 weights are the packed layers' dequantized weights requantized per output
+channel, stored as they are: a session holds them as the int8 anchor does. (Making them at load
+from the low-bit codes keeps the file smaller, but ONNX Runtime's constant folding holds every
+float intermediate of the unpacking until it is done: 5-6x the int8 anchor's resident memory.)
 
-    int8 W = QuantizeLinear(dequant(qweight, scales, zeros).T, channel scale, 0)
+Two kinds of layer keep their low-bit codes instead:
 
-whose inputs are all initializers, so ONNX Runtime constant-folds it at session load: the file
-keeps ``bits/8`` bytes per weight, the session runs the int8 kernels. The embedding tables that
-``EmbedLayerNormalization`` reads are folded the same way (to float). The channel scales are
-``quantize_dynamic``'s own, and the folded int8 weights are checked to equal its int8 weights.
+* the embedding tables: ``EmbedLayerNormalization`` wants float tables, so it becomes the rows
+  of the batch gathered from the packed word, position and token-type tables per call
+  (``ai.mpismoe.QGather``: only those rows are unpacked) and a ``LayerNormalization``; the
+  attention mask goes to the attention nodes as it is (``[B, S]``);
+* ``float_layers``: MatMul layers whose activations are too sensitive to int8 rounding (chosen
+  by calibration, :mod:`calibration.int8_plan`) compute in float from their packed codes
+  (``ai.mpismoe.QMatMul``, which :func:`.fuse.fuse` lowers to ``MatMulNBits``).
 
-Int8 activations make this an approximation of the PyTorch model (the weights are requantized
-from their low-bit grid to a per-channel int8 grid, the activations are rounded to int8 per
-tensor), so the target that uses it validates at a looser tolerance.
+Int8 activations make this an approximation of the PyTorch model, so the target validates at a
+looser tolerance (``spec.INT8_ATOL``) and is judged by its label agreement.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +35,11 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
+from . import functions as F
+from .backbone_graph import hidden_name
+
 INT8_OPS = ("Attention", "MatMul")  # what quantize_dynamic quantizes here (not the embeddings)
-FOLDABLE_BITS = (2, 4, 8)  # codes that whole bytes hold (a shift-and-mask unpack)
+WORD_EMBEDDINGS = "embeddings.word_embeddings"  # the table gathered from its packed codes
 
 
 def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -81,73 +90,46 @@ def _weight_sources(proto: onnx.ModelProto, layers: dict[str, nn.Module]) -> dic
     return sources
 
 
-class _Emitter:
-    """Appends the dequantization nodes and their initializers to a graph, sharing constants."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.nodes: list[onnx.NodeProto] = []
-        self.consts: set[str] = set()
-
-    def const(self, name: str, arr: np.ndarray) -> str:
-        if name not in self.consts:
-            self.graph.initializer.append(numpy_helper.from_array(arr, name))
-            self.consts.add(name)
-        return name
-
-    def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    def dequant(self, prefix: str, layer: nn.Module) -> str:
-        """Float ``[N, K]`` weight of a packed layer: unpack codes with shifts and a mask, then
-        ``(code - zero) * scale`` per group (the layout of :mod:`mpismoe_edge.quant.pack`)."""
-        bits, group = int(layer.bits), int(layer.group_size)
-        if bits not in FOLDABLE_BITS:
-            raise ValueError(f"{prefix}: the int8 path unpacks {FOLDABLE_BITS}-bit layers, not {bits}-bit")
-        n, k_blocks, _ = layer.qweight.shape
-        qw = self.const(f"{prefix}.qweight", layer.qweight.numpy())
-        sc = self.const(f"{prefix}.scales", layer.scales.numpy()[..., None])
-        zp = self.const(f"{prefix}.zeros", layer.zeros.numpy()[..., None])
-        shifts = self.const(f"int8_unpack_shifts_{bits}", np.arange(0, 8, bits, dtype=np.uint8))
-        mask = self.const(f"int8_unpack_mask_{bits}", np.array((1 << bits) - 1, dtype=np.uint8))
-        last = self.const("int8_unpack_last_axis", np.array([-1], dtype=np.int64))
-        grouped = self.const(f"int8_unpack_shape_{k_blocks}_{group}", np.array([0, k_blocks, group], dtype=np.int64))
-        flat = self.const(f"int8_unpack_shape_{k_blocks * group}", np.array([0, k_blocks * group], dtype=np.int64))
-        byte = self.node("Unsqueeze", [qw, last], f"{prefix}.qweight_bytes")
-        codes = self.node(
-            "BitwiseAnd",
-            [self.node("BitShift", [byte, shifts], f"{prefix}.codes_shifted", direction="RIGHT"), mask],
-            f"{prefix}.codes",
-        )
-        codes = self.node("Reshape", [codes, grouped], f"{prefix}.codes_grouped")
-        w = self.node(
-            "Mul",
-            [
-                self.node(
-                    "Sub",
-                    [self.node("Cast", [codes], f"{prefix}.codes_float", to=onnx.TensorProto.FLOAT), zp],
-                    f"{prefix}.centered",
-                ),
-                sc,
-            ],
-            f"{prefix}.dequantized_grouped",
-        )
-        return self.node("Reshape", [w, flat], f"{prefix}.dequantized")
+def float_layer_candidates(proto: onnx.ModelProto, model: nn.Module) -> list[str]:
+    """Backbone layers (names in ``model.backbone``) that may keep float compute: those of the
+    fused graph's ``MatMul`` nodes (an ``Attention`` node's q, k and v share one int8 weight)."""
+    inits = {t.name for t in proto.graph.initializer}
+    sources = _weight_sources(proto, packed_layers(model))
+    return [
+        names[0]
+        for node in proto.graph.node
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits
+        for names, transposed in [sources.get(node.input[1], ([], False))]
+        if transposed and len(names) == 1
+    ]
 
 
-def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Int8 compute for ``proto`` (:func:`.backbone_graph.fused_backbone` of ``model``) with the
-    packed codes of ``model``'s backbone as its weights; returns it and what was done."""
+def quantize_backbone(
+    proto: onnx.ModelProto, model: nn.Module, float_layers: Collection[str] = ()
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Int8 compute for ``proto`` (:func:`.backbone_graph.fused_backbone` of ``model``) but for
+    ``float_layers`` (of :func:`float_layer_candidates`); returns it and what was done."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     layers = packed_layers(model)
     sources = _weight_sources(proto, layers)
+    allowed = set(float_layer_candidates(proto, model))
+    unknown = sorted(set(float_layers) - allowed)
+    if unknown:
+        raise ValueError(f"cannot keep {unknown} in float: not one of the backbone's MatMul layers")
+    kept = {
+        init: names[0] for init, (names, t) in sources.items() if t and len(names) == 1 and names[0] in float_layers
+    }
     int8_nodes = [
         n.name
         for n in proto.graph.node
-        if n.op_type in INT8_OPS and len(n.input) > 1 and sources.get(n.input[1], (None, False))[1]
+        if n.op_type in INT8_OPS
+        and len(n.input) > 1
+        and sources.get(n.input[1], (None, False))[1]
+        and n.input[1] not in kept
     ]
+    if not int8_nodes:  # quantize_dynamic reads an empty list as "every node"
+        raise ValueError("every int8 layer was kept in float; export with --target ort-cpu instead")
     with tempfile.TemporaryDirectory(prefix="mpismoe-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(proto.SerializeToString())
@@ -171,61 +153,110 @@ def quantize_backbone(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.Mo
             root.setLevel(level)
         quant = onnx.load(str(dst))
     graph = quant.graph
-    inits = {t.name: t for t in graph.initializer}
-    emit = _Emitter(graph)
-    replaced: dict[str, str] = {}
-    stats = {"int8_weights": 0, "folded_tables": 0}
-    for init_name, (names, transposed) in sources.items():
-        parts = [emit.dequant(f"backbone.{n}", layers[n]) for n in names]
-        w = parts[0] if len(parts) == 1 else emit.node("Concat", parts, f"{init_name}.dequantized", axis=0)
-        if not transposed:  # an embedding table, read in float by EmbedLayerNormalization
-            replaced[init_name] = w
-            stats["folded_tables"] += 1
-            continue
-        qname = f"{init_name}_quantized"
-        if qname not in inits:
-            raise ValueError(f"quantize_dynamic left {init_name} in float")
-        scale, zero = f"{init_name}_scale", f"{init_name}_zero_point"
-        expect = numpy_helper.to_array(inits[qname])
-        mine = _quantize(
-            np.concatenate([layers[n].dequantized_weight().numpy() for n in names]).T,
-            numpy_helper.to_array(inits[scale]),
-            numpy_helper.to_array(inits[zero]),
-        )
-        if not np.array_equal(mine, expect):
-            raise ValueError(
-                f"{init_name}: the folded int8 weight differs from quantize_dynamic's in "
-                f"{int((mine != expect).sum())} of {expect.size} values"
-            )
-        wt = emit.node("Transpose", [w], f"{init_name}.dequantized_t", perm=[1, 0])
-        replaced[qname] = emit.node("QuantizeLinear", [wt, scale, zero], f"{qname}.folded", axis=1)
-        stats["int8_weights"] += 1
+    packed: dict[str, onnx.TensorProto] = {}
+
+    def codes(layer_name: str) -> list[str]:
+        layer = layers[layer_name]
+        names = []
+        for part in ("qweight", "scales", "zeros"):
+            name = f"backbone.{layer_name}.{part}"
+            packed.setdefault(name, numpy_helper.from_array(getattr(layer, part).numpy(), name))
+            names.append(name)
+        return names
+
+    def attrs(layer_name: str) -> dict[str, int]:
+        return {"bits": int(layers[layer_name].bits), "group_size": int(layers[layer_name].group_size)}
+
+    nodes: list[onnx.NodeProto] = []
+    embedded = ""
+    stats = {"int8_layers": len(int8_nodes), "float_layers": len(kept), "gathered_tables": 0}
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in replaced:
-                node.input[i] = replaced[name]
-    keep = [t for t in graph.initializer if t.name not in replaced and t.name not in {n for n, _ in sources.items()}]
+        if node.op_type == "MatMul" and node.domain == "" and node.input[1] in kept:
+            name = kept[node.input[1]]
+            nodes.append(
+                helper.make_node(
+                    "QMatMul",
+                    [node.input[0], *codes(name)],
+                    list(node.output),
+                    name=node.name,
+                    domain=F.DOMAIN,
+                    **attrs(name),
+                )
+            )
+        elif node.op_type == "EmbedLayerNormalization":
+            nodes += _gathered_embeddings(node, graph, sources, codes, attrs)
+            stats["gathered_tables"] += 1
+            embedded = node.output[0]
+        else:
+            nodes.append(node)
+    # the embeddings' output is also a graph output (the ladder reads it), which the optimizer left
+    # to an unfused copy reading the float table: take it from the gathered rows instead
+    first = hidden_name(0)
+    if stats["gathered_tables"]:
+        nodes = [n for n in nodes if first not in n.output]
+        nodes.append(helper.make_node("Identity", [embedded], [first], name=first))
+    del graph.node[:]
+    graph.node.extend(_pruned(nodes, {o.name for o in graph.output}))
+    graph.initializer.extend(packed.values())
+    used = {name for n in graph.node for name in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    nodes = list(emit.nodes) + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    if kept or stats["gathered_tables"]:
+        quant.opset_import.append(helper.make_opsetid(F.DOMAIN, F.DOMAIN_VERSION))
     return quant, stats
 
 
-def unpacked_roles(proto: onnx.ModelProto) -> dict[str, str]:
-    """Initializer -> ``packed_codes`` / ``quant_params`` for the layers :class:`_Emitter` unpacks."""
-    roles: dict[str, str] = {}
-    for node in proto.graph.node:
-        out = node.output[0] if node.output else ""
-        if node.op_type == "Unsqueeze" and out.endswith(".qweight_bytes"):
-            roles[node.input[0]] = "packed_codes"
-        elif (node.op_type, out.rpartition(".")[2]) in (("Sub", "centered"), ("Mul", "dequantized_grouped")):
-            roles[node.input[1]] = "quant_params"
-    return roles
+def _gathered_embeddings(node, graph, sources, codes, attrs) -> list[onnx.NodeProto]:
+    """``EmbedLayerNormalization`` as rows gathered per call from the packed word, position
+    (``0..S-1``) and token-type tables, summed, then ``LayerNormalization``; its mask output
+    becomes the int32 mask itself (the attention nodes take ``[B, S]`` masks)."""
+    ids32, types32, word, pos, types, gamma, beta = node.input[:7]
+    mask32 = node.input[7] if len(node.input) > 7 else ""
+    out = node.output[0]
+    tables = [sources.get(name, ([None], False))[0][0] for name in (word, pos, types)]
+    if tables[0] != WORD_EMBEDDINGS or None in tables:
+        raise ValueError(f"the fused embeddings read {word!r}, {pos!r}, {types!r}: not all packed tables")
+    eps = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-12)
+    p = f"{out}_gathered"
+    for name, value in ((f"{p}_zero", 0), (f"{p}_one", 1)):
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    int64 = onnx.TensorProto.INT64
+    made = [
+        helper.make_node("Cast", [ids32], [f"{p}_ids"], name=f"{p}_ids", to=int64),
+        helper.make_node("Cast", [types32], [f"{p}_types"], name=f"{p}_types", to=int64),
+        helper.make_node("Shape", [ids32], [f"{p}_len"], name=f"{p}_len", start=1, end=2),
+        helper.make_node("Squeeze", [f"{p}_len"], [f"{p}_len_scalar"], name=f"{p}_len_scalar"),
+        helper.make_node(
+            "Range", [f"{p}_zero", f"{p}_len_scalar", f"{p}_one"], [f"{p}_positions"], name=f"{p}_positions"
+        ),
+    ]
+    rows = []
+    for table, ids, tag in zip(tables, (f"{p}_ids", f"{p}_positions", f"{p}_types"), ("word", "pos", "type")):
+        rows.append(f"{p}_{tag}")
+        made.append(
+            helper.make_node(
+                "QGather", [ids, *codes(table)], [rows[-1]], name=rows[-1], domain=F.DOMAIN, **attrs(table)
+            )
+        )
+    made += [
+        helper.make_node("Add", [rows[0], rows[2]], [f"{p}_word_type"], name=f"{p}_word_type"),
+        helper.make_node("Add", [f"{p}_word_type", rows[1]], [f"{p}_sum"], name=f"{p}_sum"),
+        helper.make_node("LayerNormalization", [f"{p}_sum", gamma, beta], [out], name=out, axis=-1, epsilon=eps),
+    ]
+    if len(node.output) > 1 and node.output[1]:
+        if not mask32:
+            raise ValueError("the fused embeddings take no attention mask")
+        made.append(helper.make_node("Identity", [mask32], [node.output[1]], name=node.output[1]))
+    return made
 
 
-def _quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """ONNX ``QuantizeLinear`` along axis 1 (round half to even, saturate to int8)."""
-    q = np.rint(w / scale[None, :]) + zero[None, :].astype(np.float32)
-    return np.clip(q, -128, 127).astype(np.int8)
+def _pruned(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (in order)."""
+    live = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(node.input)
+    return keep[::-1]

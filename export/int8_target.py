@@ -4,8 +4,9 @@ the file, and the side network as the ``ort-cpu`` target writes it.
 Built from two graphs joined at the backbone's hidden states:
 
 * the backbone (:mod:`.backbone_graph`: TorchScript export + ORT's BERT optimizer;
-  :mod:`.int8`: ``QAttention`` / ``DynamicQuantizeMatMul`` with weights folded from the packed
-  codes at session load), outputs ``backbone_hidden_0..L``;
+  :mod:`.int8`: ``QAttention`` / ``DynamicQuantizeMatMul`` with int8 weights, the word
+  embeddings gathered from their packed codes, calibration's float layers as ``MatMulNBits``),
+  outputs ``backbone_hidden_0..L``;
 * the side network (ladder, ISMoE with every expert, head), exported with torch.onnx (dynamo)
   from those hidden states and the attention mask, then fused as for ``ort-cpu``
   (:func:`.fuse.fuse`: packed experts as ``MatMulNBits``, exact GELUs as ``Gelu``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Collection
 
 import onnx
 import torch
@@ -23,23 +25,41 @@ from torch import nn
 from . import functions as F
 from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name, supports
 from .fuse import fuse
-from .int8 import FOLDABLE_BITS, packed_layers, quantize_backbone
+from .int8 import WORD_EMBEDDINGS, packed_layers, quantize_backbone
 from .lower import OUTPUT_NAME, _translation_table, finalize
 
 
 def unsupported(model: nn.Module) -> str | None:
     """None if ``model`` can take the ``ort-int8`` path, else why not (one line): a BERT backbone
-    whose layers are packed at 2, 4 or 8 bits."""
+    with packed layers and a packed word embedding table."""
     why = supports(model)
     if why:
         return why
-    widths = {int(m.bits) for m in packed_layers(model).values()}
-    if not widths:
+    layers = packed_layers(model)
+    if not layers:
         return "the int8 path needs a quantized backbone (this one is float)"
-    if not widths <= set(FOLDABLE_BITS):
-        foldable = "/".join(map(str, FOLDABLE_BITS))
-        return f"the int8 path unpacks {foldable}-bit backbone layers, this one has {sorted(widths)}"
+    if WORD_EMBEDDINGS not in layers:
+        return "the int8 path gathers the packed word embeddings (this backbone's table is float)"
     return None
+
+
+def int8_backbone(
+    model: nn.Module, opset: int, float_layers: Collection[str] = (), zero_points: str = "auto"
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The ``ort-int8`` backbone of ``model`` (outputs its hidden states) and what each step did;
+    ``float_layers`` compute in float from their packed codes (``MatMulNBits``)."""
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"{why}; export with --target portable or ort-cpu")
+    proto, stats = fused_backbone(model, opset)
+    proto, qstats = quantize_backbone(proto, model, float_layers)
+    proto, fstats = fuse(proto, "ort-cpu", zero_points=zero_points)  # the float layers' QMatMul -> MatMulNBits
+    proto = finalize(proto, opset)  # the functions its QGather (and any 3-bit QMatMul) need
+    return proto, {
+        **{f"backbone_{k}": v for k, v in stats.items()},
+        **qstats,
+        **{f"float_{k}": v for k, v in fstats.items()},
+    }
 
 
 class _SideOnly(nn.Module):
@@ -125,23 +145,20 @@ def join(backbone: onnx.ModelProto, side: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def int8_side(side: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The side network as ``ort-int8`` writes it: packed layers as ``MatMulNBits`` with their
+    fractional zero points as floats (one node per layer, the codes resident as they are: folding
+    them to float at load held ~25 MB more at its peak; the float-zero-point kernel is the slower
+    one, but at these widths the node count is what costs), exact GELUs fused."""
+    return fuse(side, "ort-cpu", zero_points="float")
+
+
 def int8_model(
-    model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto"
+    model: nn.Module, opset: int = F.MIN_OPSET, zero_points: str = "auto", float_layers: Collection[str] = ()
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The ``ort-int8`` graph of ``model`` and counts of what each step fused (``zero_points``
-    is :func:`.fuse.fuse`'s, for side layers it lowers). ValueError if :func:`unsupported`."""
-    why = unsupported(model)
-    if why:
-        raise ValueError(f"{why}; export with --target portable or ort-cpu")
-    backbone, stats = fused_backbone(model, opset)
-    backbone, qstats = quantize_backbone(backbone, model)
-    # packed side layers stay portable functions: ORT folds them to float at load (the side is
-    # narrow: 3.5 MB of float experts on MiniLM-L6), and float GEMMs of K or N = 48 ran faster
-    # than MatMulNBits; only the exact GELUs are fused.
-    side, sstats = fuse(side_graph(model, opset), "portable", zero_points=zero_points)
-    joined = join(backbone, side)
-    return joined, {
-        **{f"backbone_{k}": v for k, v in stats.items()},
-        **qstats,
-        **{f"side_{k}": v for k, v in sstats.items()},
-    }
+    is :func:`.fuse.fuse`'s, for the layers it lowers). ValueError if :func:`unsupported`."""
+    backbone, stats = int8_backbone(model, opset, float_layers, zero_points)
+    side, sstats = int8_side(side_graph(model, opset))
+    joined = finalize(join(backbone, side), opset)
+    return joined, {**stats, **{f"side_{k}": v for k, v in sstats.items()}}

@@ -90,16 +90,9 @@ def backbone_graph(
 ) -> tuple[onnx.ModelProto, dict]:
     """The backbone of ``model`` lowered for ``target``; outputs ``backbone_hidden_0..L``."""
     if target == INT8_TARGET:
-        from .backbone_graph import fused_backbone
-        from .int8 import quantize_backbone
-        from .int8_target import unsupported
+        from .int8_target import int8_backbone
 
-        why = unsupported(model)
-        if why:
-            raise ValueError(f"{why}; export with --target portable or ort-cpu")
-        proto, stats = fused_backbone(model, opset)
-        proto, qstats = quantize_backbone(proto, model)
-        return proto, {**stats, **qstats}
+        return int8_backbone(model, opset, zero_points=zero_points)
     layers = int(model.backbone.config.num_hidden_layers)
     proto = to_onnx(_Backbone(model), opset=opset, output_names=[hidden_name(i) for i in range(layers + 1)])
     if target == "portable":
@@ -115,8 +108,10 @@ def side_graph(
     from .int8_target import side_graph as traced_side
 
     proto = traced_side(model, opset)
-    if target == INT8_TARGET:  # as int8_model: packed experts stay portable, GELUs fused
-        proto, stats = fuse(proto, "portable", zero_points=zero_points)
+    if target == INT8_TARGET:
+        from .int8_target import int8_side
+
+        proto, stats = int8_side(proto)
     elif target == "portable":
         stats = {}
     else:

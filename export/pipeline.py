@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import onnx
@@ -32,7 +32,6 @@ from mpismoe_edge.runtime.spec import (
 from . import functions as F
 from . import hf_layout as HF
 from .fuse import ACCURACY_LEVELS, INT8_TARGET, default_atol, fuse
-from .int8 import unpacked_roles
 from .lower import OUTPUT_NAME, input_names, to_onnx
 from .model_card import model_card
 from .output import commit, staging_dir
@@ -77,7 +76,7 @@ def quant_bits(model: nn.Module, proto: onnx.ModelProto | None = None) -> dict[s
 
 
 def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of the initializers by role: packed codes, quantization params, float weights."""
+    """Bytes of the initializers by role: packed codes, quantization params, int8 weights, float weights."""
     role: dict[str, str] = {}
     for node in proto.graph.node:
         if (node.domain, node.op_type) in (
@@ -88,15 +87,15 @@ def weight_sizes(proto: onnx.ModelProto) -> dict[str, int]:
             role[node.input[1]] = "packed_codes"
             for name in node.input[2:4]:
                 role.setdefault(name, "quant_params")
-    for name, kind in unpacked_roles(proto).items():  # ort-int8: codes unpacked by plain nodes, folded at load
-        role.setdefault(name, kind)
+        elif (node.domain, node.op_type) in (("com.microsoft", "QAttention"), ("", "MatMulInteger")):
+            role[node.input[1]] = "int8_weights"  # ort-int8: quantize_dynamic's weights
     sizes = Counter()
     for t in proto.graph.initializer:
         n = 1
         for d in t.dims:
             n *= d
         sizes[role.get(t.name, "float_weights")] += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return {k: int(sizes[k]) for k in ("packed_codes", "quant_params", "float_weights")}
+    return {k: int(sizes[k]) for k in ("packed_codes", "quant_params", "int8_weights", "float_weights")}
 
 
 def _initializer_bytes(proto: onnx.ModelProto) -> int:
@@ -235,6 +234,7 @@ def export_model(
     inline: bool = False,
     ort_format: bool = False,
     metrics: dict | None = None,
+    float_layers: Collection[str] = (),
     log: Callable[[str], None] | None = _stderr,
 ) -> dict:
     """Export, validate and atomically write ``out_dir``; returns the manifest.
@@ -243,6 +243,8 @@ def export_model(
     functions, e.g. OpenVINO). ``ort_format``: also write ``onnx/model.ort`` and its
     ``required_operators.config`` for ONNX Runtime Mobile (:mod:`.ort_format`). ``metrics``: the
     training run's ``metrics.json`` (:func:`.model_card.read_metrics`), for the model card's scores.
+    ``float_layers`` (``ort-int8`` only): backbone MatMul layers to compute in float from their
+    packed codes instead of in int8 (:func:`.int8.float_layer_candidates` names them).
 
     ``atol`` defaults to the target's (:func:`.fuse.default_atol`: 1e-4 for the float-exact
     targets, looser for ``ort-int8``'s int8 activations).
@@ -261,6 +263,8 @@ def export_model(
         raise ValueError(f"atol must be >= 0, got {atol}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"unknown accuracy level {accuracy_level!r}; expected one of {ACCURACY_LEVELS}")
+    if float_layers and target != INT8_TARGET:
+        raise ValueError(f"float layers are an {INT8_TARGET} option; target {target} computes every layer in float")
     out_dir = Path(out_dir)
     model.eval()
     with staging_dir(out_dir) as tmp:
@@ -270,7 +274,7 @@ def export_model(
         if target == INT8_TARGET:
             from .int8_target import int8_model
 
-            proto, stats = int8_model(model, opset=opset, zero_points=zero_points)
+            proto, stats = int8_model(model, opset=opset, zero_points=zero_points, float_layers=float_layers)
         else:
             proto = to_onnx(model, opset=opset)
         log(
@@ -278,7 +282,7 @@ def export_model(
             f"{len(proto.graph.initializer)} initializers"
         )
         if target == INT8_TARGET:
-            log("  int8 backbone, side network for ort-cpu: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+            log("  int8 backbone, packed side network: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         elif target != "portable":
             proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
             log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))

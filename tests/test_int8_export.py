@@ -1,4 +1,4 @@
-"""The ort-int8 target: ORT's fused BERT backbone with int8 compute, packed codes as its only weights."""
+"""The ort-int8 target: ORT's fused BERT backbone, int8 compute and weights, no float copy of a packed weight."""
 
 from __future__ import annotations
 
@@ -57,26 +57,63 @@ def test_int8_backbone_is_fused_and_runs_int8_kernels(exported, tmp_path):
     out, manifest = exported
     fusion = manifest["fusion"]
     assert fusion["backbone_Attention"] == 2 and fusion["backbone_EmbedLayerNormalization"] == 1
-    assert fusion["int8_weights"] == 2 * 4  # per layer: qkv (one weight), attention output, FFN in and out
+    assert fusion["int8_layers"] == 2 * 4 and fusion["float_layers"] == 0  # qkv, attention output, FFN in and out
     ops = _session_ops(out / MODEL_PATHS[0], tmp_path)
     assert ops["QAttention"] == 2 and ops["DynamicQuantizeMatMul"] == 2 * 3
-    assert "BitShift" not in ops  # every unpacking was folded at load
+    assert "EmbedLayerNormalization" not in ops and "QGather" not in ops  # inlined: rows gathered per call
 
 
-def test_int8_file_holds_packed_codes_not_int8_or_float_backbone_weights(exported, model):
-    out, manifest = exported
-    proto = onnx.load(str(out / MODEL_PATHS[0]))
-    int8 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
-    assert int8 == []
+def _float_tables(proto: onnx.ModelProto, model) -> list[str]:
+    """Float initializers as large as a backbone weight matrix or an embedding table."""
     hidden = model.backbone.config.hidden_size
-    float_mats = [
+    return [
         t.name
         for t in proto.graph.initializer
         if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and hidden in t.dims and min(t.dims) >= hidden
     ]
-    assert float_mats == []
-    assert manifest["sizes"]["packed_codes"] > manifest["sizes"]["float_weights"]
-    assert any(n.startswith("backbone.encoder") for n in manifest["bits"])
+
+
+def test_int8_file_holds_int8_weights_and_the_packed_word_table_not_float_copies(exported, model):
+    out, manifest = exported
+    proto = onnx.load(str(out / MODEL_PATHS[0]))
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert _float_tables(proto, model) == []
+    assert inits["backbone.embeddings.word_embeddings.qweight"].data_type == onnx.TensorProto.UINT8
+    layers, hidden = model.backbone.config.num_hidden_layers, model.backbone.config.hidden_size
+    inner = model.backbone.config.intermediate_size
+    assert manifest["sizes"]["int8_weights"] == layers * (4 * hidden * hidden + 2 * hidden * inner)
+    packed = set(manifest["bits"])  # the layers whose codes the file holds: the tables, not the int8 layers
+    assert "backbone.embeddings.word_embeddings" in packed and not any(n.startswith("backbone.encoder") for n in packed)
+
+
+def test_session_load_folds_no_packed_weight_to_float(exported, model, tmp_path):
+    out, _ = exported
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / MODEL_PATHS[0]), so, providers=["CPUExecutionProvider"])
+    assert _float_tables(onnx.load(so.optimized_model_filepath), model) == []
+
+
+def test_float_layers_compute_from_their_packed_codes(model, tmp_path):
+    from mpismoe_edge.export.int8_target import int8_model
+
+    name = "encoder.layer.0.output.dense"
+    proto, stats = int8_model(model, float_layers=[name])
+    assert stats["int8_layers"] == 2 * 4 - 1 and stats["float_layers"] == 1
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and f"backbone.{name}.qweight" in n.input]
+    assert len(nbits) == 1
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = make_inputs(model, batch=3, seq=9, lengths=[9, 5, 2], seed=1)
+    got = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(**feed).numpy()).max() <= INT8_ATOL
+
+
+def test_a_float_layer_that_is_no_backbone_matmul_is_refused(model):
+    from mpismoe_edge.export.int8_target import int8_model
+
+    with pytest.raises(ValueError, match="cannot keep"):
+        int8_model(model, float_layers=["encoder.layer.0.attention.self.query"])
 
 
 def test_int8_logits_agree_with_pytorch_on_padded_batches(exported, model):
@@ -104,11 +141,10 @@ def test_every_expert_is_in_the_int8_graph(exported, model):
         assert fc1.shape[0] == len(block.ffn.experts) * block.ffn.experts[0].fc1.out_features
 
 
-def test_int8_path_takes_bert_backbones_packed_at_2_4_or_8_bits():
+def test_int8_path_takes_quantized_bert_backbones_of_any_width():
     assert unsupported(tiny_model("bert")) is None
-    assert "3" in unsupported(tiny_model("bert", bits=3))
+    assert unsupported(tiny_model("bert", bits=3)) is None
     assert "float" in unsupported(tiny_model("bert", bits=None))
-    assert "BERT" in unsupported(tiny_model("roberta"))
 
 
 def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
