@@ -27,6 +27,10 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
   3 bytes = 8 codes for 3 bits) become an int32 word, shifted and masked per code.
 * ``TopKRoute(logits; k)``: softmax over each row's top-k logits scattered into zeros
   (dense routing weights ``[..., E]``).
+* ``MaskedAttention(q, k, v, mask; num_heads)``: multi-head attention of ``[B, T, D]`` queries,
+  keys and values over the keys ``mask`` ``[B, T]`` keeps (masked scores set to the float
+  minimum, as PyTorch's ``masked_fill``): ``[B, T, D]``. The ONNX Runtime targets run it as
+  ``com.microsoft.MultiHeadAttention`` (``export/rules/masked_attention.py``).
 """
 
 from __future__ import annotations
@@ -129,7 +133,24 @@ def TopKRoute(logits: TFloat, k: int) -> TFloat:
     return op.ScatterElements(zeros, idx, weights, axis=-1)
 
 
-FUNCTIONS = (QMatMul, QGather, TopKRoute)
+@onnxscript.script(opset=mpismoe, default_opset=op)
+def MaskedAttention(q: TFloat, k: TFloat, v: TFloat, mask: INT64, num_heads: int) -> TFloat:
+    """Softmax(q k^T / sqrt(d)) v per head, keys where ``mask`` is 0 left out: ``[B, T, D]``."""
+    heads = op.Reshape(op.Constant(value_int=num_heads), op.Constant(value_ints=[1]))
+    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
+    qh = op.Transpose(op.Reshape(q, split), perm=[0, 2, 1, 3])  # [B, H, T, d]
+    kh = op.Transpose(op.Reshape(k, split), perm=[0, 2, 3, 1])  # [B, H, d, T]
+    vh = op.Transpose(op.Reshape(v, split), perm=[0, 2, 1, 3])
+    width = op.Cast(op.Shape(qh, start=3, end=4), to=1)
+    scores = op.Div(op.MatMul(qh, kh), op.CastLike(op.Sqrt(width), q))
+    masked = op.Equal(op.Unsqueeze(mask, op.Constant(value_ints=[1, 2])), op.Constant(value_int=0))
+    lowest = op.CastLike(op.Constant(value_float=-3.4028234663852886e38), q)
+    attn = op.Softmax(op.Where(masked, lowest, scores), axis=-1)
+    out = op.Transpose(op.MatMul(attn, vh), perm=[0, 2, 1, 3])
+    return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))
+
+
+FUNCTIONS = (QMatMul, QGather, TopKRoute, MaskedAttention)
 
 
 def function_protos(opset: int = MIN_OPSET) -> list:
@@ -158,7 +179,7 @@ def register_schemas() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("QGather", DOMAIN):
+    if onnx.defs.has("MaskedAttention", DOMAIN):
         return
     floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
     param = OpSchema.FormalParameter
@@ -207,5 +228,16 @@ def register_schemas() -> None:
         type_constraints=[("T", floats, "float types")],
         attributes=[OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token")],
     )
-    for schema in (qmatmul, qgather, route):
-        onnx.defs.register_schema(schema)
+    attention = OpSchema(
+        "MaskedAttention",
+        DOMAIN,
+        DOMAIN_VERSION,
+        doc="Multi-head attention of [B, T, D] q, k, v over the keys a [B, T] mask keeps.",
+        inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("mask", "tensor(int64)")],
+        outputs=[param("y", "T")],
+        type_constraints=[("T", floats, "float types")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "heads side by side along D")],
+    )
+    for schema in (qmatmul, qgather, route, attention):
+        if not onnx.defs.has(schema.name, DOMAIN):
+            onnx.defs.register_schema(schema)

@@ -45,6 +45,8 @@ TARGET_BITS = {
     "ort-cuda": frozenset({4, 8}),
 }
 INT8_TARGET = "ort-int8"  # int8 compute on ORT CPU (int8_target.py); fuse() handles its side network as ort-cpu
+# onnxscript rewriter rules (export/rules/) each target applies after lowering its packed layers
+TARGET_RULES = {"portable": (), "ort-cpu": ("masked_attention",), "ort-cuda": ()}
 
 
 def default_atol(target: str) -> float:
@@ -183,8 +185,25 @@ def fuse(
     gelus = _fuse_gelu(model)
     if gelus:
         stats["gelu"] = gelus
+    model = _apply_rules(model, TARGET_RULES[target], stats)
     _fix_imports(model)
     return model, dict(sorted(stats.items()))
+
+
+def _apply_rules(model: onnx.ModelProto, names: tuple[str, ...], stats: Counter) -> onnx.ModelProto:
+    """``model`` rewritten by the named rule sets of :mod:`.rules` (rewrites counted in ``stats``)."""
+    if not names:
+        return model
+    import onnx_ir as ir
+
+    from . import rules
+
+    graph = ir.serde.deserialize_model(model)
+    for name in names:
+        done = getattr(rules, f"{name}_rules").apply_to_model(graph)
+        if done:
+            stats[name] += done
+    return ir.serde.serialize_model(graph)
 
 
 def _fuse_gelu(model: onnx.ModelProto) -> int:

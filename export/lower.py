@@ -120,10 +120,14 @@ def _translation_table() -> dict:
     def topk_route(logits, k: int):
         return ms.TopKRoute(logits, k=k)
 
+    def masked_attention(q, k, v, mask, heads: int):
+        return ms.MaskedAttention(q, k, v, mask, num_heads=heads)
+
     return {
         torch.ops.mpismoe.qmatmul.default: qmatmul,
         torch.ops.mpismoe.qgather.default: qgather,
         torch.ops.mpismoe.topk_route.default: topk_route,
+        torch.ops.mpismoe.masked_attention.default: masked_attention,
     }
 
 

@@ -9,9 +9,15 @@ implementations below), and the exporter maps each one to an ONNX function in th
   ``dequant(W)``, ``[*ids.shape, K]`` (a packed embedding lookup; only those rows are unpacked).
 * ``mpismoe::topk_route(logits, k)``: dense routing weights ``[..., E]``: softmax over each
   token's top-k logits, zero for the experts it does not pick. Differentiable.
+* ``mpismoe::masked_attention(q, k, v, mask, heads)``: multi-head attention of ``[B, T, D]``
+  queries, keys and values (heads side by side along ``D``) over the keys ``mask`` ``[B, T]``
+  keeps; ``[B, T, D]``. Only the exporter calls it (the side network's attention, so that an
+  ONNX Runtime target can run it as one ``MultiHeadAttention`` node); training runs plain ops.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -87,3 +93,23 @@ def _route_setup(ctx, inputs, output):
 
 
 topk_route.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+def masked_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int
+) -> torch.Tensor:
+    b, t, d = q.shape
+    q, k, v = (x.reshape(b, t, heads, d // heads).transpose(1, 2) for x in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d // heads)
+    scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+
+
+@torch.library.custom_op("mpismoe::masked_attention", mutates_args=())
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    return masked_attention_reference(q, k, v, mask, heads)
+
+
+@masked_attention.register_fake
+def _(q, k, v, mask, heads):
+    return torch.empty_like(q)

@@ -18,12 +18,14 @@ import math
 import torch
 from torch import nn
 
+from .. import ops
 from ..config import SideConfig
 from .moe import DenseFFN, ISMoE
 
 
 class SideAttention(nn.Module):
-    """Multi-head self-attention with a key padding mask, in plain ops (exports cleanly)."""
+    """Multi-head self-attention with a key padding mask: plain ops in eager mode, one
+    ``mpismoe::masked_attention`` op (the same math) under export."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -35,6 +37,10 @@ class SideAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None and torch.compiler.is_exporting():
+            # one ai.mpismoe.MaskedAttention node in the exported graph (the same math, no dropout at export)
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.out(ops.masked_attention(q, k, v, mask, self.heads))
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
