@@ -184,7 +184,7 @@ def quantize_backbone(
                 )
             )
         elif node.op_type == "EmbedLayerNormalization":
-            nodes += _gathered_embeddings(node, graph, sources, codes, attrs)
+            nodes += _gathered_embeddings(node, graph, layers, sources, codes, attrs)
             stats["gathered_tables"] += 1
             embedded = node.output[0]
         else:
@@ -202,12 +202,15 @@ def quantize_backbone(
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    if kept or stats["gathered_tables"]:
+    if any(n.domain == F.DOMAIN for n in graph.node):
         quant.opset_import.append(helper.make_opsetid(F.DOMAIN, F.DOMAIN_VERSION))
     return quant, stats
 
 
-def _gathered_embeddings(node, graph, sources, codes, attrs) -> list[onnx.NodeProto]:
+BLOCK_GATHER_BITS = (4, 8)  # widths com.microsoft.GatherBlockQuantized reads from uint8 (MatMulNBits' layout)
+
+
+def _gathered_embeddings(node, graph, layers, sources, codes, attrs) -> list[onnx.NodeProto]:
     """``EmbedLayerNormalization`` as rows gathered per call from the packed word, position
     (``0..S-1``) and token-type tables, summed, then ``LayerNormalization``; its mask output
     becomes the int32 mask itself (the attention nodes take ``[B, S]`` masks)."""
@@ -234,11 +237,15 @@ def _gathered_embeddings(node, graph, sources, codes, attrs) -> list[onnx.NodePr
     rows = []
     for table, ids, tag in zip(tables, (f"{p}_ids", f"{p}_positions", f"{p}_types"), ("word", "pos", "type")):
         rows.append(f"{p}_{tag}")
-        made.append(
-            helper.make_node(
-                "QGather", [ids, *codes(table)], [rows[-1]], name=rows[-1], domain=F.DOMAIN, **attrs(table)
+        layer = layers[table]
+        if int(layer.bits) in BLOCK_GATHER_BITS:
+            made += _block_gather(graph, f"backbone.{table}", layer, ids, 1 if tag == "pos" else 2, rows[-1])
+        else:
+            made.append(
+                helper.make_node(
+                    "QGather", [ids, *codes(table)], [rows[-1]], name=rows[-1], domain=F.DOMAIN, **attrs(table)
+                )
             )
-        )
     made += [
         helper.make_node("Add", [rows[0], rows[2]], [f"{p}_word_type"], name=f"{p}_word_type"),
         helper.make_node("Add", [f"{p}_word_type", rows[1]], [f"{p}_sum"], name=f"{p}_sum"),
@@ -249,6 +256,44 @@ def _gathered_embeddings(node, graph, sources, codes, attrs) -> list[onnx.NodePr
             raise ValueError("the fused embeddings take no attention mask")
         made.append(helper.make_node("Identity", [mask32], [node.output[1]], name=node.output[1]))
     return made
+
+
+def _block_gather(graph, prefix: str, layer: nn.Module, ids: str, rank: int, out: str) -> list[onnx.NodeProto]:
+    """Rows ``ids`` (``rank`` axes) of a packed 4- or 8-bit table: ``com.microsoft.GatherBlockQuantized`` with its
+    default zero point ``m = 2^(bits-1)`` (our codes are its uint8 layout), plus the per-group
+    term ``(m - z) * s`` gathered alongside (``(q - z) s = (q - m) s + (m - z) s``: GNP-IQ's zero
+    points are fractional, the op's are integers)."""
+    bits, group = int(layer.bits), int(layer.group_size)
+    rows, blocks, _ = layer.qweight.shape
+    m = float(1 << (bits - 1))
+    scales = layer.scales.numpy().astype(np.float32)
+    shift = ((m - layer.zeros.numpy().astype(np.float32)) * scales)[..., None]  # [V, K/G, 1]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(layer.qweight.numpy().reshape(rows, -1), f"{prefix}.qweight"),
+            numpy_helper.from_array(scales, f"{prefix}.scales"),
+            numpy_helper.from_array(shift, f"{prefix}.zero_shift"),
+            numpy_helper.from_array(np.array([0] * rank + [blocks, group], dtype=np.int64), f"{out}_grouped"),
+            numpy_helper.from_array(np.array([0] * rank + [blocks * group], dtype=np.int64), f"{out}_flat"),
+        ]
+    )
+    return [
+        helper.make_node(
+            "GatherBlockQuantized",
+            [f"{prefix}.qweight", ids, f"{prefix}.scales"],
+            [f"{out}_centered"],
+            name=f"{out}_centered",
+            domain="com.microsoft",
+            bits=bits,
+            block_size=group,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+        helper.make_node("Reshape", [f"{out}_centered", f"{out}_grouped"], [f"{out}_groups"], name=f"{out}_groups"),
+        helper.make_node("Gather", [f"{prefix}.zero_shift", ids], [f"{out}_shift"], name=f"{out}_shift"),
+        helper.make_node("Add", [f"{out}_groups", f"{out}_shift"], [f"{out}_shifted"], name=f"{out}_shifted"),
+        helper.make_node("Reshape", [f"{out}_shifted", f"{out}_flat"], [out], name=out),
+    ]
 
 
 def _pruned(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

@@ -60,7 +60,8 @@ def test_int8_backbone_is_fused_and_runs_int8_kernels(exported, tmp_path):
     assert fusion["int8_layers"] == 2 * 4 and fusion["float_layers"] == 0  # qkv, attention output, FFN in and out
     ops = _session_ops(out / MODEL_PATHS[0], tmp_path)
     assert ops["QAttention"] == 2 and ops["DynamicQuantizeMatMul"] == 2 * 3
-    assert "EmbedLayerNormalization" not in ops and "QGather" not in ops  # inlined: rows gathered per call
+    # the 4-bit tables' rows are gathered per call from their codes
+    assert "EmbedLayerNormalization" not in ops and ops["GatherBlockQuantized"] == 3
 
 
 def _float_tables(proto: onnx.ModelProto, model) -> list[str]:
@@ -145,6 +146,20 @@ def test_int8_path_takes_quantized_bert_backbones_of_any_width():
     assert unsupported(tiny_model("bert")) is None
     assert unsupported(tiny_model("bert", bits=3)) is None
     assert "float" in unsupported(tiny_model("bert", bits=None))
+
+
+def test_a_3_bit_backbone_gathers_its_tables_through_the_portable_function(tmp_path):
+    from mpismoe_edge.export.int8_target import int8_model
+
+    torch.manual_seed(0)
+    model = tiny_model("bert", bits=3).eval()
+    proto, stats = int8_model(model)
+    assert sum(n.op_type == "QGather" for n in proto.graph.node) == 3 and stats["gathered_tables"] == 1
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = make_inputs(model, batch=3, seq=9, lengths=[9, 5, 2], seed=1)
+    got = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(**feed).numpy()).max() <= INT8_ATOL
 
 
 def test_int8_target_on_a_non_bert_backbone_is_one_clear_error(tmp_path):
