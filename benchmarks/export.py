@@ -144,6 +144,7 @@ def anchor_parity(path: Path) -> float:
 
 def our_exports(checkpoint: str, work: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     from mpismoe_edge.export import export_model
+    from mpismoe_edge.export.pipeline import ParityError
     from mpismoe_edge.model import load_checkpoint
 
     model = load_checkpoint(checkpoint)
@@ -152,11 +153,16 @@ def our_exports(checkpoint: str, work: Path) -> tuple[dict[str, Path], dict[str,
         log(f"exporting MP-ISMoE --target {target}")
         t0 = time.perf_counter()
         folder = work / target
-        man = export_model(model, folder, target=target, log=None)
+        try:
+            report = export_model(model, folder, target=target, log=None)["parity"]
+        except ParityError as err:  # measured all the same, and the table says it failed its own tolerance
+            report = err.report
+            export_model(model, folder, target=target, log=None, validate=False)
         info[f"MP-ISMoE --target {target}"] = {
             "export_s": time.perf_counter() - t0,
-            "max_abs_diff": man["parity"]["max_abs_diff"],
-            "atol": man["parity"]["atol"],
+            "max_abs_diff": report["max_abs_diff"],
+            "atol": report["atol"],
+            "passed": report["passed"],
             "dir": folder,
         }
         rows[f"MP-ISMoE --target {target}"] = find_model(folder)
@@ -377,7 +383,11 @@ def main() -> None:
         print(f"| {name} | last_hidden_state vs PyTorch, real tokens, max abs diff | {diff:.2g} |")
     for name, inf in info.items():
         lab = labels[name]
-        print(f"| {name} | export validation: logits max abs diff (atol {inf['atol']:g}) | {inf['max_abs_diff']:.2g} |")
+        verdict = "passed" if inf["passed"] else "FAILED (exported with --no-validate to measure it)"
+        print(
+            f"| {name} | export validation: logits max abs diff (atol {inf['atol']:g}) | "
+            f"{inf['max_abs_diff']:.2g}, {verdict} |"
+        )
         acc = (
             f"accuracy {100 * lab['reference_accuracy']:.2f} (PyTorch) vs {100 * lab['candidate_accuracy']:.2f}"
             if lab.get("reference_accuracy") is not None

@@ -18,8 +18,8 @@ TARGET_RUNTIMES: dict[str, tuple[str, ...]] = {
     "portable": ONNXRUNTIME + ("openvino", "onnx-reference"),
     "ort-cpu": ONNXRUNTIME + ("openvino",),
     "ort-cuda": ("onnxruntime",),
-    # ORT's contrib int8 kernels (QAttention, DynamicQuantizeMatMul, EmbedLayerNormalization, ...)
-    "ort-int8": ("onnxruntime", "onnxruntime-web"),
+    # ORT's contrib kernels (QAttention, DynamicQuantizeMatMul, GatherBlockQuantized, MultiHeadAttention, ...)
+    "ort-int8": ONNXRUNTIME,
 }
 RUNTIMES = tuple(dict.fromkeys(r for rs in TARGET_RUNTIMES.values() for r in rs))
 NEEDS_INLINED = ("openvino",)  # runtimes that do not read model-local functions
