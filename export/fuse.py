@@ -32,21 +32,17 @@ import torch
 from onnx import numpy_helper
 
 from mpismoe_edge.quant.pack import pack_bits
-from mpismoe_edge.runtime.spec import TARGET_ATOL
+from mpismoe_edge.runtime.spec import TARGET_ATOL, TARGET_SPECS
 
 from . import functions as F
 from .validate import DEFAULT_ATOL
 
 MS_DOMAIN = "com.microsoft"
-TARGET_BITS = {
-    "portable": frozenset(),
-    "ort-cpu": frozenset({2, 4, 8}),
-    # CUDA MatMulNBits kernels exist for 4 and 8 bits; 2-bit nodes keep the portable function.
-    "ort-cuda": frozenset({4, 8}),
-}
-INT8_TARGET = "ort-int8"  # int8 compute on ORT CPU (int8_target.py); fuse() handles its side network as ort-cpu
-# onnxscript rewriter rules (export/rules/) each target applies after lowering its packed layers
-TARGET_RULES = {"portable": (), "ort-cpu": ("masked_attention",), "ort-cuda": ()}
+# views of the target records (runtime/spec.py); ort-int8's backbone has its own path (int8_target.py),
+# fuse() lowers its side network and its float layers
+TARGET_BITS = {name: t.packed_bits for name, t in TARGET_SPECS.items()}
+TARGET_RULES = {name: t.rules for name, t in TARGET_SPECS.items()}
+INT8_TARGET = next(name for name, t in TARGET_SPECS.items() if t.int8)
 
 
 def default_atol(target: str) -> float:

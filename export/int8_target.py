@@ -24,7 +24,7 @@ from torch import nn
 
 from . import functions as F
 from .backbone_graph import BACKBONE_INPUTS, fused_backbone, hidden_name, supports
-from .fuse import fuse
+from .fuse import INT8_TARGET, fuse
 from .int8 import WORD_EMBEDDINGS, packed_layers, quantize_backbone
 from .lower import OUTPUT_NAME, _translation_table, finalize
 
@@ -53,7 +53,7 @@ def int8_backbone(
         raise ValueError(f"{why}; export with --target portable or ort-cpu")
     proto, stats = fused_backbone(model, opset)
     proto, qstats = quantize_backbone(proto, model, float_layers)
-    proto, fstats = fuse(proto, "ort-cpu", zero_points=zero_points)  # the float layers' QMatMul -> MatMulNBits
+    proto, fstats = fuse(proto, INT8_TARGET, zero_points=zero_points)  # the float layers' QMatMul -> MatMulNBits
     proto = finalize(proto, opset)  # the functions its QGather (and any 3-bit QMatMul) need
     return proto, {
         **{f"backbone_{k}": v for k, v in stats.items()},
@@ -150,7 +150,7 @@ def int8_side(side: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     fractional zero points as floats (one node per layer, the codes resident as they are: folding
     them to float at load held ~25 MB more at its peak; the float-zero-point kernel is the slower
     one, but at these widths the node count is what costs), exact GELUs fused."""
-    return fuse(side, "ort-cpu", zero_points="float")
+    return fuse(side, INT8_TARGET, zero_points="float")
 
 
 def int8_model(

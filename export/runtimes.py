@@ -13,14 +13,9 @@ with Python ONNX Runtime).
 
 from __future__ import annotations
 
-ONNXRUNTIME = ("onnxruntime", "onnxruntime-node", "onnxruntime-web", "transformers.js", "onnxruntime-mobile")
-TARGET_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "portable": ONNXRUNTIME + ("openvino", "onnx-reference"),
-    "ort-cpu": ONNXRUNTIME + ("openvino",),
-    "ort-cuda": ("onnxruntime",),
-    # ORT's contrib kernels (QAttention, DynamicQuantizeMatMul, GatherBlockQuantized, MultiHeadAttention, ...)
-    "ort-int8": ONNXRUNTIME,
-}
+from mpismoe_edge.runtime.spec import ONNXRUNTIME, TARGET_SPECS  # noqa: F401  (ONNXRUNTIME re-exported)
+
+TARGET_RUNTIMES: dict[str, tuple[str, ...]] = {name: t.runtimes for name, t in TARGET_SPECS.items()}
 RUNTIMES = tuple(dict.fromkeys(r for rs in TARGET_RUNTIMES.values() for r in rs))
 NEEDS_INLINED = ("openvino",)  # runtimes that do not read model-local functions
 # OpenVINO's CPU plugin computes in bfloat16 by default on CPUs with bf16 units (AMX, AVX512-BF16),

@@ -6,6 +6,7 @@ instead of keeping copies (this module imports nothing but the standard library)
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 # (the task kinds, with their names, heads, losses, metrics and how output is read: tasks.py)
@@ -36,7 +37,6 @@ DEFAULT_BATCH_SIZE = 32  # texts per ONNX Runtime call
 
 # ---- export targets and the ONNX opset -----------------------------------------------------
 TargetName = typing.Literal["portable", "ort-cpu", "ort-cuda", "ort-int8"]
-TARGETS: tuple[str, ...] = typing.get_args(TargetName)
 DEFAULT_TARGET: str = "portable"
 MIN_OPSET = 18  # BitwiseAnd (18); also the lowest opset torch.onnx's dynamo exporter targets
 
@@ -44,10 +44,56 @@ EXPORT_ATOL = 1e-4  # export validation's max |logit difference| vs PyTorch on t
 # int8 activations (ort-int8: rounded per tensor, per call) move the logits by ~5e-2; this bar
 # catches wiring bugs (logits off by O(1)); label agreement is what mpismoe-parity measures.
 INT8_ATOL = 0.25
-# mpismoe-parity's default bars (max |logit difference|, min label agreement) by export target
-TARGET_ATOL = {"ort-int8": INT8_ATOL}  # export validation's tolerance where it is not EXPORT_ATOL
-PARITY_BARS = {"ort-int8": (INT8_ATOL, 0.995)}
-DEFAULT_PARITY_BARS = (1e-3, 0.999)  # the float-exact targets
+DEFAULT_PARITY_BARS = (1e-3, 0.999)  # mpismoe-parity's (max |logit difference|, min label agreement), float-exact
+
+# the runtimes an export can promise (export/runtimes.py says what each is; tests/test_deploy.py runs them)
+ONNXRUNTIME = ("onnxruntime", "onnxruntime-node", "onnxruntime-web", "transformers.js", "onnxruntime-mobile")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """One export target, whole: how its graph is lowered and what it promises.
+
+    ``packed_bits``: the ``QMatMul`` widths lowered to ``com.microsoft.MatMulNBits`` (others keep
+    the portable function); ``rules``: the rule sets of ``export/rules/`` applied after that;
+    ``int8``: the backbone takes ORT's fused int8 path (``export/int8_target.py``), its side
+    network lowered as ``ort-cpu``; ``atol``: export validation's tolerance; ``parity_bars``:
+    ``mpismoe-parity``'s defaults; ``runtimes``: where the export runs (held by the deploy tests).
+    """
+
+    name: str
+    packed_bits: frozenset[int]
+    rules: tuple[str, ...]
+    runtimes: tuple[str, ...]
+    int8: bool = False
+    atol: float = EXPORT_ATOL
+    parity_bars: tuple[float, float] = DEFAULT_PARITY_BARS
+
+
+TARGET_SPECS: dict[str, TargetSpec] = {
+    t.name: t
+    for t in (
+        TargetSpec("portable", frozenset(), (), ONNXRUNTIME + ("openvino", "onnx-reference")),
+        TargetSpec("ort-cpu", frozenset({2, 4, 8}), ("masked_attention",), ONNXRUNTIME + ("openvino",)),
+        # CUDA MatMulNBits kernels exist for 4 and 8 bits; 2-bit nodes keep the portable function
+        TargetSpec("ort-cuda", frozenset({4, 8}), (), ("onnxruntime",)),
+        TargetSpec(
+            "ort-int8",
+            frozenset({2, 4, 8}),
+            ("masked_attention",),
+            ONNXRUNTIME,
+            int8=True,
+            atol=INT8_ATOL,
+            parity_bars=(INT8_ATOL, 0.995),
+        ),
+    )
+}
+TARGETS: tuple[str, ...] = tuple(TARGET_SPECS)
+assert TARGETS == typing.get_args(TargetName), "TargetName and TARGET_SPECS list the same targets"
+# views of the records for the modules that read one fact
+TARGET_ATOL = {t.name: t.atol for t in TARGET_SPECS.values() if t.atol != EXPORT_ATOL}
+PARITY_BARS = {t.name: t.parity_bars for t in TARGET_SPECS.values() if t.parity_bars != DEFAULT_PARITY_BARS}
+
 
 # ---- the exported directory ----------------------------------------------------------------
 FORMAT_PREFIX = "mpismoe-edge-onnx/"

@@ -5,13 +5,17 @@ import pytest
 from mpismoe_edge.runtime import spec
 
 
-def test_every_export_target_has_a_lowering_plan():
+def test_each_export_target_is_one_record_that_the_export_side_reads():
     pytest.importorskip("onnx")
-    from mpismoe_edge.export.fuse import INT8_TARGET, TARGET_BITS
+    from mpismoe_edge.export.fuse import INT8_TARGET, TARGET_BITS, TARGET_RULES, default_atol
     from mpismoe_edge.export.runtimes import TARGET_RUNTIMES
 
-    assert (*TARGET_BITS, INT8_TARGET) == spec.TARGETS and spec.DEFAULT_TARGET in spec.TARGETS
-    assert tuple(TARGET_RUNTIMES) == spec.TARGETS
+    assert tuple(spec.TARGET_SPECS) == spec.TARGETS and spec.DEFAULT_TARGET in spec.TARGETS
+    for name, target in spec.TARGET_SPECS.items():
+        assert TARGET_BITS[name] == target.packed_bits and TARGET_RULES[name] == target.rules
+        assert TARGET_RUNTIMES[name] == target.runtimes and default_atol(name) == target.atol
+        assert spec.PARITY_BARS.get(name, spec.DEFAULT_PARITY_BARS) == target.parity_bars
+    assert [name for name, t in spec.TARGET_SPECS.items() if t.int8] == [INT8_TARGET]
 
 
 def test_the_export_cli_offers_the_targets_and_opset_of_the_spec():
