@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default=DEFAULT_TARGET,
         choices=TARGETS,
-        help="ort-int8: ORT's fused BERT backbone with int8 compute, packed weights folded at load "
-        "(fastest on CPU and wasm; int8 activations, logits within ~5e-2); "
+        help="ort-int8: ORT's fused BERT backbone with int8 compute and weights, embeddings kept 4-bit "
+        "(fastest on CPU and wasm, in the int8 anchor's memory; int8 activations, validated at atol 0.25); "
         "portable: ai.mpismoe functions of standard ONNX ops (any runtime, float-exact); "
         "ort-cpu / ort-cuda: packed layers as com.microsoft.MatMulNBits (float-exact) "
         "(default: portable)",

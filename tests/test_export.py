@@ -478,3 +478,11 @@ def test_validation_runs_the_models_max_length_padded_and_unpadded(max_length):
     full = [c for c in cases if c.seq == max_length]
     assert any(not c.padded for c in full) and any(c.padded for c in full)
     assert min(c.seq for c in cases) <= 5  # short sequences stay
+
+
+def test_float_layers_on_a_float_exact_target_are_refused_before_any_work(model, tmp_path):
+    from mpismoe_edge.export.pipeline import export_model
+
+    with pytest.raises(ValueError, match="ort-int8 option"):
+        export_model(model, tmp_path / "out", target="portable", float_layers=["encoder.layer.0.output.dense"])
+    assert not (tmp_path / "out").exists()
