@@ -190,7 +190,7 @@ def _apply_rules(model: onnx.ModelProto, names: tuple[str, ...], stats: Counter)
     """``model`` rewritten by the named rule sets of :mod:`.rules` (rewrites counted in ``stats``)."""
     if not names:
         return model
-    import onnx_ir as ir
+    from onnxscript import ir
 
     from . import rules
 
