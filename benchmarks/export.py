@@ -81,9 +81,11 @@ def hf_backbone() -> nn.Module:
     ).eval()
 
 
-def export_hf_way(model: nn.Module, path: Path) -> None:
-    """``torch.onnx.export(dynamo=False)`` as Hugging Face's exporter calls it (opset 17)."""
+def export_hf_way(model: nn.Module, path: Path, output: str = "last_hidden_state", per_token: bool = True) -> None:
+    """``torch.onnx.export(dynamo=False)`` as Hugging Face's exporter calls it (opset 17); the output
+    ``[batch, sequence, ...]``, or ``[batch, ...]`` when not ``per_token`` (a sequence's logits)."""
     names = ["input_ids", "attention_mask", "token_type_ids"]
+    out_axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     ids = torch.ones(1, 8, dtype=torch.long)
     torch.onnx.export(
         model,
@@ -92,21 +94,18 @@ def export_hf_way(model: nn.Module, path: Path) -> None:
         dynamo=False,
         opset_version=17,
         input_names=names,
-        output_names=["last_hidden_state"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, "last_hidden_state")},
+        output_names=[output],
+        dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, output: out_axes},
     )
 
 
-def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """The anchor files and, per anchor, what was fused or quantized."""
+def int8_the_ort_way(fp32: Path, opt: Path, int8: Path, heads: int, hidden: int) -> dict[str, int]:
+    """What a CPU user does to ``fp32``: ORT's BERT optimizer (written to ``opt``), then
+    ``quantize_dynamic`` (QInt8 weights per channel, written to ``int8``); the fusions it made."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.transformers import optimizer
 
-    model = hf_backbone()
-    fp32, opt, int8, nbits = (work / f for f in ("fp32.onnx", "fp32-opt.onnx", "int8.onnx", "nbits4.onnx"))
-    export_hf_way(model, fp32)
-    fused = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=12, hidden_size=384)
+    fused = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=heads, hidden_size=hidden)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     fused.save_model_to_file(str(opt))
     quantize_dynamic(
@@ -116,6 +115,17 @@ def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
         per_channel=True,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    return stats
+
+
+def build_anchors(work: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The anchor files and, per anchor, what was fused or quantized."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = hf_backbone()
+    fp32, opt, int8, nbits = (work / f for f in ("fp32.onnx", "fp32-opt.onnx", "int8.onnx", "nbits4.onnx"))
+    export_hf_way(model, fp32)
+    stats = int8_the_ort_way(fp32, opt, int8, heads=12, hidden=384)
     q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
     q.process()
     q.model.save_model_to_file(str(nbits), use_external_data_format=False)

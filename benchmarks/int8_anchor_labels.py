@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run by path: import benchmarks.* from the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
@@ -29,35 +28,14 @@ TEXT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
 def export_int8(model: torch.nn.Module, work: Path) -> Path:
-    """The fine-tuned model exported as Hugging Face's exporter does (TorchScript, opset 17), fused by
-    ORT's BERT optimizer and quantized by ``quantize_dynamic`` as benchmarks/export.py's anchor."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers import optimizer
+    """The fine-tuned model exported as benchmarks/export.py's int8 anchor is (Hugging Face's
+    exporter, ORT's BERT optimizer, ``quantize_dynamic``); the int8 file."""
+    from benchmarks.export import export_hf_way, int8_the_ort_way
 
     fp32, opt, int8 = work / "fp32.onnx", work / "fp32-opt.onnx", work / "int8.onnx"
-    ids = torch.ones(1, 8, dtype=torch.long)
-    torch.onnx.export(
-        model,
-        (ids, ids.clone(), torch.zeros_like(ids)),
-        str(fp32),
-        dynamo=False,
-        opset_version=17,
-        input_names=TEXT_INPUTS,
-        output_names=["logits"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in TEXT_INPUTS} | {"logits": {0: "batch"}},
-    )
+    export_hf_way(model, fp32, output="logits", per_token=False)
     cfg = model.backbone.config
-    fused = optimizer.optimize_model(
-        str(fp32), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size
-    )
-    fused.save_model_to_file(str(opt))
-    quantize_dynamic(
-        opt,
-        int8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    int8_the_ort_way(fp32, opt, int8, heads=cfg.num_attention_heads, hidden=cfg.hidden_size)
     return int8
 
 
