@@ -57,8 +57,9 @@ class TargetSpec:
     ``packed_bits``: the ``QMatMul`` widths lowered to ``com.microsoft.MatMulNBits`` (others keep
     the portable function); ``rules``: the rule sets of ``export/rules/`` applied after that;
     ``int8``: the backbone takes ORT's fused int8 path (``export/int8_target.py``), its side
-    network lowered as ``ort-cpu``; ``atol``: export validation's tolerance; ``parity_bars``:
-    ``mpismoe-parity``'s defaults; ``runtimes``: where the export runs (held by the deploy tests).
+    network lowered by ``fuse`` with this record's widths and rules; ``atol``: export validation's
+    tolerance; ``parity_bars``: ``mpismoe-parity``'s defaults; ``runtimes``: where the export runs
+    (held by the deploy tests).
     """
 
     name: str
