@@ -1,10 +1,11 @@
 """The tables of ``benchmarks/tasks.py --report``, from the rows of its results file (JSONL).
 
 A row is one run (``kind: "run"``: test and validation metrics at the chosen epoch, peak RSS,
-trainable parameters, seconds, training rows, epochs) or one live-tensor probe (``kind:
+trainable parameters, seconds, training rows, epochs, learning rate) or one live-tensor probe (``kind:
 "probe"``); :func:`summarize` prints a backbone's table (means over seeds) and the paired
 comparisons, :func:`small_data_report` whether default ``mpismoe-train`` beats the majority class
-/ mean predictor wherever full fine-tuning does. Nothing here runs a model.
+/ mean predictor wherever full fine-tuning does. Where a method ran at several learning rates,
+the table holds only the rate :func:`chosen_lr` picks on validation. Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -20,9 +21,35 @@ PRIMARY = {"classification": "accuracy", "token-classification": "entity_f1", "r
 SECONDARY = {"token-classification": "word_accuracy", "regression": "spearman"}
 
 
+def lr_of(r: dict) -> float | None:
+    """A row's learning rate to three significant digits (None: a probe, or the command line's default)."""
+    return None if r.get("lr") is None else float(f"{r['lr']:.3g}")
+
+
 def run_key(r: dict) -> tuple:
     """What identifies a row of the results file: a run already there is not run again."""
-    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run")
+    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run"), lr_of(r)
+
+
+def chosen_lr(rows: list[dict], task: str, backbone: str, method: str, kind: str) -> tuple[float | None, list[float]]:
+    """(the learning rate chosen, the grid it was chosen from) for ``method`` on ``task``: the
+    grid is every rate run at the lowest seed that ran, the choice its run with the best
+    validation by the epoch rule's key (``selection_key``: metric, then -loss; ``kind``: the
+    task kind). The test split plays no part."""
+    from mpismoe_edge.selection import selection_key
+
+    runs = [
+        r
+        for r in rows
+        if (r["task"], r["backbone"], r["method"], r.get("kind", "run")) == (task, backbone, method, "run")
+    ]
+    if not runs:
+        return None, []
+    seed = min(r["seed"] for r in runs)
+    tuned = [r for r in runs if r["seed"] == seed]
+    grid = sorted({lr for r in tuned if (lr := lr_of(r)) is not None})
+    best = tuned[0] if len(tuned) == 1 else max(tuned, key=lambda r: selection_key(r["val"], kind))
+    return lr_of(best), grid
 
 
 def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[str, dict]) -> str:
@@ -32,8 +59,9 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
     lines = [
         "| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | "
         "epoch chosen / trained "
-        "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows "
+        "| learning rate (chosen on validation from) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     table: dict[tuple[str, str], dict] = {}
     for task in TASKS:
@@ -48,9 +76,13 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 if sec
                 else f"| {task} | majority / mean | {100 * base[prim]:.2f} | - | - |"
             )
-            lines[-1] += " - | - | - | - | 0 | 0 | - |"
+            lines[-1] += " - | - | - | - | 0 | 0 | - | - |"
         for method in (*METHODS, *SKIP_METHODS, CLI_METHOD):
-            rs = sorted((r for r in runs if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
+            lr, grid = chosen_lr(runs, task, backbone, method, kind)
+            rs = sorted(
+                (r for r in runs if r["task"] == task and r["method"] == method and lr_of(r) == lr),
+                key=lambda r: r["seed"],
+            )
             if not rs:
                 continue
             vals = [r["test"][prim] for r in rs]
@@ -71,7 +103,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
                 f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | "
                 f"{statistics.median(r['seconds'] for r in rs):.0f} "
-                f"| {rs[0]['train_rows']:,} |"
+                f"| {rs[0]['train_rows']:,} | {_lr_text(lr, grid)} |"
             )
     lines.append("")
     lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
@@ -105,6 +137,12 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             gap = statistics.mean(100 * (table[(t, ours)]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
             lines.append(f"\n{ours} vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
     return "\n".join(lines)
+
+
+def _lr_text(lr: float | None, grid: list[float]) -> str:
+    if lr is None:
+        return "-"
+    return f"{lr:g}" + (f" ({' / '.join(f'{g:g}' for g in grid)})" if len(grid) > 1 else "")
 
 
 BEATS = {"classification": ("accuracy", 1), "token-classification": ("entity_f1", 1), "regression": ("mse", -1)}

@@ -55,6 +55,16 @@ def build(method: str, info: dict, args):
     return fine_tuned(backbone, outputs, info["task"] == "token-classification", lora=method == "lora"), tok
 
 
+def lr_option(method: str) -> str:
+    """The sweep's option holding ``method``'s learning rate (an ``args`` attribute)."""
+    return {"full-ft": "full_lr", "lora": "lora_lr"}.get(method, "side_lr")
+
+
+def learning_rate(method: str, args) -> float:
+    """The learning rate ``method`` trains with: ``--full-lr``, ``--lora-lr`` or ``--side-lr``."""
+    return getattr(args, lr_option(method))
+
+
 def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int]:
     """``mpismoe_edge.train`` with the sweep's settings; (chosen epoch, epochs trained)."""
     from mpismoe_edge.selection import EpochLog
@@ -64,7 +74,7 @@ def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int]:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.patience,
         min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero",
     )  # fmt: skip
-    out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}")
+    out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{args.side_lr:g}")
     res = train(model, train_ds, val_ds, tcfg, out, progress=False)
     return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"]
 
@@ -89,6 +99,7 @@ def run_one(method: str, args) -> dict:
     base = rss()
     with PeakRSS() as mem:
         start = time.perf_counter()
+        lr = None if method == CLI_METHOD else learning_rate(method, args)
         if method == CLI_METHOD:
             out = Path(args.workdir) / f"{args.task}-{args.backbone}-{CLI_METHOD}-{args.seed}"
             files = write_split_files(args.data, args.task, args.seed, args.train_rows, args.val_rows, out / "data")
@@ -107,8 +118,7 @@ def run_one(method: str, args) -> dict:
         else:
             model, tok = build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            lr = args.full_lr if method == "full-ft" else args.lora_lr
-            epoch, val, trained = _train_plain(model, tok, info, train_ds, val_ds, args, lr)
+            epoch, val, trained = _train_plain(model, tok, info, train_ds, val_ds, args, learning_rate(method, args))
         test = score(model, tok, test_ds, info, model.input_names)  # once, by the chosen epoch's model
         seconds = time.perf_counter() - start
     return {
@@ -124,6 +134,7 @@ def run_one(method: str, args) -> dict:
         "seconds": seconds,
         "train_rows": len(train_ds),
         "epochs": trained,
+        "lr": lr,
     }
 
 

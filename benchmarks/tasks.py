@@ -27,7 +27,11 @@ rules (``mpismoe_edge.selection``): at least ``--min-steps`` steps (small data t
 ``--epochs``), the epoch judged on validation by (metric, -loss) (entity F1 for NER, accuracy,
 -MSE for regression), ``--patience`` epochs without a better one stop it once the minimum steps
 are done; the test split is scored once, by the model of the chosen epoch. ``--train-rows N``
-subsamples the training rows (seeded, the same rows for every method).
+subsamples the training rows (seeded, the same rows for every method). ``--lr-grid 0.4 1 2.5``
+tunes each method's learning rate on validation: the method's rate times each factor runs at the
+first seed, the other seeds run at the rate whose run validated best (``task_report.chosen_lr``:
+the epoch rule's key, the test split plays no part), and the table holds only that rate's runs
+and names the grid.
 Test metrics: accuracy; entity-level F1 (seqeval's default mode) and word accuracy for NER, a
 word cut off by ``max_length`` predicted ``O``; Pearson and Spearman for regression. Memory is
 measured as in benchmarks/train.py: peak RSS of the run's own process (build + training) and
@@ -41,7 +45,7 @@ the tables (``task_report``). ``python -m benchmarks.tasks`` runs it too.
 
     python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...]
                                [--seeds 0 1 2] [--epochs 3] [--min-steps 200] [--train-rows N] [--val-rows N]
-                               [--results FILE] [--smoke]
+                               [--lr-grid X ...] [--results FILE] [--smoke]
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ if __package__ in (None, ""):  # run by path: import benchmarks.* from the repos
 from benchmarks.peers import CLI_METHOD, METHODS, SKIP_METHODS
 from benchmarks.scoring import baseline
 from benchmarks.task_data import BACKBONES, TASKS, backbone_path, load_task
-from benchmarks.task_report import read_results, run_key, small_data_report, summarize
+from benchmarks.task_report import chosen_lr, read_results, run_key, small_data_report, summarize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--side-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr-grid",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="X",
+        help="each method's learning rate times X, every X run at the first seed; the other seeds run "
+        "at the one chosen on validation (default: 1, no tuning; the tuned sweeps: 0.4 1 2.5)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
@@ -182,51 +195,52 @@ def main(argv: list[str] | None = None) -> int:
     ]
     common += ["--train-rows", str(args.train_rows)] if args.train_rows else []
     common += ["--val-rows", str(args.val_rows)] if args.val_rows else []
-    jobs = [
-        (task, b, m, s, kind)
-        for b in args.backbones
-        for task in args.tasks
-        for m in args.methods
-        for kind, seeds in (("probe", [] if args.no_probe or m == CLI_METHOD else args.seeds[:1]), ("run", args.seeds))
-        for s in seeds
-    ]
     from tqdm.auto import tqdm
 
-    for task, b, method, seed, kind in tqdm([] if args.report else jobs, desc="runs"):
-        if (task, b, method, seed, kind) in done:
-            continue
-        cmd = [
-            sys.executable,
-            __file__,
-            f"--{'one' if kind == 'run' else 'probe'}",
-            method,
-            "--task",
-            task,
-            "--backbone",
-            b,
-            "--seed",
-            str(seed),
-            *common,
-        ]
+    from benchmarks.task_run import learning_rate, lr_option
+
+    combos = [(task, b, m) for b in args.backbones for task in args.tasks for m in args.methods]
+    grid = [1.0] if args.report else args.lr_grid
+    per_combo = (0 if args.no_probe else 1) + len(grid) + len(args.seeds) - 1
+    bar = tqdm(total=0 if args.report else len(combos) * per_combo, desc="runs")
+
+    def run(task: str, b: str, method: str, seed: int, kind: str, lr: float | None) -> bool:
+        """One job, unless the results file has it; False when it failed."""
+        bar.update()
+        row = {"task": task, "backbone": b, "method": method, "seed": seed, "kind": kind, "lr": lr}
+        if run_key(row) in done:
+            return True
+        cmd = [sys.executable, __file__, f"--{'one' if kind == 'run' else 'probe'}", method, "--task", task,
+               "--backbone", b, "--seed", str(seed), *common]  # fmt: skip
+        if lr is not None:
+            cmd += ["--" + lr_option(method).replace("_", "-"), str(lr)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"error: {kind} {task} {b} {method} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        row = {
-            **json.loads(proc.stdout.strip().splitlines()[-1]),
-            "task": task,
-            "backbone": b,
-            "method": method,
-            "seed": seed,
-            "kind": kind,
-        }
+            return False
+        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), **{k: v for k, v in row.items() if k != "lr"}}
         rows.append(row)
+        done.add(run_key(row))
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(
-            f"# {kind} {task} {b} {method} seed {seed}: "
+        bar.write(
+            f"# {kind} {task} {b} {method} seed {seed} lr {row.get('lr')}: "
             + json.dumps({k: row[k] for k in ("test", "peak_rss_mb", "tensor_peak_mb", "seconds") if k in row})
         )
+        return True
+
+    for task, b, method in [] if args.report else combos:
+        tuned = method != CLI_METHOD
+        base = learning_rate(method, args) if tuned else None
+        lrs: list[float | None] = [float(f"{base * m:.3g}") for m in grid] if base is not None else [None]
+        first, *rest = args.seeds
+        ok = (args.no_probe or not tuned or run(task, b, method, first, "probe", None)) and all(
+            run(task, b, method, first, "run", lr) for lr in lrs
+        )
+        lr = chosen_lr(rows, task, b, method, infos[task]["task"])[0] if ok and len(lrs) > 1 else lrs[0]
+        if not (ok and all(run(task, b, method, s, "run", lr) for s in rest)):
+            return 1
+    bar.close()
     for b in args.backbones:
         print(f"\n## {b}\n")
         print(summarize(rows, b, infos, baselines))

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.scoring import baseline, word_predictions
 from benchmarks.task_data import load_task, write_split_files
-from benchmarks.task_report import small_data_report, summarize
+from benchmarks.task_report import chosen_lr, run_key, small_data_report, summarize
 from mpismoe_edge.data import Dataset
 
 
@@ -122,3 +122,25 @@ def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
     assert "| tweets | 0 | accuracy | 55.00 | 60.00 | 50.00 | 9 / 13 | yes | no |" in text
     assert "| vader-movies | 0 | mse | 3.00 | 2.00 | 2.50 | 1 / 13 | yes | yes |" in text
     assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text
+
+
+def _tuned(seed, lr, val, test, loss=1.0):
+    return {**_row("tweets", "lst", seed, test), "lr": lr, "val": {"accuracy": val, "loss": loss}}
+
+
+def test_the_learning_rate_is_the_best_on_validation_at_the_first_seed_not_on_test():
+    rows = [_tuned(0, 1e-3, 0.70, 0.90), _tuned(0, 2.5e-3, 0.72, 0.60), _tuned(0, 4e-4, 0.72, 0.95, loss=2.0)]
+    rows.append(_tuned(1, 4e-4, 0.99, 0.99))  # another seed does not vote
+    assert chosen_lr(rows, "tweets", "minilm", "lst", "classification") == (2.5e-3, [4e-4, 1e-3, 2.5e-3])
+
+
+def test_the_table_holds_the_chosen_learning_rate_runs_and_names_the_grid():
+    rows = [_tuned(0, 1e-3, 0.70, 0.90), _tuned(0, 2.5e-3, 0.72, 0.60), _tuned(1, 2.5e-3, 0.70, 0.70)]
+    text = summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {})
+    assert "| tweets | lst | 65.00 | 60.00 / 70.00 |" in text
+    assert text.split("\n")[2].endswith("| 0.0025 (0.001 / 0.0025) |")
+
+
+def test_runs_at_two_learning_rates_are_two_runs_and_the_same_rate_is_one():
+    assert run_key(_tuned(0, 1e-3, 0, 0)) != run_key(_tuned(0, 2.5e-3, 0, 0))
+    assert run_key(_tuned(0, 0.001, 0, 0)) == run_key(_tuned(0, 0.0010000000001, 0, 0))
