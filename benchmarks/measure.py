@@ -69,6 +69,7 @@ def tensor_peak(model, tok, data, task: str, *, batch_size: int, seed: int, step
     from benchmarks.peer_training import batch
     from mpismoe_edge.inference import token_lengths
     from mpismoe_edge.loop import batch_order, train_epoch
+    from mpismoe_edge.train import TrainConfig, make_optimizer
 
     lengths = token_lengths(tok, data.texts)
     batches = sorted(batch_order(lengths, batch_size, seed), key=lambda b: -max(lengths[j] for j in b))
@@ -76,7 +77,7 @@ def tensor_peak(model, tok, data, task: str, *, batch_size: int, seed: int, step
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
     }
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt, _ = make_optimizer(params, TrainConfig(lr=1e-4), steps=steps)  # the optimizer training builds
     model.train()
     window = (batch(tok, data, idx, task, model.input_names) for idx in batches[:steps])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -61,6 +61,7 @@ def setup(method: str):
     from mpismoe_edge.data import load_default
     from mpismoe_edge.inference import encode, make_tokenizer
     from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
+    from mpismoe_edge.train import TrainConfig, make_optimizer
 
     train_ds, _ = load_default(64, 10)
     backbone, tok_json = load_backbone(default_backbone_path())
@@ -73,7 +74,7 @@ def setup(method: str):
         backbone, ModelConfig(labels=train_ds.labels, max_length=64, side=side, quant=quant), tok_json, progress=False
     )
     feed = encode(make_tokenizer(tok_json, 64), train_ds.texts[:32], model.input_names)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4), steps=1)
     return model.train(), opt, feed, torch.tensor(train_ds.targets[:32])
 
 

@@ -89,12 +89,18 @@ def check_compatible(model: MPISMoEModel, data: Dataset) -> None:
             raise ValueError(f"label id {bad[0]} out of range for {n} labels {model.config.labels}")
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what torch's fused AdamW updates
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], cfg: TrainConfig, steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (``cfg.lr``, ``cfg.weight_decay``) with a linear warmup over ``cfg.warmup_ratio`` of
-    ``steps``, then a linear decay to zero at ``steps``; call ``sched.step()`` after each step."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ``steps``, then a linear decay to zero at ``steps``; call ``sched.step()`` after each step.
+    The fused kernel where torch has one for every parameter (CPU, CUDA): one pass over all
+    parameters instead of a dozen small ops per tensor (the same update to ~1e-8)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     warm = max(1, int(cfg.warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))

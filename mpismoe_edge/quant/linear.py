@@ -42,6 +42,11 @@ class QuantLinear(nn.Module):
             x.device.type
         ):  # compute in autocast's dtype: the weight is dequantized straight to it
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if not (torch.is_grad_enabled() or torch.compiler.is_exporting()):
+            # the frozen backbone's path: nothing is kept for a backward, so the bias goes into the
+            # GEMM (one addmm, as nn.Linear) instead of a pass of its own over the output
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
         y = ops.qmatmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         return y + self.bias if self.bias is not None else y
 
