@@ -61,10 +61,9 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _zero_point_plan(z: np.ndarray, bits: int, mode: str) -> str:
     if mode not in ZERO_POINT_MODES:
         raise ValueError(f"unknown zero point mode {mode!r}; expected one of {ZERO_POINT_MODES}")
-    integral = bool(np.array_equal(z, np.round(z)) and z.min() >= 0 and z.max() <= (1 << bits) - 1)
-    if mode == "float" and bits != 8:
-        return "float"
-    return "uint8" if integral else "shift"
+    if np.array_equal(z, np.round(z)) and z.min() >= 0 and z.max() <= (1 << bits) - 1:
+        return "uint8"  # exact in every mode, and ORT's fast path
+    return "float" if mode == "float" and bits != 8 else "shift"
 
 
 def fuse(
@@ -74,7 +73,8 @@ def fuse(
 
     ``zero_points="auto"`` (integers as packed uint8, fractional ones by the shift identity)
     runs ORT's fast kernels; ``"float"`` hands fractional zero points to the kernel as floats
-    (2/4 bits; exact, but ORT's CPU kernel is 2-3x slower on that path).
+    (2/4 bits; exact, but ORT's CPU kernel is 2-3x slower on that path). Integer zero points go
+    as packed uint8 in both modes.
     ``accuracy_level`` is MatMulNBits' attribute: 0 computes in the input's float type (matches
     PyTorch to float rounding); 4 lets ORT's CPU kernel quantize activations to int8 per block
     (faster where int8 dot products are, at an activation-rounding error).

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, QuantConfig
+from .config import ModelConfig
 from .files import save_torch
 from .quant.api import load_quantized_state, quantize_model
 from .quant.fingerprint import fingerprint
@@ -118,9 +118,9 @@ class MPISMoEModel(nn.Module):
         return torch.stack(loads) if loads else torch.zeros(0, 0)
 
     def pack_experts(self) -> None:
-        """Replace the quantization-aware expert layers by packed QuantLinears (the backbone's
-        quantization method; GNP-IQ when the backbone stays float)."""
-        pack_expert_linears(self.side, self.config.quant or QuantConfig())
+        """Replace the quantization-aware expert layers by packed QuantLinears, on the grid
+        they were trained on."""
+        pack_expert_linears(self.side)
 
 
 def default_backbone_path() -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import QuantConfig
-from ..quant.api import quantize_weight
 from ..quant.linear import QuantLinear
-from ..quant.rtn import check_weight, encode, minmax_params
+from ..quant.rtn import check_weight, encode, minmax_params, rtn_quantize
 
 
 class FakeQuantLinear(nn.Linear):
@@ -57,12 +55,13 @@ class Expert(nn.Module):
 
 
 @torch.no_grad()
-def pack_expert_linears(module: nn.Module, quant: QuantConfig) -> None:
-    """Replace every FakeQuantLinear under ``module`` with a packed QuantLinear, quantized by
-    the backbone's method (``quant.method``, GNP-IQ or RTN) at the expert's own group size."""
+def pack_expert_linears(module: nn.Module) -> None:
+    """Replace every FakeQuantLinear under ``module`` with a packed QuantLinear on the grid it
+    was trained on (:func:`fake_quantize`'s: min-max RTN, integer zero points), so the packed
+    layer computes what training and validation saw. Its integer zero points are also what ONNX
+    Runtime's fast ``MatMulNBits`` path takes. (Re-quantizing with GNP-IQ, as before, fitted the
+    float latent weights, which no forward pass ever used, and gave fractional zero points.)"""
     for name, child in list(module.named_modules()):
         if isinstance(child, FakeQuantLinear):
-            q = quantize_weight(
-                child.weight, child.bits, QuantConfig(**{**quant.to_dict(), "group_size": child.group_size}), name
-            )
+            q = rtn_quantize(child.weight, child.bits, child.group_size, name)
             module.set_submodule(name, QuantLinear.from_quantized(q, child.bias))
