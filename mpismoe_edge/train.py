@@ -260,8 +260,7 @@ def _pack(run: _Run) -> None:
     if model.config.side.expert_bits is None:
         return
     if run.show:
-        method = model.config.quant.method if model.config.quant else "gnpiq"
-        tqdm.write(f"packing the experts ({method}, {model.config.side.expert_bits} bits)")
+        tqdm.write(f"packing the experts ({model.config.side.expert_bits} bits, on their training grid)")
     model.to("cpu")  # the quantizers' home; every rank packs the same weights the same way
     model.pack_experts()
     model.to(run.device)
