@@ -45,6 +45,7 @@ from onnxscript.values import Opset
 from mpismoe_edge.runtime.spec import MIN_OPSET  # noqa: F401  (BitwiseAnd needs 18; re-exported)
 
 DOMAIN = "ai.mpismoe"
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 DOMAIN_VERSION = 1
 
 mpismoe = Opset(DOMAIN, DOMAIN_VERSION)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import onnx
 from onnxscript.rewriter import pattern
 
-from ..functions import DOMAIN
-
-MS_DOMAIN = "com.microsoft"
+from ..functions import DOMAIN, MS_DOMAIN
 
 
 class MaskedAttentionToMHA(pattern.RewriteRuleClassBase):
