@@ -1,12 +1,11 @@
 """A target's graph rewrites of the portable model: each one an onnxscript rewriter rule.
 
-* ``ai.mpismoe.QMatMul`` -> ``com.microsoft.MatMulNBits`` where the target has a kernel for the
-  width (:mod:`.rules.qmatmul_nbits`; 3-bit nodes and weights that are not initializers keep
-  the portable function);
-* exact GELUs, which torch.onnx writes as ``x * (0.5 * (1 + Erf(x / sqrt 2)))`` and ONNX
-  Runtime's session optimizer leaves unfused, -> one ``com.microsoft.Gelu`` each (onnxscript's
-  own ``ort_fusions.erfgelu`` rules);
-* the rule sets the target's record names (``TargetSpec.rules``, e.g. ``masked_attention``).
+* ``ai.mpismoe.QMatMul`` -> ``com.microsoft.MatMulNBits`` at the widths the target's record
+  lists (``TargetSpec.packed_bits``; :mod:`.rules.qmatmul_nbits`; 3-bit nodes and weights that
+  are not initializers keep the portable function);
+* then the rule sets the record names (``TargetSpec.rules``: ``gelu``, ``masked_attention``).
+
+A target with neither (``portable``) gets its graph back untouched.
 
 ``TopKRoute`` stays the portable function on every target.
 """
@@ -24,10 +23,8 @@ from .functions import MS_DOMAIN
 from .rules.qmatmul_nbits import ACCURACY_LEVELS, ZERO_POINT_MODES  # noqa: F401  (the options fuse() takes)
 from .validate import DEFAULT_ATOL
 
-# views of the target records (runtime/spec.py); ort-int8's backbone has its own path (int8_target.py),
-# fuse() lowers its side network and its float layers
-TARGET_BITS = {name: t.packed_bits for name, t in TARGET_SPECS.items()}
-TARGET_RULES = {name: t.rules for name, t in TARGET_SPECS.items()}
+# the one int8 target (runtime/spec.py): its backbone has its own path (int8_target.py), fuse()
+# lowers its side network and its float layers
 INT8_TARGET = next(name for name, t in TARGET_SPECS.items() if t.int8)
 
 
@@ -49,16 +46,18 @@ def fuse(
     PyTorch to float rounding); 4 lets ORT's CPU kernel quantize activations to int8 per block
     (faster where int8 dot products are, at an activation-rounding error).
     """
-    if target not in TARGET_BITS:
-        raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGET_BITS)}")
+    if target not in TARGET_SPECS:
+        raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGET_SPECS)}")
     from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
     from onnxscript import ir
-    from onnxscript.rewriter.ort_fusions import erfgelu
 
     from . import rules
 
+    spec = TARGET_SPECS[target]
     stats: Counter = Counter()
-    lowering = rules.qmatmul_nbits_rules(TARGET_BITS[target], stats, zero_points, accuracy_level)
+    lowering = rules.qmatmul_nbits_rules(tuple(spec.packed_bits), stats, zero_points, accuracy_level)
+    if not spec.packed_bits and not spec.rules:
+        return model, {}
     graph = ir.serde.deserialize_model(model)
     for rule_set in lowering:
         rule_set.apply_to_model(graph)
@@ -67,9 +66,8 @@ def fuse(
     for node in graph.graph:
         if node.domain == F.DOMAIN and node.op_type == "QMatMul":
             stats[f"portable_{node.attributes.get_int('bits')}bit"] += 1
-    named = [("gelu", erfgelu.rules)] + [(name, getattr(rules, f"{name}_rules")) for name in TARGET_RULES[target]]
-    for name, rule_set in named:
-        stats[name] += rule_set.apply_to_model(graph)
+    for name in spec.rules:
+        stats[name] += getattr(rules, f"{name}_rules").apply_to_model(graph)
     RemoveUnusedNodesPass()(graph)
     model = ir.serde.serialize_model(graph)
     _fix_imports(model)

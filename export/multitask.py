@@ -42,6 +42,7 @@ from mpismoe_edge.runtime.spec import (
     MULTI_TASK,
     OUTPUT_NAME,
     README_FILE,
+    TARGET_SPECS,
     TARGETS,
     side_model_file,
     task_output,
@@ -50,7 +51,7 @@ from mpismoe_edge.runtime.tasks import kind
 
 from . import functions as F
 from .backbone_graph import hidden_name
-from .fuse import ACCURACY_LEVELS, INT8_TARGET, default_atol, fuse
+from .fuse import ACCURACY_LEVELS, default_atol, fuse
 from .lower import input_names, to_onnx
 from .output import commit, staging_dir
 from .runtimes import TARGET_RUNTIMES
@@ -89,14 +90,12 @@ def backbone_graph(
     model: nn.Module, target: str, opset: int, zero_points: str = "auto", accuracy_level: int = 0
 ) -> tuple[onnx.ModelProto, dict]:
     """The backbone of ``model`` lowered for ``target``; outputs ``backbone_hidden_0..L``."""
-    if target == INT8_TARGET:
+    if TARGET_SPECS[target].int8:
         from .int8_target import int8_backbone
 
         return int8_backbone(model, opset, zero_points=zero_points)
     layers = int(model.backbone.config.num_hidden_layers)
     proto = to_onnx(_Backbone(model), opset=opset, output_names=[hidden_name(i) for i in range(layers + 1)])
-    if target == "portable":
-        return proto, {}
     return fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
 
 
@@ -108,12 +107,10 @@ def side_graph(
     from .int8_target import side_graph as traced_side
 
     proto = traced_side(model, opset)
-    if target == INT8_TARGET:
+    if TARGET_SPECS[target].int8:
         from .int8_target import int8_side
 
         proto, stats = int8_side(proto)
-    elif target == "portable":
-        stats = {}
     else:
         proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
     _prefix(proto.graph, f"{name}/", keep={i.name for i in proto.graph.input}, rename={OUTPUT_NAME: task_output(name)})

@@ -24,6 +24,7 @@ from mpismoe_edge.runtime.spec import (
     MODEL_FILE,
     README_FILE,
     SPECIAL_TOKENS_FILE,
+    TARGET_SPECS,
     TARGETS,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -263,7 +264,7 @@ def export_model(
         raise ValueError(f"atol must be >= 0, got {atol}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"unknown accuracy level {accuracy_level!r}; expected one of {ACCURACY_LEVELS}")
-    if float_layers and target != INT8_TARGET:
+    if float_layers and not TARGET_SPECS[target].int8:
         raise ValueError(f"float layers are an {INT8_TARGET} option; target {target} computes every layer in float")
     out_dir = Path(out_dir)
     model.eval()
@@ -271,7 +272,7 @@ def export_model(
         t0 = time.perf_counter()
         log(f"exporting {type(model).__name__} with torch.onnx (dynamo, opset {opset})...")
         stats: dict = {}
-        if target == INT8_TARGET:
+        if TARGET_SPECS[target].int8:
             from .int8_target import int8_model
 
             proto, stats = int8_model(model, opset=opset, zero_points=zero_points, float_layers=float_layers)
@@ -281,11 +282,12 @@ def export_model(
             f"  traced and converted in {time.perf_counter() - t0:.1f}s: {len(proto.graph.node)} nodes, "
             f"{len(proto.graph.initializer)} initializers"
         )
-        if target == INT8_TARGET:
+        if TARGET_SPECS[target].int8:
             log("  int8 backbone, packed side network: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-        elif target != "portable":
+        else:
             proto, stats = fuse(proto, target, zero_points=zero_points, accuracy_level=accuracy_level)
-            log(f"  fused for {target}: " + (", ".join(f"{k}={v}" for k, v in stats.items()) or "nothing to fuse"))
+            if stats:
+                log(f"  fused for {target}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         if inline:
             proto = inline_functions(proto)
             log(f"  functions inlined: {len(proto.graph.node)} nodes")

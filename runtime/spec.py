@@ -75,13 +75,13 @@ TARGET_SPECS: dict[str, TargetSpec] = {
     t.name: t
     for t in (
         TargetSpec("portable", frozenset(), (), ONNXRUNTIME + ("openvino", "onnx-reference")),
-        TargetSpec("ort-cpu", frozenset({2, 4, 8}), ("masked_attention",), ONNXRUNTIME + ("openvino",)),
+        TargetSpec("ort-cpu", frozenset({2, 4, 8}), ("gelu", "masked_attention"), ONNXRUNTIME + ("openvino",)),
         # CUDA MatMulNBits kernels exist for 4 and 8 bits; 2-bit nodes keep the portable function
-        TargetSpec("ort-cuda", frozenset({4, 8}), (), ("onnxruntime",)),
+        TargetSpec("ort-cuda", frozenset({4, 8}), ("gelu",), ("onnxruntime",)),
         TargetSpec(
             "ort-int8",
             frozenset({2, 4, 8}),
-            ("masked_attention",),
+            ("gelu", "masked_attention"),
             ONNXRUNTIME,
             int8=True,
             atol=INT8_ATOL,
