@@ -35,7 +35,7 @@ equal the torch reference ops in :mod:`mpismoe_edge.ops` and the packed layout i
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, Union
 
 import onnxscript
 from onnxscript import BFLOAT16, DOUBLE, FLOAT, FLOAT16, INT64, UINT8
@@ -49,7 +49,7 @@ MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 DOMAIN_VERSION = 1
 
 mpismoe = Opset(DOMAIN, DOMAIN_VERSION)
-TFloat = TypeVar("TFloat", bound=FLOAT16 | FLOAT | DOUBLE | BFLOAT16)
+TFloat = TypeVar("TFloat", bound=Union[FLOAT16, FLOAT, DOUBLE, BFLOAT16])  # noqa: UP007  (onnxscript reads typing.Union, not X | Y)
 
 
 @onnxscript.script(opset=mpismoe, default_opset=op)
