@@ -251,3 +251,30 @@ def test_unknown_target_rejected():
     qw, s, z = _quantized(8, 32, 4, 16)
     with pytest.raises(ValueError, match="unknown target"):
         fuse(_qmatmul_model(qw, s, z, 4, 16, (2, 32)), "tensorrt")
+
+
+@pytest.mark.parametrize("zeros", ["integer", "fractional"])
+def test_two_layers_sharing_one_packed_weight_both_lower_to_matmulnbits(zeros):
+    qw, s, z = _quantized(16, 64, 4, 16, seed=7)
+    z = z.round() if zeros == "integer" else z
+    nodes = [
+        helper.make_node("QMatMul", [x, "qw", "s", "z"], [f"y{i}"], domain=F.DOMAIN, bits=4, group_size=16)
+        for i, x in enumerate(("a", "b"))
+    ]
+    inits = [numpy_helper.from_array(t.numpy(), n) for t, n in ((qw, "qw"), (s, "s"), (z, "z"))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 64]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 16]) for i in range(2)],
+        initializer=inits,
+    )
+    model, stats = fuse(finalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 18), "ort-cpu")
+    assert stats["matmulnbits_4bit"] == 2
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a.numpy(), "b": b.numpy()}
+    )
+    for x, y in zip((a, b), got):
+        np.testing.assert_allclose(y, ops.qmatmul(x, qw, s, z, 4, 16).numpy(), rtol=1e-5, atol=1e-5)

@@ -73,7 +73,7 @@ class QMatMulToNBits(pattern.RewriteRuleClassBase):
         self.stats[f"matmulnbits_{bits}bit"] += 1
         if plan == "uint8":
             packed = pack_bits(torch.from_numpy(np.round(z).astype(np.uint8)), bits).numpy()
-            zp_in = op.initializer(ir.tensor(packed), name=f"{zp.name}_u8")
+            zp_in = op.initializer(ir.tensor(packed), name=f"{y.name}_zero_points")  # value names are unique
         else:
             zp_in = zp if plan == "float" else None
         attrs = {"K": k_blocks * group, "N": n_out, "bits": bits, "block_size": group}
@@ -85,7 +85,7 @@ class QMatMulToNBits(pattern.RewriteRuleClassBase):
             return out
         m = float(1 << (bits - 1))
         corr = ((m - z) * sc.const_value.numpy().astype(np.float32)).T.copy()  # [K/G, N]
-        shift = op.initializer(ir.tensor(corr), name=f"{zp.name}_shift")
+        shift = op.initializer(ir.tensor(corr), name=f"{y.name}_zero_point_shift")
         groups = op.Reshape(x, op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[k_blocks, group]), axis=0))
         sums = op.ReduceSum(groups, op.Constant(value_ints=[-1]), keepdims=0)
         return op.Add(out, op.MatMul(sums, shift))
