@@ -17,7 +17,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from mpismoe_edge.runtime.spec import DEFAULT_TARGET, EXPORT_ATOL, LAYOUTS, MIN_OPSET, TARGET_ATOL, TARGETS
+from mpismoe_edge.runtime.spec import (
+    DEFAULT_TARGET,
+    EXPORT_ATOL,
+    LAYOUTS,
+    MIN_OPSET,
+    TARGET_ATOL,
+    TARGET_SPECS,
+    TARGETS,
+)
 
 EXIT_CODES = """exit status:
   0  written (and validated, unless --no-validate)
@@ -86,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write onnx/model.ort and onnx/required_operators.config for ONNX Runtime Mobile "
         "(a reduced-operator build); the weights stay packed",
+    )
+    p.add_argument(
+        "--float-layers",
+        nargs="+",
+        default=(),
+        metavar="LAYER",
+        help="ort-int8 only: backbone MatMul layers to compute in float from their packed codes "
+        "(MatMulNBits) instead of in int8, e.g. encoder.layer.0.output.dense; "
+        "benchmarks/int8_layers.py ranks them by how much of the int8 error each carries",
     )
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})")
     p.add_argument(
@@ -205,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.atol is not None and not args.atol >= 0:
         return _fail(f"--atol must be >= 0, got {args.atol}", 2)
+    if args.float_layers and not TARGET_SPECS[args.target].int8:
+        return _fail(
+            f"--float-layers is an int8-target option; --target {args.target} computes every layer in float", 2
+        )
     out = Path(args.output)
     try:
         named = task_checkpoints(args.checkpoint)
@@ -249,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             atol=args.atol,
             validate=not args.no_validate,
             accuracy_level=args.accuracy_level,
+            float_layers=args.float_layers,
             inline=args.inline_functions,
             ort_format=args.ort_format,
             metrics=read_metrics(ckpt),

@@ -174,6 +174,30 @@ def test_cli_exports_int8_on_request(tiny_checkpoint, tmp_path, capsys):
     assert code == 0 and "target ort-int8" in capsys.readouterr().out
 
 
+def test_cli_keeps_the_named_layers_in_float(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = [str(tiny_checkpoint), "-o", str(out), "--target", "ort-int8", "-q"]
+    assert cli.main([*args, "--float-layers", "encoder.layer.0.output.dense"]) == 0
+    fusion = json.loads((out / "manifest.json").read_text())["fusion"]
+    assert fusion["float_layers"] == 1
+
+
+def test_cli_refuses_float_layers_on_a_float_target_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = [
+        str(tiny_checkpoint),
+        "-o",
+        str(out),
+        "--target",
+        "portable",
+        "--float-layers",
+        "encoder.layer.0.output.dense",
+    ]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--float-layers" in err and not out.exists()
+
+
 def test_parity_gate_judges_an_int8_export_by_the_int8_bars(tiny_checkpoint, tiny_jsonl, tmp_path, capsys):
     from mpismoe_edge.parity import main as parity_main
     from mpismoe_edge.runtime.spec import PARITY_BARS
