@@ -20,7 +20,6 @@ from mpismoe_edge.runtime.spec import TARGET_SPECS
 
 from . import functions as F
 from .functions import MS_DOMAIN
-from .rules.qmatmul_nbits import ACCURACY_LEVELS, ZERO_POINT_MODES  # noqa: F401  (the options fuse() takes)
 from .validate import DEFAULT_ATOL
 
 # the one int8 target (runtime/spec.py): its backbone has its own path (int8_target.py), fuse()

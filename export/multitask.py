@@ -51,9 +51,10 @@ from mpismoe_edge.runtime.tasks import kind
 
 from . import functions as F
 from .backbone_graph import hidden_name
-from .fuse import ACCURACY_LEVELS, default_atol, fuse
+from .fuse import default_atol, fuse
 from .lower import input_names, to_onnx
 from .output import commit, staging_dir
+from .rules.qmatmul_nbits import ACCURACY_LEVELS
 from .runtimes import TARGET_RUNTIMES
 from .validate import _feed, _real_tokens, default_cases
 

@@ -32,10 +32,11 @@ from mpismoe_edge.runtime.spec import (
 
 from . import functions as F
 from . import hf_layout as HF
-from .fuse import ACCURACY_LEVELS, INT8_TARGET, default_atol, fuse
+from .fuse import INT8_TARGET, default_atol, fuse
 from .lower import OUTPUT_NAME, input_names, to_onnx
 from .model_card import model_card
 from .output import commit, staging_dir
+from .rules.qmatmul_nbits import ACCURACY_LEVELS
 from .runtimes import TARGET_RUNTIMES
 from .validate import check_parity
 

@@ -37,9 +37,8 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (input type), 1 fp32, 
 
 
 def zero_point_plan(z: np.ndarray, bits: int, mode: str) -> str:
-    """How zero points ``z`` reach MatMulNBits: ``uint8`` (integers), ``float`` or ``shift``."""
-    if mode not in ZERO_POINT_MODES:
-        raise ValueError(f"unknown zero point mode {mode!r}; expected one of {ZERO_POINT_MODES}")
+    """How zero points ``z`` reach MatMulNBits: ``uint8`` (integers), ``float`` or ``shift``
+    (``mode``: one of :data:`ZERO_POINT_MODES`, checked by :func:`qmatmul_nbits_rules`)."""
     if np.array_equal(z, np.round(z)) and z.min() >= 0 and z.max() <= (1 << bits) - 1:
         return "uint8"  # exact in every mode, and ORT's fast path
     return "float" if mode == "float" and bits != 8 else "shift"
