@@ -1,22 +1,31 @@
 """Side-network variants on cached backbone states: a fast probe of what moves accuracy.
 
 The frozen backbone's hidden states do not depend on the side network, so they are computed
-once per seed and backbone (``q4``: 4-bit GNP-IQ with the seed's noise, as MP-ISMoE in
-benchmarks/train.py; ``fp32``: as LST) and cached in ``--workdir`` (fp16, every layer, ~1.2 GB
-per seed and backbone). Each variant then trains only the side network on them, in about a
-third of the time of a full run. Same split, batches, optimizer, schedule and epoch choice as
-benchmarks/train.py: validation chooses the epoch (``mpismoe_edge.selection``: accuracy, then the
-loss), the test split is scored only at it.
+once per task, seed and backbone (``q4``: 4-bit GNP-IQ with the seed's noise, as MP-ISMoE;
+``fp32``: as LST) and cached in ``--workdir`` (fp16, every layer). Each variant then trains only
+the side network on them, in a fraction of the time of a full run. The rules are
+``mpismoe-train``'s: at least ``--min-steps`` optimizer steps, the epoch chosen on validation
+by the task kind's metric then the loss (``mpismoe_edge.selection``), patience 2; the test
+split is scored only at the chosen epoch.
+
+Data: without ``--tasks``, the bundled tweets split (4,000 / 1,000 / 2,000 rows, as
+benchmarks/train.py); with ``--tasks``, the fetched tasks of ``benchmarks/tasks.py``
+(``scripts/fetch_tasks.py``), ``--train-rows`` seeded training rows, the first ``--val-rows``
+validation rows, the whole test split. Test metrics: accuracy, entity F1 (at each word's first
+sub-token, words past ``max_length`` unscored), Pearson.
 
 Differences from a full run, so its figures are comparable with each other, not with
-benchmarks/train.py: the states are stored in fp16; experts in quantization-aware training are
-scored fake-quantized (not packed with GNP-IQ); the side network's random init draws from
-another point of the RNG stream.
+benchmarks/tasks.py: the states are stored in fp16; experts in quantization-aware training are
+scored fake-quantized (not packed); the side network's random init draws from another point of
+the RNG stream.
 
-A variant is ``NAME=JSON``: ``SideConfig`` fields (the benchmark's MP-ISMoE side network,
-``expert_bits=4``, is the base) plus ``backbone`` (``q4`` | ``fp32``), ``lr`` and ``epochs``.
+A variant is ``NAME=JSON``: ``SideConfig`` fields (the MP-ISMoE side network, ``expert_bits=4``,
+is the base) plus ``backbone`` (``q4`` | ``fp32``), ``lr``, ``weight_decay`` and ``epochs``.
+With ``--results FILE`` every run is appended as it ends and a run already there is skipped
+(an interrupted sweep resumes); ``--report`` prints the tables from that file, with
+``--leave-one-out`` the choice of each held-out task's variant by the other tasks.
 
-    python benchmarks/side_probe.py [--seeds 0 1 2] [--variants NAME=JSON ...] [--workdir DIR]
+    python benchmarks/side_probe.py [--tasks T ...] [--seeds 0 1 2] [--variants NAME=JSON ...] [--results F]
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ import os
 import random
 import statistics
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from tqdm.auto import tqdm
@@ -48,48 +61,81 @@ VARIANTS = {
         "init": "random",
         "backbone": "fp32",
     },
+    # sizing the side network to its data (issue 32 item 3)
+    "4 experts": {"num_experts": 4},
+    "expert ratio 2": {"expert_ratio": 2},
+    "weight decay 0.1": {"weight_decay": 0.1},
+    "ridge skip": {"skip": True},
+    "router noise 1": {"router_noise": 1.0},
 }
-_RUN_KEYS = ("backbone", "lr", "epochs")
+_RUN_KEYS = ("backbone", "lr", "weight_decay", "epochs")
+DEFAULT_TASK = "default"  # the bundled tweets split
 
 
-def _splits(args):
-    from mpismoe_edge.data import load_default, load_default_validation
+def _splits(task: str, seed: int, args) -> tuple[str, list[str], dict]:
+    """(task kind, labels, ``{"train", "val", "test"}`` datasets) of ``task`` at ``seed``."""
+    if task == DEFAULT_TASK:
+        from mpismoe_edge.data import load_default, load_default_validation
 
-    train, test = load_default(args.n_train, args.n_test, seed=args.seed)
-    val = load_default_validation(args.n_val, args.n_train, args.n_test, seed=args.seed)
-    return {"train": train, "val": val, "test": test}
+        train, test = load_default(args.n_train, args.n_test, seed=seed)
+        val = load_default_validation(args.n_val, args.n_train, args.n_test, seed=seed)
+        return "classification", train.labels, {"train": train, "val": val, "test": test}
+    from benchmarks.task_data import load_task
+
+    info, train, val, test = load_task(args.data, task, seed, args.train_rows, args.val_rows)
+    return info["task"], train.labels, {"train": train, "val": val, "test": test}
 
 
-def _cache(kind: str, args) -> dict:
-    """``{split: {"states": [per text [L+1, tokens, H] fp16], "targets": [...]}}``, computed once."""
-    from mpismoe_edge.config import ModelConfig, QuantConfig
-    from mpismoe_edge.inference import encode, make_tokenizer
-    from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
+def _backbone_dir(args) -> str:
+    from benchmarks.task_data import backbone_path
 
-    path = os.path.join(
-        args.workdir, f"{kind}-seed{args.seed}-{args.n_train}-{args.n_val}-{args.n_test}-len{args.max_length}.pt"
+    return backbone_path(args.backbone, args.data)
+
+
+def _cache_path(task: str, kind: str, seed: int, args) -> Path:
+    rows = (
+        f"{args.n_train}-{args.n_val}-{args.n_test}"
+        if task == DEFAULT_TASK
+        else f"{args.train_rows or 'all'}-{args.val_rows or 'all'}"
     )
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True)
-    splits = _splits(args)
-    backbone, tok_json = load_backbone(default_backbone_path())
-    quant = QuantConfig(bits=4, seed=args.seed) if kind == "q4" else None
-    cfg = ModelConfig(labels=splits["train"].labels, max_length=args.max_length, quant=quant)
-    model = build_model(backbone, cfg, tok_json, progress=False)
+    return Path(args.workdir) / f"{task}-{args.backbone}-{kind}-seed{seed}-{rows}-len{args.max_length}.pt"
+
+
+def _cache(tasks: list[str], kind: str, seed: int, args) -> None:
+    """Compute and store the states of every task not cached yet at ``seed`` (the backbone
+    quantized once for all of them): per split, one ``[L+1, tokens, H]`` fp16 tensor per text
+    and one target per text (per token for token-level kinds)."""
+    todo = [t for t in tasks if not _cache_path(t, kind, seed, args).exists()]
+    if not todo:
+        return
+    from mpismoe_edge.config import ModelConfig, QuantConfig
+    from mpismoe_edge.inference import feed, make_tokenizer, tokenize
+    from mpismoe_edge.model import build_model, load_backbone
+    from mpismoe_edge.runtime.tasks import kind as task_kind
+
+    backbone, tok_json = load_backbone(_backbone_dir(args))
+    quant = QuantConfig(bits=4, seed=seed) if kind == "q4" else None
+    model = build_model(backbone, ModelConfig(labels=["a", "b"], max_length=args.max_length, quant=quant), tok_json)
     tok = make_tokenizer(tok_json, args.max_length)
-    out = {}
-    for name, ds in splits.items():
-        states = []
-        for i in tqdm(range(0, len(ds), 64), desc=f"cache {kind} seed {args.seed} {name}", leave=False):
-            feed = encode(tok, ds.texts[i : i + 64], model.input_names)
-            hs = torch.stack(model.backbone_states(**feed), 1)  # [B, L+1, T, H]
-            for b, n in enumerate(feed["attention_mask"].sum(1).tolist()):
-                states.append(hs[b, :, :n].half().clone())
-        out[name] = {"states": states, "targets": list(ds.targets)}
-    os.makedirs(args.workdir, exist_ok=True)
-    torch.save(out, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return out
+    for task in todo:
+        task_name, labels, splits = _splits(task, seed, args)
+        record = task_kind(task_name)
+        out = {}
+        for name, ds in splits.items():
+            states, targets = [], []
+            for i in tqdm(range(0, len(ds), 64), desc=f"cache {task} {kind} seed {seed} {name}", leave=False):
+                encs = tokenize(tok, ds.texts[i : i + 64])
+                hs = torch.stack(model.backbone_states(**feed(tok, encs, model.input_names)), 1)  # [B, L+1, T, H]
+                for b, enc in enumerate(encs):
+                    n = len(enc.ids)
+                    states.append(hs[b, :, :n].half().clone())
+                    target = record.targets([enc], [ds.targets[i + b]], labels)[0]
+                    targets.append(target[:n] if record.token_level else target)
+            out[name] = {"states": states, "targets": targets}
+        path = _cache_path(task, kind, seed, args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
 
 
 def _batch(states: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -103,54 +149,130 @@ def _batch(states: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.
     return tuple(x.unbind(1)), mask
 
 
+def _targets(targets: list[torch.Tensor], token_level: bool) -> torch.Tensor:
+    """A batch's targets: stacked, or per token right-padded with the ignored target."""
+    if not token_level:
+        return torch.stack(targets)
+    from mpismoe_edge.runtime.tasks import IGNORE
+
+    out = torch.full((len(targets), max(len(t) for t in targets)), IGNORE, dtype=torch.long)
+    for i, t in enumerate(targets):
+        out[i, : len(t)] = t
+    return out
+
+
 @torch.no_grad()
-def _scores(side, split: dict) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the side network on a cached split."""
+def _scores(side, split: dict, task: str, labels: list[str]) -> dict[str, float]:
+    """The task kind's metrics of the side network on a cached split (regression: Pearson too)."""
+    from mpismoe_edge import metrics
+    from mpismoe_edge.runtime.tasks import kind
+
+    record = kind(task)
     side.eval()
     order = sorted(range(len(split["states"])), key=lambda i: split["states"][i].shape[1])
-    right, loss = 0, 0.0
+    sums = torch.zeros(2 + len(record.count_names), dtype=torch.float64)
+    preds: list[float] = []
     for i in range(0, len(order), 64):
         idx = order[i : i + 64]
         hs, mask = _batch([split["states"][j] for j in idx])
-        logits, target = side(hs, mask), torch.tensor([split["targets"][j] for j in idx])
-        right += (logits.argmax(-1) == target).sum().item()
-        loss += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
+        logits = side(hs, mask)
+        target = _targets([split["targets"][j] for j in idx], record.token_level)
+        loss, count = record.loss_sum(logits, target)
+        sums += torch.tensor([loss.item(), count.item(), *record.counts(logits, target, labels)], dtype=torch.float64)
+        if task == "regression":
+            preds += logits[:, 0].tolist()
     side.train()
-    return {"accuracy": right / len(order), "loss": loss / len(order)}
+    loss, scored, *counts = sums.tolist()
+    out = record.metrics(loss / max(scored, 1), scored, dict(zip(record.count_names, counts)), labels)
+    if task == "regression":
+        truth = [float(split["targets"][j]) for j in order]
+        out["pearson"] = metrics.pearson(preds, truth)
+    return out
 
 
-def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) -> dict:
-    """Train one variant's side network on the cached states; (validation, test) at the chosen epoch.
-    ``backbone`` is the float one: the pruned init reads it, as build_model does; it is not trained."""
+def _test_metric(task: str, m: dict[str, float]) -> float:
+    """The figure a table reports, x 100: accuracy, entity F1 (BIO tags) or Pearson."""
+    from mpismoe_edge.runtime.tasks import kind
+
+    return 100 * (m["pearson"] if task == "regression" else kind(task).score(m))
+
+
+def _fit_skip(side, cache: dict, task: str, num_outputs: int) -> dict[str, float]:
+    """The ridge-fitted skip of ``TrainConfig.skip_init="ridge"`` on cached states: fit on train,
+    strength chosen on validation (``side/ridge.py``), frozen; the head zeroed."""
+    from mpismoe_edge.runtime.tasks import kind
+    from mpismoe_edge.side.ridge import fit_probe
+
+    record = kind(task)
+
+    @torch.no_grad()
+    def features(split):
+        side.eval()
+        xs, ys = [], []
+        for i in range(0, len(split["states"]), 64):
+            states, targets = split["states"][i : i + 64], split["targets"][i : i + 64]
+            hs, mask = _batch(states)
+            x, y = side.skip_features(hs, mask), _targets(targets, record.token_level)
+            if record.token_level:
+                keep = (y != -100) & mask.bool()
+                x, y = x[keep], y[keep]
+            xs.append(x)
+            ys.append(y)
+        side.train()
+        return torch.cat(xs), torch.cat(ys)
+
+    probe = fit_probe(record.probe, *features(cache["train"]), *features(cache["val"]), num_outputs)
+    with torch.no_grad():
+        side.skip.weight.copy_(probe.weight)
+        side.skip.bias.copy_(probe.bias)
+        side.head.weight.zero_()
+        side.head.bias.zero_()
+    side.skip.requires_grad_(False)
+    return probe.val
+
+
+def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backbone, seed: int, args) -> dict:
+    """Train one variant's side network on the cached states; its row (validation and test at
+    the chosen epoch). ``backbone`` is the float one: the pruned init reads it, as build_model
+    does; it is not trained."""
     from mpismoe_edge.config import ModelConfig, SideConfig
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
     from mpismoe_edge.model import build_model
-    from mpismoe_edge.selection import EpochLog
+    from mpismoe_edge.selection import EpochLog, planned_epochs
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
     side_cfg = SideConfig.from_dict({"expert_bits": 4, **side_fields})
     tcfg = TrainConfig(
-        epochs=spec.get("epochs", args.epochs), seed=args.seed, **({"lr": spec["lr"]} if "lr" in spec else {})
+        epochs=spec.get("epochs", args.epochs),
+        seed=seed,
+        min_steps=args.min_steps,
+        **{k: spec[k] for k in ("lr", "weight_decay") if k in spec},
     )
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model = build_model(
-        backbone,
-        ModelConfig(labels=labels, max_length=args.max_length, side=side_cfg, quant=None),
-        None,
-        progress=False,
-    )
+    random.seed(seed)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(task=task, labels=labels, max_length=args.max_length, side=side_cfg, quant=None)
+    model = build_model(backbone, cfg, None, progress=False)
     side = model.side.train()
-    params = [p for p in side.parameters() if p.requires_grad]
     train = cache["train"]
-    opt, sched = make_optimizer(params, tcfg, tcfg.epochs * math.ceil(len(train["states"]) / tcfg.batch_size))
+    log = EpochLog(task)
+    token_level = side.token_level
+    chosen = None
+    if side.skip is not None and tcfg.skip_init == "ridge":  # the probe alone is epoch 0, as in train()
+        _fit_skip(side, cache, task, cfg.num_outputs)
+        if log.judge(_scores(side, cache["val"], task, labels), lambda: _scores(side, cache["test"], task, labels)):
+            chosen = 0
+    params = [p for p in side.parameters() if p.requires_grad]
+    rows = len(train["states"])
+    epochs = planned_epochs(tcfg.epochs, rows, tcfg.batch_size, tcfg.min_steps)
+    opt, sched = make_optimizer(params, tcfg, epochs * math.ceil(rows / tcfg.batch_size))
     lengths = [s.shape[1] for s in train["states"]]
-    log = EpochLog("classification")
-    for epoch in range(tcfg.epochs):
+    steps = 0
+    for epoch in range(epochs):
+        order = batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch)
         batches = (
-            Batch(_batch([train["states"][j] for j in idx]), torch.tensor([train["targets"][j] for j in idx]))
-            for idx in batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch)
+            Batch(_batch([train["states"][j] for j in idx]), _targets([train["targets"][j] for j in idx], token_level))
+            for idx in order
         )
         train_epoch(
             lambda inputs: side(*inputs),
@@ -158,14 +280,25 @@ def _run(name: str, spec: dict, cache: dict, labels: list[str], backbone, args) 
             opt,
             sched,
             params,
-            "classification",
+            task,
             aux_loss=model.aux_loss,
             grad_clip=tcfg.grad_clip,
-            desc=f"{name} seed {args.seed} epoch {epoch + 1}",
+            desc=f"{name} seed {seed} epoch {epoch + 1}",
+            progress=args.progress,
         )
+        steps += len(order)
         # the test split is scored only at an epoch validation chooses
-        log.judge(_scores(side, cache["val"]), lambda: _scores(side, cache["test"])["accuracy"])
-    return {"val": 100 * log.best_metrics["accuracy"], "test": 100 * log.best}
+        if log.judge(_scores(side, cache["val"], task, labels), lambda: _scores(side, cache["test"], task, labels)):
+            chosen = epoch + 1
+        if log.should_stop(tcfg.patience, steps, tcfg.min_steps):
+            break
+    return {
+        "val_score": log.best_key[0],  # the kind's selection metric (regression: -MSE)
+        "test": _test_metric(task, log.best),
+        "epoch": chosen,
+        "epochs": epoch + 1,
+        "trainable_params": sum(p.numel() for p in params),
+    }
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
@@ -183,22 +316,11 @@ def _parse_variant(text: str) -> tuple[str, dict]:
     return name, value
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="known names or NAME=JSON")
-    p.add_argument("--workdir", default="/tmp/mpismoe-side-probe", help="where the backbone states are cached")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-val", type=int, default=1000)
-    p.add_argument("--n-test", type=int, default=2000)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    variants = dict(_parse_variant(v) for v in args.variants)
+def _check_variants(variants: dict[str, dict]) -> None:
+    """A typo fails now, not after an hour of runs."""
     from mpismoe_edge.config import SIDE_INITS, SideConfig
 
-    for name, spec in variants.items():  # a typo fails now, not after an hour of runs
+    for name, spec in variants.items():
         try:
             cfg = SideConfig.from_dict({k: v for k, v in spec.items() if k not in _RUN_KEYS})
         except (TypeError, ValueError) as e:
@@ -207,37 +329,157 @@ def main() -> None:
             raise SystemExit(f"side_probe: variant {name!r}: init must be one of {SIDE_INITS}")
         if spec.get("backbone", "q4") not in ("q4", "fp32"):
             raise SystemExit(f"side_probe: variant {name!r}: backbone must be 'q4' or 'fp32'")
+
+
+def _row_key(row: dict) -> tuple:
+    return row["task"], row["backbone"], row["seed"], row["variant"], row.get("train_rows"), row.get("val_rows")
+
+
+def _read_rows(path: str | None) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=[DEFAULT_TASK], help="fetched tasks, or 'default' (bundled tweets)")
+    p.add_argument("--backbone", default="minilm", choices=("minilm", "mpnet"))
+    p.add_argument("--data", default="runs/tasks", help="where scripts/fetch_tasks.py put the tasks")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=None, help="known names or NAME=JSON (default: the first ten)")
+    p.add_argument("--workdir", default="/tmp/mpismoe-side-probe", help="where the backbone states are cached")
+    p.add_argument("--results", default=None, help="JSONL: each run appended as it ends; runs already there skipped")
+    p.add_argument("--report", action="store_true", help="print the tables of --results and run nothing")
+    p.add_argument("--leave-one-out", action="store_true", help="with --report: each task judged by the others")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--min-steps", type=int, default=0, help="optimizer steps at least (mpismoe-train: 200)")
+    p.add_argument("--n-train", type=int, default=4000, help="bundled split's rows (task 'default')")
+    p.add_argument("--n-val", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--train-rows", type=int, default=None, help="fetched tasks: seeded training rows (default all)")
+    p.add_argument("--val-rows", type=int, default=None, help="fetched tasks: first validation rows (default all)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args()
+    names = args.variants or list(VARIANTS)[:10]
+    variants = dict(_parse_variant(v) for v in names)
+    if args.report:
+        rows = _read_rows(args.results)
+        if not rows:
+            raise SystemExit(f"side_probe: no runs in {args.results!r}")
+        _report(rows, args.tasks, args.seeds, variants, args.leave_one_out)
+        return
+    _check_variants(variants)
     torch.set_num_threads(args.threads)
-    from mpismoe_edge.model import default_backbone_path, load_backbone
+    from mpismoe_edge.model import load_backbone
 
-    backbone, _ = load_backbone(default_backbone_path())  # loaded once (it draws nothing from the RNG)
-    results: dict[str, list[dict]] = {name: [] for name in variants}
+    done = {_row_key(r) for r in _read_rows(args.results)}
+    backbone, _ = load_backbone(_backbone_dir(args))  # float, loaded once (it draws nothing from the RNG)
+    rows: list[dict] = []
     for seed in args.seeds:
-        args.seed = seed
-        labels = _splits(args)["train"].labels
         for kind in sorted({spec.get("backbone", "q4") for spec in variants.values()}):
-            cache = _cache(kind, args)
-            for name, spec in variants.items():
-                if spec.get("backbone", "q4") == kind:
-                    results[name].append(_run(name, spec, cache, labels, backbone, args))
-                    print(f"seed {seed} {name}: " + json.dumps(results[name][-1]), file=sys.stderr, flush=True)
-            del cache
-    _print_table(results, args.seeds, next(iter(variants)))
+            _cache(args.tasks, kind, seed, args)
+            for task in args.tasks:
+                cache = None
+                for name, spec in variants.items():
+                    base = {"task": task, "backbone": args.backbone, "seed": seed, "variant": name}
+                    base |= {"train_rows": args.train_rows, "val_rows": args.val_rows} if task != DEFAULT_TASK else {}
+                    if spec.get("backbone", "q4") != kind or _row_key(base) in done:
+                        continue
+                    if cache is None:
+                        cache = torch.load(_cache_path(task, kind, seed, args), weights_only=True)
+                    task_name, labels, _ = _splits(task, seed, args)
+                    row = base | {"spec": spec} | _run(name, spec, cache, task_name, labels, backbone, seed, args)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if args.results:
+                        with open(args.results, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+    _report(_read_rows(args.results) if args.results else rows, args.tasks, args.seeds, variants, False)
 
 
-def _print_table(results: dict[str, list[dict]], seeds: list[int], base: str) -> None:
-    seed_list = ", ".join(map(str, seeds))
-    print(
-        f"| variant | test accuracy (mean of seeds {seed_list}) | per seed | vs {base} (test) | "
-        f"validation accuracy (mean) | vs {base} (validation) |"
-    )
-    print("|---|---|---|---|---|---|")
-    ref_test = statistics.mean(r["test"] for r in results[base])
-    ref_val = statistics.mean(r["val"] for r in results[base])
-    for name, runs in results.items():
-        test, val = statistics.mean(r["test"] for r in runs), statistics.mean(r["val"] for r in runs)
-        per_seed = " / ".join(f"{r['test']:.2f}" for r in runs)
-        print(f"| {name} | {test:.2f} | {per_seed} | {test - ref_test:+.2f} | {val:.2f} | {val - ref_val:+.2f} |")
+def group_runs(
+    rows: list[dict], tasks: list[str], seeds: list[int], variants: dict
+) -> dict[tuple[str, str], list[dict]]:
+    """Each (task, variant)'s runs at ``seeds``, in seed order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["task"] in tasks and r["variant"] in variants and r["seed"] in seeds:
+            out.setdefault((r["task"], r["variant"]), []).append(r)
+    for runs in out.values():
+        runs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def _report(rows: list[dict], tasks: list[str], seeds: list[int], variants: dict, leave_one_out: bool) -> None:
+    runs = group_runs(rows, tasks, seeds, variants)
+    base = next(iter(variants))
+    for task in tasks:
+        if (task, base) not in runs:
+            continue
+        ref = runs[task, base]
+        print(f"\n#### {task}\n")
+        print(
+            f"| variant | test (mean) | per seed | vs {base} (test) | paired by seed | validation score (mean) "
+            "| epoch chosen / trained | trainable params |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for name in variants:
+            got = runs.get((task, name))
+            if not got:
+                continue
+            test = statistics.mean(r["test"] for r in got)
+            by_seed = {r["seed"]: r["test"] for r in ref}
+            per_seed = " / ".join(f"{r['test']:.2f}" for r in got)
+            paired = " / ".join(f"{r['test'] - by_seed[r['seed']]:+.2f}" for r in got if r["seed"] in by_seed)
+            epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in got)
+            val = statistics.mean(r["val_score"] for r in got)
+            print(
+                f"| {name} | {test:.2f} | {per_seed} | {_gain(runs, task, name, base):+.2f} | {paired} "
+                f"| {val:.4f} | {epochs} | {got[0]['trainable_params']:,} |"
+            )
+    if leave_one_out:
+        _leave_one_out(runs, tasks, variants, base)
+
+
+def _gain(runs: dict, task: str, name: str, base: str) -> float | None:
+    """A variant's mean test gain over ``base`` on ``task``, over the seeds both ran."""
+    ref = {r["seed"]: r["test"] for r in runs.get((task, base), [])}
+    got = [r["test"] - ref[r["seed"]] for r in runs.get((task, name), []) if r["seed"] in ref]
+    return statistics.mean(got) if got else None
+
+
+def leave_one_out(runs: dict, tasks: list[str], variants: dict, base: str) -> dict[str, str]:
+    """For each task, the variant (``base`` included) with the largest mean gain over ``base``
+    on the *other* tasks: what a rule picked without that task would pick for it."""
+    out = {}
+    for task in tasks:
+        scores = {}
+        for name in variants:
+            gains = [_gain(runs, t, name, base) for t in tasks if t != task]
+            if gains and all(g is not None for g in gains):
+                scores[name] = statistics.mean(gains)
+        if scores and _gain(runs, task, base, base) is not None:
+            out[task] = max(scores, key=lambda n: scores[n])
+    return out
+
+
+def _leave_one_out(runs: dict, tasks: list[str], variants: dict, base: str) -> None:
+    print("\n#### Leave one task out: each task's variant chosen by the mean gain on the other tasks\n")
+    print("| held-out task | chosen on the others | its mean gain there | its gain on the held-out task | best there |")
+    print("|---|---|---|---|---|")
+    held_gains = []
+    for task, pick in leave_one_out(runs, tasks, variants, base).items():
+        there = statistics.mean(_gain(runs, t, pick, base) for t in tasks if t != task)
+        held = _gain(runs, task, pick, base)
+        ran = [n for n in variants if _gain(runs, task, n, base) is not None]
+        best = max(ran, key=lambda n: _gain(runs, task, n, base))
+        held_gains.append(held)
+        print(f"| {task} | {pick} | {there:+.2f} | {held:+.2f} | {best} ({_gain(runs, task, best, base):+.2f}) |")
+    if held_gains:
+        print(f"\nMean held-out gain of the leave-one-out choice over {base}: {statistics.mean(held_gains):+.2f}")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class SideConfig(JsonConfig):
     shared_expert: bool = False
     salient_tau: float = 0.1  # softmax temperature of the router's salient-token pooling
     interactive: bool = True  # router sees backbone features (False: side token only)
+    router_noise: float = 0.0  # std of Gaussian noise on the router's logits in training (noisy top-k)
     dense_ffn: bool = False  # one dense FFN instead of experts (the LST baseline)
     expert_bits: BitWidth | None = 4  # quantization-aware training of experts, then packed; None: float experts
     expert_group_size: int = 16
@@ -181,6 +182,8 @@ class SideConfig(JsonConfig):
         _positive(self, "reduction", "num_heads", "num_experts", "top_k", "expert_ratio", "expert_group_size")
         if self.top_k > self.num_experts:
             raise ValueError(f"SideConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if not (isinstance(self.router_noise, (int, float)) and self.router_noise >= 0.0):
+            raise ValueError(f"SideConfig.router_noise must be a number >= 0, got {self.router_noise!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SideConfig.dropout must lie in [0, 1), got {self.dropout!r}")
 

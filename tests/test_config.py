@@ -20,6 +20,7 @@ BAD_CONFIGS = [
     (SideConfig, {"num_experts": 0}, "SideConfig.num_experts must be a positive integer, got 0"),
     (SideConfig, {"top_k": 3, "num_experts": 2}, r"SideConfig.top_k \(3\) must be <= num_experts \(2\)"),
     (SideConfig, {"dropout": 1.0}, r"SideConfig.dropout must lie in \[0, 1\), got 1.0"),
+    (SideConfig, {"router_noise": -1.0}, "SideConfig.router_noise must be a number >= 0, got -1.0"),
     (
         ModelConfig,
         {"task": "ner"},

@@ -80,6 +80,19 @@ def test_routing_picks_top_k_experts_with_weights_summing_to_one():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
 
 
+def test_router_noise_changes_the_choice_in_training_only():
+    from mpismoe_edge.side.router import InteractiveRouter
+
+    router = InteractiveRouter(16, 64, num_experts=8, top_k=2, salient_tau=0.1, noise=10.0)
+    feats = (torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 64), None)
+    torch.testing.assert_close(router.eval()(*feats)[0], router(*feats)[0])
+    torch.manual_seed(0)
+    noisy, logits = router.train()(*feats)
+    assert ((noisy > 0).sum(-1) == 2).all()
+    assert not torch.equal(noisy > 0, router.eval()(*feats)[0] > 0)
+    torch.testing.assert_close(logits, router.eval()(*feats)[1])  # the balance losses read the raw logits
+
+
 def test_salient_summary_favours_distinctive_unmasked_tokens():
     hidden = torch.zeros(1, 5, 2)
     hidden[0, :3] = torch.tensor([1.0, 0.0])  # three alike tokens

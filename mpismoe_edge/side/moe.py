@@ -32,7 +32,9 @@ class ISMoE(nn.Module):
         super().__init__()
         hidden = cfg.expert_ratio * dim
         make = lambda: Expert(dim, hidden, cfg.expert_bits, cfg.expert_group_size)  # noqa: E731
-        self.router = InteractiveRouter(dim, backbone_dim, cfg.num_experts, cfg.top_k, cfg.salient_tau, cfg.interactive)
+        self.router = InteractiveRouter(
+            dim, backbone_dim, cfg.num_experts, cfg.top_k, cfg.salient_tau, cfg.interactive, cfg.router_noise
+        )
         self.experts = nn.ModuleList(make() for _ in range(cfg.num_experts))
         self.shared = make() if cfg.shared_expert else None
         self.aux_loss = torch.zeros(())

@@ -46,9 +46,10 @@ class InteractiveRouter(nn.Module):
         top_k: int,
         salient_tau: float,
         interactive: bool = True,
+        noise: float = 0.0,
     ):
         super().__init__()
-        self.top_k, self.salient_tau, self.interactive = top_k, salient_tau, interactive
+        self.top_k, self.salient_tau, self.interactive, self.noise = top_k, salient_tau, interactive, noise
         self.salient_proj = nn.Linear(backbone_dim, side_dim) if interactive else None
         self.gate = nn.Linear(side_dim * (3 if interactive else 1), num_experts)
 
@@ -62,9 +63,13 @@ class InteractiveRouter(nn.Module):
         return self.gate(feats)
 
     def forward(self, x, bb_token, bb_hidden, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dense routing weights ``[B, T, E]``, raw logits ``[B, T, E]``)."""
+        """(dense routing weights ``[B, T, E]``, raw logits ``[B, T, E]``). In training with
+        ``noise`` > 0 the experts are picked and weighted from the logits plus Gaussian noise of
+        that standard deviation (noisy top-k gating), a regularizer: a token's second choice
+        gets trained too. The balance losses read the raw logits."""
         logits = self.logits(x, bb_token, bb_hidden, mask)
-        return ops.topk_route(logits, self.top_k), logits
+        picked = logits + self.noise * torch.randn_like(logits) if self.training and self.noise > 0 else logits
+        return ops.topk_route(picked, self.top_k), logits
 
 
 def load_balance_loss(logits: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

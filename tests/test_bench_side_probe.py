@@ -1,0 +1,25 @@
+"""benchmarks/side_probe.py's leave-one-task-out choice: a task's variant is picked by the other tasks."""
+
+from benchmarks.side_probe import group_runs, leave_one_out
+
+VARIANTS = {"base": {}, "a": {}, "b": {}}
+
+
+def _rows(test_by_task_variant: dict) -> list[dict]:
+    return [{"task": t, "variant": v, "seed": 0, "test": score} for (t, v), score in test_by_task_variant.items()]
+
+
+def test_a_held_out_task_gets_the_variant_that_gained_most_on_the_others():
+    scores = {
+        ("x", "base"): 50, ("x", "a"): 52, ("x", "b"): 49,
+        ("y", "base"): 50, ("y", "a"): 51, ("y", "b"): 50,
+        ("z", "base"): 50, ("z", "a"): 40, ("z", "b"): 60,  # z's own result does not pick z's variant
+    }  # fmt: skip
+    runs = group_runs(_rows(scores), ["x", "y", "z"], [0], VARIANTS)
+    assert leave_one_out(runs, ["x", "y", "z"], VARIANTS, "base") == {"x": "b", "y": "b", "z": "a"}
+
+
+def test_the_base_is_kept_where_no_variant_gained_on_the_others():
+    scores = {("x", "base"): 50, ("x", "a"): 49, ("y", "base"): 50, ("y", "a"): 70}
+    runs = group_runs(_rows(scores), ["x", "y"], [0], {"base": {}, "a": {}})
+    assert leave_one_out(runs, ["x", "y"], {"base": {}, "a": {}}, "base") == {"x": "a", "y": "base"}
