@@ -75,16 +75,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(module: torch.nn.Module, world: World, device: torch.device, sparse: bool) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """``module`` in ``DistributedDataParallel`` when there are several ranks (parameters
-    broadcast from rank 0), else itself. ``sparse``: some parameters may get no gradient in a
-    step (experts no token of this rank was routed to)."""
+    broadcast from rank 0), else itself. Every trainable parameter gets a gradient in every
+    step, so DDP does not search the graph for unused ones: the experts of a layer run as one
+    stacked computation (``side/moe.py``), and an expert no token picked gets a zero gradient."""
     if world.size == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=sparse)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 def leave() -> None:

@@ -181,7 +181,7 @@ def _epochs(run: _Run, train_data: Dataset, eval_data: Dataset, log: EpochLog, s
     or early stopping ends the run; after each epoch rank 0 writes ``last.pt``."""
     model, cfg, world = run.model, run.cfg, run.world
     params = [p for p in model.parameters() if p.requires_grad]
-    side = distributed.wrap(model.side, world, run.device, sparse=bool(model.side.moe_layers()))
+    side = distributed.wrap(model.side, world, run.device)
     epochs = planned_epochs(cfg.epochs, len(train_data), cfg.batch_size, cfg.min_steps)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     if epochs > cfg.epochs and run.show:
