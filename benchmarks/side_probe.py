@@ -375,7 +375,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mpismoe_edge.model import load_backbone
 
-    done = {_row_key(r) for r in _read_rows(args.results)}
     backbone, _ = load_backbone(_backbone_dir(args))  # float, loaded once (it draws nothing from the RNG)
     rows: list[dict] = []
     for seed in args.seeds:
@@ -386,6 +385,7 @@ def main() -> None:
                 for name, spec in variants.items():
                     base = {"task": task, "backbone": args.backbone, "seed": seed, "variant": name}
                     base |= {"train_rows": args.train_rows, "val_rows": args.val_rows} if task != DEFAULT_TASK else {}
+                    done = {_row_key(r) for r in _read_rows(args.results)}  # another process may share the file
                     if spec.get("backbone", "q4") != kind or _row_key(base) in done:
                         continue
                     if cache is None:

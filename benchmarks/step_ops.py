@@ -11,13 +11,18 @@ and gradient clipping; median per phase) and, with ``--top K``, the K operators 
 self CPU time in one more step of each (torch profiler). Times depend on the machine's load:
 only the side-by-side ratio of one run means anything.
 
-    python benchmarks/step_ops.py [--methods mp-ismoe lst] [--threads 1] [--time 5] [--top 12]
+``--side NAME=JSON`` adds an MP-ISMoE arm with those ``SideConfig`` fields changed (e.g.
+``'r2={"expert_ratio": 2}'``); ``--rows`` sets the tweets per step (a rank's share of a batch).
+
+    python benchmarks/step_ops.py [--methods mp-ismoe lst] [--side NAME=JSON ...] [--rows 32]
+                                  [--threads 1] [--time 5] [--top 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import statistics
 import time
 
@@ -55,35 +60,40 @@ class OpCount(TorchDispatchMode):
         return out
 
 
-def setup(method: str):
-    """(model in training mode, its AdamW, the encoded batch of 32 default tweets, their targets)."""
+ARMS = {  # name: (SideConfig fields, a 4-bit backbone)
+    "mp-ismoe": ({"expert_bits": 4, "init": "random"}, True),
+    "lst": ({"dense_ffn": True, "expert_bits": None, "init": "random"}, False),
+}
+
+
+def setup(method: str, rows: int = 32):
+    """(model in training mode, its AdamW, the encoded batch of ``rows`` default tweets, their targets)."""
     from mpismoe_edge.config import ModelConfig, QuantConfig, SideConfig
     from mpismoe_edge.data import load_default
     from mpismoe_edge.inference import encode, make_tokenizer
     from mpismoe_edge.model import build_model, default_backbone_path, load_backbone
     from mpismoe_edge.train import TrainConfig, make_optimizer
 
-    train_ds, _ = load_default(64, 10)
+    train_ds, _ = load_default(max(64, rows), 10)
     backbone, tok_json = load_backbone(default_backbone_path())
-    if method == "lst":
-        side, quant = SideConfig(dense_ffn=True, expert_bits=None, init="random"), None
-    else:  # RTN builds fast; the packed layout and the step are those of GNP-IQ
-        side, quant = SideConfig(expert_bits=4, init="random"), QuantConfig(bits=4, method="rtn")
+    fields, packed = ARMS[method]
+    side = SideConfig(**fields)
+    quant = QuantConfig(bits=4, method="rtn") if packed else None  # RTN builds fast; the step is GNP-IQ's
     torch.manual_seed(0)
     model = build_model(
         backbone, ModelConfig(labels=train_ds.labels, max_length=64, side=side, quant=quant), tok_json, progress=False
     )
-    feed = encode(make_tokenizer(tok_json, 64), train_ds.texts[:32], model.input_names)
+    feed = encode(make_tokenizer(tok_json, 64), train_ds.texts[:rows], model.input_names)
     opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4), steps=1)
-    return model.train(), opt, feed, torch.tensor(train_ds.targets[:32])
+    return model.train(), opt, feed, torch.tensor(train_ds.targets[:rows])
 
 
 def _loss(model, states, feed, target):
     return torch.nn.functional.cross_entropy(model.side(states, feed["attention_mask"]), target) + model.aux_loss()
 
 
-def count(method: str) -> dict:
-    model, _, feed, target = setup(method)
+def count(method: str, rows: int = 32) -> dict:
+    model, _, feed, target = setup(method, rows)
     with OpCount() as c:
         states = model.backbone_states(**feed)
         backbone = c.ops, c.big
@@ -117,8 +127,8 @@ def step(model, opt, feed, target) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def timed(methods: list[str], steps: int, top: int) -> None:
-    runs = {m: setup(m) for m in methods}
+def timed(methods: list[str], steps: int, top: int, rows: int = 32) -> None:
+    runs = {m: setup(m, rows) for m in methods}
     for run in runs.values():
         step(*run)  # warm-up
     seconds = {m: [] for m in methods}
@@ -144,12 +154,25 @@ def timed(methods: list[str], steps: int, top: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["mp-ismoe", "lst"], choices=["mp-ismoe", "lst"])
+    p.add_argument("--side", nargs="+", default=[], metavar="NAME=JSON", help="MP-ISMoE arms with SideConfig changes")
+    p.add_argument("--rows", type=int, default=32, help="tweets per step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N interleaved training steps")
     p.add_argument("--top", type=int, default=0, metavar="K", help="the K operators with most big calls (and time)")
     args = p.parse_args()
+    methods = list(args.methods)
+    for text in args.side:
+        name, sep, spec = text.partition("=")
+        try:
+            fields = json.loads(spec) if sep else None
+        except json.JSONDecodeError:
+            fields = None
+        if not isinstance(fields, dict) or name in ARMS:
+            raise SystemExit(f"step_ops: --side {text!r}: expected a new NAME=JSON object of SideConfig fields")
+        ARMS[name] = ({**ARMS["mp-ismoe"][0], **fields}, True)
+        methods.insert(len(methods) - 1 if "lst" in methods else len(methods), name)
     torch.set_num_threads(args.threads)
-    rows = [count(m) for m in args.methods]
+    rows = [count(m, args.rows) for m in methods]
     print("aten calls (of which big: an output of >= 32768 elements, a parallel region):\n")
     print("| method | backbone | side forward | side backward | all | MB allocated (all outputs) |")
     print("|---|---|---|---|---|---|")
@@ -160,7 +183,7 @@ def main() -> None:
         for r in rows:
             print(f"\n{r['method']}: big calls by operator: {dict(r['big_by_name'].most_common(args.top))}")
     if args.time:
-        timed(args.methods, args.time, args.top)
+        timed(methods, args.time, args.top, args.rows)
 
 
 if __name__ == "__main__":
