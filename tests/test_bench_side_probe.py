@@ -23,3 +23,14 @@ def test_the_base_is_kept_where_no_variant_gained_on_the_others():
     scores = {("x", "base"): 50, ("x", "a"): 49, ("y", "base"): 50, ("y", "a"): 70}
     runs = group_runs(_rows(scores), ["x", "y"], [0], {"base": {}, "a": {}})
     assert leave_one_out(runs, ["x", "y"], {"base": {}, "a": {}}, "base") == {"x": "a", "y": "base"}
+
+
+def test_token_targets_are_padded_with_the_ignored_target():
+    import torch
+
+    from benchmarks.side_probe import _targets
+    from mpismoe_edge.runtime.tasks import IGNORE
+
+    out = _targets([torch.tensor([1, 2, 3]), torch.tensor([4])], token_level=True)
+    assert out.tolist() == [[1, 2, 3], [4, IGNORE, IGNORE]]
+    assert _targets([torch.tensor(1), torch.tensor(0)], token_level=False).tolist() == [1, 0]
