@@ -45,6 +45,8 @@ if __package__ in (None, ""):  # run by path: import benchmarks.* from the repos
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.variants import parse_variant
+
 VARIANTS = {
     "mp-ismoe": {},
     "random init": {"init": "random"},
@@ -198,10 +200,11 @@ def _test_metric(task: str, m: dict[str, float]) -> float:
 
 
 def _fit_skip(side, cache: dict, task: str, num_outputs: int) -> dict[str, float]:
-    """The ridge-fitted skip of ``TrainConfig.skip_init="ridge"`` on cached states: fit on train,
-    strength chosen on validation (``side/ridge.py``), frozen; the head zeroed."""
+    """The ridge-fitted skip of ``TrainConfig.skip_init="ridge"`` (``skip_fit.py``) from cached
+    states: fit on train, strength chosen on validation (``side/ridge.py``)."""
     from mpismoe_edge.runtime.tasks import kind
     from mpismoe_edge.side.ridge import fit_probe
+    from mpismoe_edge.skip_fit import install_probe
 
     record = kind(task)
 
@@ -222,12 +225,7 @@ def _fit_skip(side, cache: dict, task: str, num_outputs: int) -> dict[str, float
         return torch.cat(xs), torch.cat(ys)
 
     probe = fit_probe(record.probe, *features(cache["train"]), *features(cache["val"]), num_outputs)
-    with torch.no_grad():
-        side.skip.weight.copy_(probe.weight)
-        side.skip.bias.copy_(probe.bias)
-        side.head.weight.zero_()
-        side.head.bias.zero_()
-    side.skip.requires_grad_(False)
+    install_probe(side, probe)
     return probe.val
 
 
@@ -301,21 +299,6 @@ def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backb
     }
 
 
-def _parse_variant(text: str) -> tuple[str, dict]:
-    if text in VARIANTS:
-        return text, VARIANTS[text]
-    name, sep, spec = text.partition("=")
-    if not sep:
-        raise SystemExit(f"side_probe: variant {text!r} is neither a known name {sorted(VARIANTS)} nor NAME=JSON")
-    try:
-        value = json.loads(spec)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"side_probe: variant {name!r}: bad JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"side_probe: variant {name!r}: JSON must be an object")
-    return name, value
-
-
 def _check_variants(variants: dict[str, dict]) -> None:
     """A typo fails now, not after an hour of runs."""
     from mpismoe_edge.config import SIDE_INITS, SideConfig
@@ -364,7 +347,7 @@ def main() -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args()
     names = args.variants or list(VARIANTS)[:10]
-    variants = dict(_parse_variant(v) for v in names)
+    variants = dict(parse_variant(v, "side_probe", VARIANTS) for v in names)
     if args.report:
         rows = _read_rows(args.results)
         if not rows:

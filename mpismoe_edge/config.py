@@ -182,8 +182,7 @@ class SideConfig(JsonConfig):
         _positive(self, "reduction", "num_heads", "num_experts", "top_k", "expert_ratio", "expert_group_size")
         if self.top_k > self.num_experts:
             raise ValueError(f"SideConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        if not (isinstance(self.router_noise, (int, float)) and self.router_noise >= 0.0):
-            raise ValueError(f"SideConfig.router_noise must be a number >= 0, got {self.router_noise!r}")
+        _number(self, "router_noise", 0.0)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SideConfig.dropout must lie in [0, 1), got {self.dropout!r}")
 

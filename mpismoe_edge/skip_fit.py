@@ -69,10 +69,16 @@ def fit_skip(
         model, tok, eval_data, batch_size, device, "skip features (validation)" if progress else None
     )
     probe = fit_probe(probe_kind, x_train, y_train, x_val, y_val, model.config.num_outputs)
-    with torch.no_grad():
-        side.skip.weight.copy_(probe.weight)
-        side.skip.bias.copy_(probe.bias)
-        side.head.weight.zero_()
-        side.head.bias.zero_()
-    side.skip.requires_grad_(False)
+    install_probe(side, probe)
     return probe
+
+
+@torch.no_grad()
+def install_probe(side, probe: Probe) -> None:
+    """The fitted probe into the side network's skip, frozen, and the head zeroed: before its
+    first step the side network computes the probe alone."""
+    side.skip.weight.copy_(probe.weight)
+    side.skip.bias.copy_(probe.bias)
+    side.head.weight.zero_()
+    side.head.bias.zero_()
+    side.skip.requires_grad_(False)
