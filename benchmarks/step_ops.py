@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.variants import parse_variant
 
 PHASES = ("backbone", "side forward", "backward", "optimizer")
 
@@ -162,13 +168,9 @@ def main() -> None:
     args = p.parse_args()
     methods = list(args.methods)
     for text in args.side:
-        name, sep, spec = text.partition("=")
-        try:
-            fields = json.loads(spec) if sep else None
-        except json.JSONDecodeError:
-            fields = None
-        if not isinstance(fields, dict) or name in ARMS:
-            raise SystemExit(f"step_ops: --side {text!r}: expected a new NAME=JSON object of SideConfig fields")
+        name, fields = parse_variant(text, "step_ops")
+        if name in ARMS:
+            raise SystemExit(f"step_ops: variant {name!r}: the name of an arm already there")
         ARMS[name] = ({**ARMS["mp-ismoe"][0], **fields}, True)
         methods.insert(len(methods) - 1 if "lst" in methods else len(methods), name)
     torch.set_num_threads(args.threads)
