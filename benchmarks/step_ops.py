@@ -6,16 +6,21 @@ shared CPU each small op costs tens of microseconds, so the count is what the ti
 follows when the matmuls are small; it does not depend on the machine's load.
 
 ``--top K`` also lists the K operators with the most big calls. ``--time N`` also times N
-training steps of each method interleaved (backbone forward, side forward, backward, AdamW step
-and gradient clipping; median per phase) and, with ``--top K``, the K operators with the most
+training steps of each method interleaved (backbone forward, side forward, backward, AdamW step,
+gradient clipping and the heap trim; median per phase) and, with ``--top K``, the K operators with the most
 self CPU time in one more step of each (torch profiler). Times depend on the machine's load:
 only the side-by-side ratio of one run means anything.
+
+Like ``mpismoe-train``, the process gives freed memory back to the system (every allocation of
+128 KiB and more is a fresh mapping, its pages faulted in on first touch) and trims the heap after
+each timed step (``mpismoe_edge.memory``); ``--keep-freed-memory`` leaves glibc's defaults, where
+freed blocks are reused.
 
 ``--side NAME=JSON`` adds an MP-ISMoE arm with those ``SideConfig`` fields changed (e.g.
 ``'r2={"expert_ratio": 2}'``); ``--rows`` sets the tweets per step (a rank's share of a batch).
 
     python benchmarks/step_ops.py [--methods mp-ismoe lst] [--side NAME=JSON ...] [--rows 32]
-                                  [--threads 1] [--time 5] [--top 12]
+                                  [--threads 1] [--time 5] [--top 12] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -117,6 +122,9 @@ def count(method: str, rows: int = 32) -> dict:
     }
 
 
+AFTER_STEP: list = []  # what runs after each step, as mpismoe-train's loop does (main sets it)
+
+
 def step(model, opt, feed, target) -> list[float]:
     """One training step (as the training loop runs it); seconds per phase of :data:`PHASES`."""
     marks = [time.perf_counter()]
@@ -129,6 +137,8 @@ def step(model, opt, feed, target) -> list[float]:
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    for hook in AFTER_STEP:
+        hook()
     marks.append(time.perf_counter())
     return [b - a for a, b in zip(marks, marks[1:])]
 
@@ -165,7 +175,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N interleaved training steps")
     p.add_argument("--top", type=int, default=0, metavar="K", help="the K operators with most big calls (and time)")
+    p.add_argument("--keep-freed-memory", action="store_true", help="glibc's defaults, as mpismoe-train's option")
     args = p.parse_args()
+    if not args.keep_freed_memory:
+        from mpismoe_edge.memory import bound_kernel_cache, release_free_pages, return_freed_memory
+
+        bound_kernel_cache()
+        return_freed_memory()
+        AFTER_STEP.append(release_free_pages)
     methods = list(args.methods)
     for text in args.side:
         name, fields = parse_variant(text, "step_ops")

@@ -72,6 +72,16 @@ def test_router_depends_on_backbone_features():
     assert not torch.allclose(w1, w2)
 
 
+def test_router_logits_are_the_gate_over_side_token_backbone_token_and_salient_summary():
+    from mpismoe_edge.side.router import InteractiveRouter, salient_summary
+
+    router = InteractiveRouter(16, 64, num_experts=8, top_k=2, salient_tau=0.1)
+    x, bb_token, bb, mask = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 64), torch.ones(2, 5)
+    summary = router.salient_proj(salient_summary(bb, mask, 0.1)).unsqueeze(1).expand_as(x)
+    expected = router.gate(torch.cat([x, bb_token, summary], -1))
+    torch.testing.assert_close(router.logits(x, bb_token, bb, mask), expected)
+
+
 def test_routing_picks_top_k_experts_with_weights_summing_to_one():
     model = tiny_model().eval()
     moe = model.side.moe_layers()[0]
@@ -108,6 +118,17 @@ def test_salient_summary_ignores_padding():
     padded = torch.cat([hidden, torch.randn(1, 3, 8) * 100], 1)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
     torch.testing.assert_close(salient_summary(padded, mask, 0.1), salient_summary(hidden, None, 0.1))
+
+
+def test_salient_summary_is_the_softmax_over_distances_from_the_mean_pool():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16) * 2 + 1
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    keep = mask.float().unsqueeze(-1)
+    mean = (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+    score = ((hidden - mean).norm(dim=-1) / (4 * 0.5)).masked_fill(mask == 0, float("-inf"))
+    expected = (score.softmax(-1).unsqueeze(-1) * hidden).sum(1)
+    torch.testing.assert_close(salient_summary(hidden, mask, 0.5), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_load_balance_loss_is_one_when_perfectly_balanced():

@@ -176,6 +176,19 @@ def test_quant_linear_forward_and_state_dict_round_trip(bits, bias):
         assert torch.equal(fresh.state_dict()[k], v)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_frozen_forwards_of_layers_that_share_scratch_equal_their_own_dequantized_weights(bits):
+    torch.manual_seed(0)
+    layers = [QuantLinear.from_quantized(rtn_quantize(torch.randn(n, 64), bits, 16), torch.randn(n)) for n in (40, 8)]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = layers[0](x)
+        second = layers[1](x)  # dequantized into the same buffers as the first
+        again = layers[0](x)
+    for layer, y in ((layers[0], first), (layers[1], second), (layers[0], again)):
+        torch.testing.assert_close(y, x @ layer.dequantized_weight().T + layer.bias)
+
+
 def test_quantized_model_state_dict_round_trip():
     model = Net()
     quantize_model(model, config(bits=3, bits_map={"head": 8}), progress=False)

@@ -63,18 +63,18 @@ def from_groups(
     )
 
 
-def minmax_params(w: torch.Tensor, qmax: int, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and integer zero point per row of ``w`` ``[M, G]``, range scaled by ``shrink``."""
-    lo = w.amin(1) * shrink
-    hi = w.amax(1) * shrink
-    scale = ((hi - lo) / qmax).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+def minmax_params(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and integer zero point per row of ``w`` ``[M, G]``."""
+    lo, hi = torch.aminmax(w, dim=1)
+    scale = ((hi - lo) / qmax).clamp_(min=1e-12)
+    zero = torch.round(-lo / scale).clamp_(0, qmax)
     return scale, zero
 
 
 def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round-to-nearest codes of rows ``w`` ``[M, G]`` for per-row scale and zero point."""
-    return torch.clamp(torch.round(w / scale[:, None] + zero[:, None]), 0, qmax)
+    """Round-to-nearest codes of rows ``w`` ``[M, G]`` for per-row scale and zero point (one
+    temporary: quantization-aware training runs this on every step)."""
+    return (w / scale[:, None]).add_(zero[:, None]).round_().clamp_(0, qmax)
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, name: str = "weight") -> GroupQuant:

@@ -23,7 +23,23 @@ class FakeQuantLinear(nn.Linear):
 def straight_through(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``w`` fake-quantized in the forward pass, the identity in the backward pass (STE); any
     leading dimensions (e.g. several experts' weights stacked) are independent groups."""
-    return w + (fake_quantize(w.detach(), bits, group_size) - w).detach()
+    return _StraightThrough.apply(w, bits, group_size)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``w + (fake_quantize(w) - w).detach()`` in one node: no ``w``-sized temporaries of its own."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+        return fake_quantize(w.detach(), bits, group_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -31,8 +47,7 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     qmax = (1 << bits) - 1
     g = w.reshape(-1, group_size)
     scale, zero = minmax_params(g, qmax)
-    q = encode(g, scale, zero, qmax)
-    return ((q - zero[:, None]) * scale[:, None]).reshape(w.shape)
+    return encode(g, scale, zero, qmax).sub_(zero[:, None]).mul_(scale[:, None]).reshape(w.shape)
 
 
 def _linear(i: int, o: int, bits: int | None, group_size: int) -> nn.Module:

@@ -176,9 +176,30 @@ def routed_mixture(
     sizes = torch.bincount(expert, minlength=experts)
     gate = w.reshape(-1).index_select(0, token * experts + expert).unsqueeze(-1)
     routed = flat.index_select(0, token).to(w1.dtype)  # autocast: the layer's input may be in bf16
-    h = nn.functional.gelu(grouped_mm(routed, w1.transpose(1, 2), sizes) + b1.index_select(0, expert))
-    y = grouped_mm(h, w2.transpose(1, 2), sizes) + b2.index_select(0, expert)
-    return torch.zeros_like(flat).index_add(0, token, (y * gate).to(flat.dtype)).reshape(x.shape)
+    counts = sizes.tolist()
+    h = nn.functional.gelu(_AddPerExpert.apply(grouped_mm(routed, w1.transpose(1, 2), sizes), b1, counts, expert))
+    y = _AddPerExpert.apply(grouped_mm(h, w2.transpose(1, 2), sizes), b2, counts, expert)
+    return flat.new_zeros(flat.shape).index_add_(0, token, (y * gate).to(flat.dtype)).reshape(x.shape)
+
+
+class _AddPerExpert(torch.autograd.Function):
+    """Rows sorted by expert (``counts`` rows each) plus their expert's bias, in place: the bias
+    rows are never gathered into a tensor of the output's size (on CPU each such temporary is a
+    fresh allocation, every layer, every step)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor, counts: list[int], expert: torch.Tensor) -> torch.Tensor:
+        for part, b in zip(y.split(counts), bias):
+            part.add_(b)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(expert)
+        ctx.bias_shape = bias.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (expert,) = ctx.saved_tensors
+        return grad, grad.new_zeros(ctx.bias_shape).index_add_(0, expert, grad), None, None
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

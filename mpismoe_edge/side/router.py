@@ -22,17 +22,25 @@ from .. import ops
 
 
 def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float) -> torch.Tensor:
-    """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``."""
+    """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``.
+
+    Every pass over ``hidden`` is a reduction or a batched matmul (``||h - m||^2`` as
+    ``||h||^2 - 2 h.m + ||m||^2``): no ``[B, T, H]`` temporary, which on CPU costs a fresh
+    allocation per tapped layer on every training step."""
     keep = (
         torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
         if mask is None
         else mask.to(hidden.dtype)
     )
-    mean = (hidden * keep.unsqueeze(-1)).sum(1, keepdim=True) / keep.sum(1, keepdim=True).unsqueeze(-1).clamp(min=1.0)
-    score = (hidden - mean).norm(dim=-1) / (math.sqrt(hidden.shape[-1]) * tau)
+    share = keep / keep.sum(1, keepdim=True).clamp(min=1.0)
+    mean = torch.bmm(share.unsqueeze(1), hidden)  # [B, 1, H]
+    cross = torch.bmm(hidden, mean.transpose(1, 2)).squeeze(-1)  # [B, T]
+    norms = torch.linalg.vector_norm(hidden, dim=-1).square()
+    dist2 = norms - 2 * cross + mean.squeeze(1).square().sum(-1, keepdim=True)
+    score = dist2.clamp(min=0).sqrt() / (math.sqrt(hidden.shape[-1]) * tau)
     score = score.masked_fill(keep == 0, torch.finfo(score.dtype).min)
     w = score.softmax(-1) * keep
-    return (w.unsqueeze(-1) * hidden).sum(1)
+    return torch.bmm(w.unsqueeze(1), hidden).squeeze(1)
 
 
 class InteractiveRouter(nn.Module):
@@ -59,8 +67,14 @@ class InteractiveRouter(nn.Module):
         if not self.interactive:
             return self.gate(x)
         summary = self.salient_proj(salient_summary(bb_hidden, mask, self.salient_tau))
-        feats = torch.cat([x, bb_token, summary.unsqueeze(1).expand_as(x)], dim=-1)
-        return self.gate(feats)
+        # the gate over [x, bb_token, summary] concatenated, as three products summed: the
+        # features are never materialized (the summary's product is one row per sequence)
+        wx, wb, ws = self.gate.weight.split(x.shape[-1], dim=1)
+        return (
+            nn.functional.linear(x, wx)
+            + nn.functional.linear(bb_token, wb)
+            + nn.functional.linear(summary, ws, self.gate.bias).unsqueeze(1)
+        )
 
     def forward(self, x, bb_token, bb_hidden, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(dense routing weights ``[B, T, E]``, raw logits ``[B, T, E]``). In training with
