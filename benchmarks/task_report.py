@@ -4,18 +4,23 @@ A row is one run (``kind: "run"``: test and validation metrics at the chosen epo
 trainable parameters, seconds, training rows, epochs, learning rate) or one live-tensor probe (``kind:
 "probe"``); :func:`summarize` prints a backbone's table (means over seeds) and the paired
 comparisons, :func:`small_data_report` whether default ``mpismoe-train`` beats the majority class
-/ mean predictor wherever full fine-tuning does. Where a method ran at several learning rates,
-the table holds only the rate :func:`chosen_lr` picks on validation. Nothing here runs a model.
+/ mean predictor wherever full fine-tuning does. Where a method ran at several learning rates
+(and, for the side methods, weight decays), the table holds only the setting :func:`chosen`
+picks on validation. Nothing here runs a model.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers import CLI_METHOD, METHODS, SKIP_METHODS
+from benchmarks.peers import CLI_METHOD, METHODS, SIDE_METHODS, SKIP_METHODS
 from benchmarks.task_data import TASKS
+from mpismoe_edge.config import TrainConfig
+
+SIDE_WEIGHT_DECAY = TrainConfig.weight_decay  # what the side methods train with unless the sweep tunes it
 
 PRIMARY = {"classification": "accuracy", "token-classification": "entity_f1", "regression": "pearson"}
 SECONDARY = {"token-classification": "word_accuracy", "regression": "spearman"}
@@ -26,16 +31,50 @@ def lr_of(r: dict) -> float | None:
     return None if r.get("lr") is None else float(f"{r['lr']:.3g}")
 
 
+def wd_of(r: dict) -> float | None:
+    """A row's weight decay to three significant digits: a side method's (its default where the
+    row predates the weight-decay grid), None for the methods that do not tune it."""
+    if r["method"] not in SIDE_METHODS or r.get("lr") is None:
+        return None
+    wd = r.get("weight_decay")
+    return float(f"{SIDE_WEIGHT_DECAY if wd is None else wd:.3g}")
+
+
 def run_key(r: dict) -> tuple:
     """What identifies a row of the results file: a run already there is not run again."""
-    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run"), lr_of(r)
+    return r["task"], r["backbone"], r["method"], r.get("seed"), r.get("kind", "run"), lr_of(r), wd_of(r)
 
 
-def chosen_lr(rows: list[dict], task: str, backbone: str, method: str, kind: str) -> tuple[float | None, list[float]]:
-    """(the learning rate chosen, the grid it was chosen from) for ``method`` on ``task``: the
-    grid is every rate run at the lowest seed that ran, the choice its run with the best
-    validation by the epoch rule's key (``selection_key``: metric, then -loss; ``kind``: the
-    task kind). The test split plays no part."""
+@dataclass(frozen=True)
+class Choice:
+    """A method's setting on a task, chosen on validation, and the grids it was chosen from."""
+
+    lr: float | None
+    weight_decay: float | None
+    lrs: list[float]
+    weight_decays: list[float]
+
+    def picks(self, r: dict) -> bool:
+        """Whether row ``r`` ran at this setting."""
+        return (lr_of(r), wd_of(r)) == (self.lr, self.weight_decay)
+
+    def text(self) -> str:
+        """``lr / wd (lr grid; wd grid)`` for the table; the grids only where there were several values."""
+        if self.lr is None:
+            return "-"
+        chosen = f"{self.lr:g}" + (f" / {self.weight_decay:g}" if self.weight_decay is not None else "")
+        grids = [
+            f"{name} {' / '.join(f'{v:g}' for v in vals)}"
+            for name, vals in (("lr", self.lrs), ("wd", self.weight_decays))
+            if len(vals) > 1
+        ]
+        return chosen + (f" ({'; '.join(grids)})" if grids else "")
+
+
+def chosen(rows: list[dict], task: str, backbone: str, method: str, kind: str) -> Choice:
+    """``method``'s setting on ``task``: of the runs at the lowest seed that ran (every learning
+    rate and weight decay tried), the one with the best validation by the epoch rule's key
+    (``selection_key``: metric, then -loss; ``kind``: the task kind). The test split plays no part."""
     from mpismoe_edge.selection import selection_key
 
     runs = [
@@ -44,12 +83,13 @@ def chosen_lr(rows: list[dict], task: str, backbone: str, method: str, kind: str
         if (r["task"], r["backbone"], r["method"], r.get("kind", "run")) == (task, backbone, method, "run")
     ]
     if not runs:
-        return None, []
+        return Choice(None, None, [], [])
     seed = min(r["seed"] for r in runs)
     tuned = [r for r in runs if r["seed"] == seed]
-    grid = sorted({lr for r in tuned if (lr := lr_of(r)) is not None})
     best = tuned[0] if len(tuned) == 1 else max(tuned, key=lambda r: selection_key(r["val"], kind))
-    return lr_of(best), grid
+    lrs = sorted({lr for r in tuned if (lr := lr_of(r)) is not None})
+    wds = sorted({wd for r in tuned if (wd := wd_of(r)) is not None})
+    return Choice(lr_of(best), wd_of(best), lrs, wds)
 
 
 def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[str, dict]) -> str:
@@ -60,7 +100,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         "| task | method | test metric (mean) | per seed | second metric (mean) | validation (mean) | "
         "epoch chosen / trained "
         "| peak live tensors (MB) | peak RSS (MB, max) | trainable params | time (s, median) | train rows "
-        "| learning rate (chosen on validation from) |",
+        "| learning rate / weight decay (chosen on validation from) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     table: dict[tuple[str, str], dict] = {}
@@ -78,9 +118,9 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             )
             lines[-1] += " - | - | - | - | 0 | 0 | - | - |"
         for method in (*METHODS, *SKIP_METHODS, CLI_METHOD):
-            lr, grid = chosen_lr(runs, task, backbone, method, kind)
+            choice = chosen(runs, task, backbone, method, kind)
             rs = sorted(
-                (r for r in runs if r["task"] == task and r["method"] == method and lr_of(r) == lr),
+                (r for r in runs if r["task"] == task and r["method"] == method and choice.picks(r)),
                 key=lambda r: r["seed"],
             )
             if not rs:
@@ -103,7 +143,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
                 f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | "
                 f"{statistics.median(r['seconds'] for r in rs):.0f} "
-                f"| {rs[0]['train_rows']:,} | {_lr_text(lr, grid)} |"
+                f"| {rs[0]['train_rows']:,} | {choice.text()} |"
             )
     lines.append("")
     lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
@@ -137,12 +177,6 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             gap = statistics.mean(100 * (table[(t, ours)]["mean"] - table[(t, "full-ft")]["mean"]) for t in both)
             lines.append(f"\n{ours} vs full-ft averaged over {', '.join(both)}: {gap:+.2f} points")
     return "\n".join(lines)
-
-
-def _lr_text(lr: float | None, grid: list[float]) -> str:
-    if lr is None:
-        return "-"
-    return f"{lr:g}" + (f" ({' / '.join(f'{g:g}' for g in grid)})" if len(grid) > 1 else "")
 
 
 BEATS = {"classification": ("accuracy", 1), "token-classification": ("entity_f1", 1), "regression": ("mse", -1)}

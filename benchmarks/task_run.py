@@ -3,8 +3,9 @@
 :func:`run_one` builds and trains the method (``benchmarks/peers.py``) and returns the row the
 sweep appends to its results file: validation and test metrics at the epoch chosen on
 validation (the test split is scored once, by that epoch's model: ``benchmarks/scoring.py``),
-peak RSS of the process over build and training, trainable parameters, seconds, training rows
-and epochs. :func:`probe_one` measures the method's peak live tensors (``benchmarks/measure.py``).
+peak RSS of the process over build and training, trainable parameters, seconds, training rows,
+epochs, learning rate and (side methods) weight decay. :func:`probe_one` measures the method's
+peak live tensors (``benchmarks/measure.py``).
 Every run first gives freed memory back to the system and caps oneDNN's kernel cache, as
 ``mpismoe-train`` does.
 """
@@ -71,10 +72,11 @@ def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int]:
     from mpismoe_edge.train import TrainConfig, train
 
     tcfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, seed=args.seed, patience=args.patience,
-        min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero",
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, weight_decay=args.side_wd, seed=args.seed,
+        patience=args.patience, min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero",
     )  # fmt: skip
-    out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{args.side_lr:g}")
+    wd = "" if args.side_wd == TrainConfig.weight_decay else f"-wd{args.side_wd:g}"
+    out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{args.side_lr:g}{wd}")
     res = train(model, train_ds, val_ds, tcfg, out, progress=False)
     return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"]
 
@@ -135,6 +137,7 @@ def run_one(method: str, args) -> dict:
         "train_rows": len(train_ds),
         "epochs": trained,
         "lr": lr,
+        "weight_decay": args.side_wd if method in SIDE_METHODS else None,
     }
 
 

@@ -29,9 +29,12 @@ rules (``mpismoe_edge.selection``): at least ``--min-steps`` steps (small data t
 are done; the test split is scored once, by the model of the chosen epoch. ``--train-rows N``
 subsamples the training rows (seeded, the same rows for every method). ``--lr-grid 0.4 1 2.5``
 tunes each method's learning rate on validation: the method's rate times each factor runs at the
-first seed, the other seeds run at the rate whose run validated best (``task_report.chosen_lr``:
+first seed, the other seeds run at the rate whose run validated best (``task_report.chosen``:
 the epoch rule's key, the test split plays no part), and the table holds only that rate's runs
-and names the grid.
+and names the grid. ``--wd-grid 0.1 1 10`` also tunes the side methods' weight decay (AdamW's,
+default 0.01, times each factor), one factor at a time: after the learning rate is chosen, the
+other factors run at it (first seed), and the setting whose run validated best over all of them
+trains the other seeds.
 Test metrics: accuracy; entity-level F1 (seqeval's default mode) and word accuracy for NER, a
 word cut off by ``max_length`` predicted ``O``; Pearson and Spearman for regression. Memory is
 measured as in benchmarks/train.py: peak RSS of the run's own process (build + training) and
@@ -45,7 +48,7 @@ the tables (``task_report``). ``python -m benchmarks.tasks`` runs it too.
 
     python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...]
                                [--seeds 0 1 2] [--epochs 3] [--min-steps 200] [--train-rows N] [--val-rows N]
-                               [--lr-grid X ...] [--results FILE] [--smoke]
+                               [--lr-grid X ...] [--wd-grid X ...] [--results FILE] [--smoke]
 """
 
 from __future__ import annotations
@@ -60,10 +63,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.peers import CLI_METHOD, METHODS, SKIP_METHODS
+from benchmarks.peers import CLI_METHOD, METHODS, SIDE_METHODS, SKIP_METHODS
 from benchmarks.scoring import baseline
 from benchmarks.task_data import BACKBONES, TASKS, backbone_path, load_task
-from benchmarks.task_report import chosen_lr, read_results, run_key, small_data_report, summarize
+from benchmarks.task_report import SIDE_WEIGHT_DECAY, chosen, read_results, run_key, small_data_report, summarize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
         help="each method's learning rate times X, every X run at the first seed; the other seeds run "
         "at the one chosen on validation (default: 1, no tuning; the tuned sweeps: 0.4 1 2.5)",
     )
+    p.add_argument(
+        "--wd-grid",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="X",
+        help="the side methods' weight decay times X, tried at the learning rate chosen on validation, "
+        "first seed; the best setting trains the other seeds (default: 1, no tuning)",
+    )
+    p.add_argument("--side-wd", type=float, default=SIDE_WEIGHT_DECAY, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
@@ -201,30 +214,34 @@ def main(argv: list[str] | None = None) -> int:
 
     combos = [(task, b, m) for b in args.backbones for task in args.tasks for m in args.methods]
     grid = [1.0] if args.report else args.lr_grid
+    wd_grid = [f for f in args.wd_grid if f != 1.0]  # factor 1 is the learning-rate grid's own run
     per_combo = (0 if args.no_probe else 1) + len(grid) + len(args.seeds) - 1
     bar = tqdm(total=0 if args.report else len(combos) * per_combo, desc="runs")
 
-    def run(task: str, b: str, method: str, seed: int, kind: str, lr: float | None) -> bool:
-        """One job, unless the results file has it; False when it failed."""
+    def run(task: str, b: str, method: str, seed: int, kind: str, lr: float | None, wd: float | None = None) -> bool:
+        """One job, unless the results file has it; False when it failed (``wd`` None: the default)."""
         bar.update()
-        row = {"task": task, "backbone": b, "method": method, "seed": seed, "kind": kind, "lr": lr}
+        row = {"task": task, "backbone": b, "method": method, "seed": seed, "kind": kind, "lr": lr, "weight_decay": wd}
         if run_key(row) in done:
             return True
         cmd = [sys.executable, __file__, f"--{'one' if kind == 'run' else 'probe'}", method, "--task", task,
                "--backbone", b, "--seed", str(seed), *common]  # fmt: skip
         if lr is not None:
             cmd += ["--" + lr_option(method).replace("_", "-"), str(lr)]
+        if wd is not None:
+            cmd += ["--side-wd", str(wd)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"error: {kind} {task} {b} {method} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return False
-        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), **{k: v for k, v in row.items() if k != "lr"}}
+        own = ("lr", "weight_decay")  # as the run reports them
+        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), **{k: v for k, v in row.items() if k not in own}}
         rows.append(row)
         done.add(run_key(row))
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         bar.write(
-            f"# {kind} {task} {b} {method} seed {seed} lr {row.get('lr')}: "
+            f"# {kind} {task} {b} {method} seed {seed} lr {row.get('lr')} wd {row.get('weight_decay')}: "
             + json.dumps({k: row[k] for k in ("test", "peak_rss_mb", "tensor_peak_mb", "seconds") if k in row})
         )
         return True
@@ -237,8 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         ok = (args.no_probe or not tuned or run(task, b, method, first, "probe", None)) and all(
             run(task, b, method, first, "run", lr) for lr in lrs
         )
-        lr = chosen_lr(rows, task, b, method, infos[task]["task"])[0] if ok and len(lrs) > 1 else lrs[0]
-        if not (ok and all(run(task, b, method, s, "run", lr) for s in rest)):
+        lr, wd = (chosen(rows, task, b, method, infos[task]["task"]).lr if ok and len(lrs) > 1 else lrs[0]), None
+        if ok and tuned and wd_grid and method in SIDE_METHODS:
+            wds = [float(f"{SIDE_WEIGHT_DECAY * f:.3g}") for f in wd_grid]
+            bar.total += len(wds)
+            ok = all(run(task, b, method, first, "run", lr, w) for w in wds)
+            best = chosen(rows, task, b, method, infos[task]["task"])
+            lr, wd = best.lr, best.weight_decay
+        if not (ok and all(run(task, b, method, s, "run", lr, wd) for s in rest)):
             return 1
     bar.close()
     for b in args.backbones:

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.scoring import baseline, word_predictions
 from benchmarks.task_data import load_task, write_split_files
-from benchmarks.task_report import chosen_lr, run_key, small_data_report, summarize
+from benchmarks.task_report import SIDE_WEIGHT_DECAY, chosen, run_key, small_data_report, summarize
 from mpismoe_edge.data import Dataset
 
 
@@ -124,21 +124,35 @@ def test_the_small_data_report_says_whether_each_run_beats_the_baseline():
     assert "beats the baseline in 1 of the 2 runs where full fine-tuning does" in text
 
 
-def _tuned(seed, lr, val, test, loss=1.0):
-    return {**_row("tweets", "lst", seed, test), "lr": lr, "val": {"accuracy": val, "loss": loss}}
+def _tuned(seed, lr, val, test, loss=1.0, wd=None):
+    row = {**_row("tweets", "lst", seed, test), "lr": lr, "val": {"accuracy": val, "loss": loss}}
+    return row if wd is None else {**row, "weight_decay": wd}
 
 
 def test_the_learning_rate_is_the_best_on_validation_at_the_first_seed_not_on_test():
     rows = [_tuned(0, 1e-3, 0.70, 0.90), _tuned(0, 2.5e-3, 0.72, 0.60), _tuned(0, 4e-4, 0.72, 0.95, loss=2.0)]
     rows.append(_tuned(1, 4e-4, 0.99, 0.99))  # another seed does not vote
-    assert chosen_lr(rows, "tweets", "minilm", "lst", "classification") == (2.5e-3, [4e-4, 1e-3, 2.5e-3])
+    choice = chosen(rows, "tweets", "minilm", "lst", "classification")
+    assert (choice.lr, choice.lrs) == (2.5e-3, [4e-4, 1e-3, 2.5e-3])
+
+
+def test_the_weight_decay_is_chosen_with_the_learning_rate_on_validation():
+    rows = [_tuned(0, 1e-3, 0.70, 0.90), _tuned(0, 2.5e-3, 0.72, 0.60), _tuned(0, 2.5e-3, 0.74, 0.50, wd=0.1)]
+    choice = chosen(rows, "tweets", "minilm", "lst", "classification")
+    assert (choice.lr, choice.weight_decay, choice.weight_decays) == (2.5e-3, 0.1, [SIDE_WEIGHT_DECAY, 0.1])
+    assert choice.text() == "0.0025 / 0.1 (lr 0.001 / 0.0025; wd 0.01 / 0.1)"
+
+
+def test_a_row_without_a_weight_decay_is_the_same_run_as_one_at_the_default():
+    assert run_key(_tuned(0, 1e-3, 0.7, 0.7)) == run_key(_tuned(0, 1e-3, 0.7, 0.7, wd=SIDE_WEIGHT_DECAY))
+    assert run_key(_tuned(0, 1e-3, 0.7, 0.7)) != run_key(_tuned(0, 1e-3, 0.7, 0.7, wd=0.1))
 
 
 def test_the_table_holds_the_chosen_learning_rate_runs_and_names_the_grid():
     rows = [_tuned(0, 1e-3, 0.70, 0.90), _tuned(0, 2.5e-3, 0.72, 0.60), _tuned(1, 2.5e-3, 0.70, 0.70)]
     text = summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {})
     assert "| tweets | lst | 65.00 | 60.00 / 70.00 |" in text
-    assert text.split("\n")[2].endswith("| 0.0025 (0.001 / 0.0025) |")
+    assert text.split("\n")[2].endswith("| 0.0025 / 0.01 (lr 0.001 / 0.0025) |")
 
 
 def test_runs_at_two_learning_rates_are_two_runs_and_the_same_rate_is_one():
