@@ -131,6 +131,15 @@ def test_salient_summary_is_the_softmax_over_distances_from_the_mean_pool():
     torch.testing.assert_close(salient_summary(hidden, mask, 0.5), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_salient_summary_under_bf16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64) * 3 + 5  # far from the origin: ||h||^2 - 2 h.m + ||m||^2 would cancel
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = salient_summary(hidden, mask, 0.1)
+    torch.testing.assert_close(low.float(), salient_summary(hidden, mask, 0.1), atol=0.1, rtol=0.02)
+
+
 def test_load_balance_loss_is_one_when_perfectly_balanced():
     logits = torch.zeros(4, 4)
     weights = torch.eye(4)

@@ -24,20 +24,24 @@ from .. import ops
 def salient_summary(hidden: torch.Tensor, mask: torch.Tensor | None, tau: float) -> torch.Tensor:
     """Saliency-weighted pool of ``hidden`` ``[B, T, H]`` over unmasked tokens -> ``[B, H]``.
 
-    Every pass over ``hidden`` is a reduction or a batched matmul (``||h - m||^2`` as
+    In float32 every pass over ``hidden`` is a reduction or a batched matmul (``||h - m||^2`` as
     ``||h||^2 - 2 h.m + ||m||^2``): no ``[B, T, H]`` temporary, which on CPU costs a fresh
-    allocation per tapped layer on every training step."""
+    allocation per tapped layer on every training step. Under autocast the matmuls would run in
+    bf16/fp16, where that sum cancels, so the distances are taken directly."""
     keep = (
         torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
         if mask is None
         else mask.to(hidden.dtype)
     )
     share = keep / keep.sum(1, keepdim=True).clamp(min=1.0)
-    mean = torch.bmm(share.unsqueeze(1), hidden)  # [B, 1, H]
-    cross = torch.bmm(hidden, mean.transpose(1, 2)).squeeze(-1)  # [B, T]
-    norms = torch.linalg.vector_norm(hidden, dim=-1).square()
-    dist2 = norms - 2 * cross + mean.squeeze(1).square().sum(-1, keepdim=True)
-    score = dist2.clamp(min=0).sqrt() / (math.sqrt(hidden.shape[-1]) * tau)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dist = (hidden - (hidden * share.unsqueeze(-1)).sum(1, keepdim=True)).norm(dim=-1)
+    else:
+        mean = torch.bmm(share.unsqueeze(1), hidden)  # [B, 1, H]
+        cross = torch.bmm(hidden, mean.transpose(1, 2)).squeeze(-1)  # [B, T]
+        norms = torch.linalg.vector_norm(hidden, dim=-1).square()
+        dist = (norms - 2 * cross + mean.squeeze(1).square().sum(-1, keepdim=True)).clamp(min=0).sqrt()
+    score = dist / (math.sqrt(hidden.shape[-1]) * tau)
     score = score.masked_fill(keep == 0, torch.finfo(score.dtype).min)
     w = score.softmax(-1) * keep
     return torch.bmm(w.unsqueeze(1), hidden).squeeze(1)
