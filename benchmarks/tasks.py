@@ -106,24 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--side-lr", type=float, default=1e-3)
-    p.add_argument(
-        "--lr-grid",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        metavar="X",
-        help="each method's learning rate times X, every X run at the first seed; the other seeds run "
-        "at the one chosen on validation (default: 1, no tuning; the tuned sweeps: 0.4 1 2.5)",
-    )
-    p.add_argument(
-        "--wd-grid",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        metavar="X",
-        help="the side methods' weight decay times X, tried at the learning rate chosen on validation, "
-        "first seed; the best setting trains the other seeds (default: 1, no tuning)",
-    )
+    for flag, what in (
+        ("--lr-grid", "each method's learning rate times X, every X run at the first seed; the other seeds run "
+         "at the one chosen on validation (default: 1, no tuning; the tuned sweeps: 0.4 1 2.5)"),
+        ("--wd-grid", "the side methods' weight decay times X, tried at the learning rate chosen on validation, "
+         "first seed; the best setting trains the other seeds (default: 1, no tuning)"),
+    ):  # fmt: skip
+        p.add_argument(flag, type=float, nargs="+", default=[1.0], metavar="X", help=what)
     p.add_argument("--side-wd", type=float, default=SIDE_WEIGHT_DECAY, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe-steps", type=int, default=8)
