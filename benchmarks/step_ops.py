@@ -30,7 +30,9 @@ import collections
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run by path: import benchmarks.* from the repository root (see benchmarks/__init__.py)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -122,11 +124,9 @@ def count(method: str, rows: int = 32) -> dict:
     }
 
 
-AFTER_STEP: list = []  # what runs after each step, as mpismoe-train's loop does (main sets it)
-
-
-def step(model, opt, feed, target) -> list[float]:
-    """One training step (as the training loop runs it); seconds per phase of :data:`PHASES`."""
+def step(model, opt, feed, target, after_step: Callable[[], Any] | None = None) -> list[float]:
+    """One training step (as the training loop runs it, ``after_step`` last as mpismoe-train's
+    loop calls it); seconds per phase of :data:`PHASES`."""
     marks = [time.perf_counter()]
     states = model.backbone_states(**feed)
     marks.append(time.perf_counter())
@@ -137,20 +137,22 @@ def step(model, opt, feed, target) -> list[float]:
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    for hook in AFTER_STEP:
-        hook()
+    if after_step is not None:
+        after_step()
     marks.append(time.perf_counter())
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def timed(methods: list[str], steps: int, top: int, rows: int = 32) -> None:
+def timed(
+    methods: list[str], steps: int, top: int, rows: int = 32, after_step: Callable[[], Any] | None = None
+) -> None:
     runs = {m: setup(m, rows) for m in methods}
     for run in runs.values():
-        step(*run)  # warm-up
+        step(*run, after_step)  # warm-up
     seconds = {m: [] for m in methods}
     for _ in range(steps):
         for m, run in runs.items():
-            seconds[m].append(step(*run))
+            seconds[m].append(step(*run, after_step))
     print(f"\n| method | {' | '.join(f'{p} (ms)' for p in PHASES)} | step (ms) | vs {methods[-1]} |")
     print("|---|" + "---|" * (len(PHASES) + 2))
     total = {m: statistics.median(sum(s) for s in seconds[m]) for m in methods}
@@ -162,7 +164,7 @@ def timed(methods: list[str], steps: int, top: int, rows: int = 32) -> None:
         )
     for m, run in runs.items() if top else ():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step(*run)
+            step(*run, after_step)
         print(f"\n{m}: top {top} operators by self CPU time in one step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
 
@@ -177,12 +179,13 @@ def main() -> None:
     p.add_argument("--top", type=int, default=0, metavar="K", help="the K operators with most big calls (and time)")
     p.add_argument("--keep-freed-memory", action="store_true", help="glibc's defaults, as mpismoe-train's option")
     args = p.parse_args()
+    after_step = None
     if not args.keep_freed_memory:
         from mpismoe_edge.memory import bound_kernel_cache, release_free_pages, return_freed_memory
 
         bound_kernel_cache()
         return_freed_memory()
-        AFTER_STEP.append(release_free_pages)
+        after_step = release_free_pages
     methods = list(args.methods)
     for text in args.side:
         name, fields = parse_variant(text, "step_ops")
@@ -202,7 +205,7 @@ def main() -> None:
         for r in rows:
             print(f"\n{r['method']}: big calls by operator: {dict(r['big_by_name'].most_common(args.top))}")
     if args.time:
-        timed(methods, args.time, args.top, args.rows)
+        timed(methods, args.time, args.top, args.rows, after_step)
 
 
 if __name__ == "__main__":
