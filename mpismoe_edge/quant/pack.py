@@ -123,9 +123,8 @@ def _unpack_into(out: torch.Tensor, packed: torch.Tensor, bits: int, tmp: torch.
     n_vals, n_bytes = _unit(bits)
     if n_bytes != 1:
         raise ValueError(f"unpacking into a buffer takes 2, 4 or 8-bit codes, not {bits}")
-    slots = out.view(*packed.shape, n_vals)
+    slots, code = out.view(*packed.shape, n_vals), tmp[: packed.numel()].view(packed.shape)
     for i in range(n_vals):
-        code = tmp[: packed.numel()].view(packed.shape)
         torch.bitwise_right_shift(packed, i * bits, out=code).bitwise_and_((1 << bits) - 1)
         slots[..., i].copy_(code)
     return slots.flatten(-2)
