@@ -16,11 +16,16 @@ Like ``mpismoe-train``, the process gives freed memory back to the system (every
 each timed step (``mpismoe_edge.memory``); ``--keep-freed-memory`` leaves glibc's defaults, where
 freed blocks are reused.
 
+``--layer N`` also times N interleaved forward and backward passes of one side feed-forward
+layer, on the inputs the model's first block gives it: MP-ISMoE's whole layer and its parts
+(router, expert stacking with fake quantization, the routed experts, the balance losses) next
+to LST's dense FFN (median ms each).
+
 ``--side NAME=JSON`` adds an MP-ISMoE arm with those ``SideConfig`` fields changed (e.g.
 ``'r2={"expert_ratio": 2}'``); ``--rows`` sets the tweets per step (a rank's share of a batch).
 
     python benchmarks/step_ops.py [--methods mp-ismoe lst] [--side NAME=JSON ...] [--rows 32]
-                                  [--threads 1] [--time 5] [--top 12] [--keep-freed-memory]
+                                  [--threads 1] [--time 5] [--layer 30] [--top 12] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -169,6 +174,60 @@ def timed(
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
 
 
+def _ffn_inputs(model, feed) -> tuple:
+    """The first side block's feed-forward layer and the (x, bb_token, bb_hidden, mask) it gets."""
+    ffn, got = model.side.blocks[0].ffn, []
+    handle = ffn.register_forward_pre_hook(lambda _, args: got.append([a if a is None else a.detach() for a in args]))
+    with torch.no_grad():
+        model.side(model.backbone_states(**feed), feed["attention_mask"])
+    handle.remove()
+    return ffn, got[0]
+
+
+def _backward(*outs: torch.Tensor) -> None:
+    sum(o.float().sum() for o in outs).backward()
+
+
+def _layer_parts(method: str, rows: int) -> dict[str, Callable[[], None]]:
+    """One forward and backward pass of ``method``'s first side FFN layer, and of each of its parts."""
+    from mpismoe_edge.side.moe import expert_stack, routed_mixture
+    from mpismoe_edge.side.router import load_balance_loss, z_loss
+
+    model, _, feed, _ = setup(method, rows)
+    ffn, (x, token, hidden, mask) = _ffn_inputs(model, feed)
+    x = x.requires_grad_()
+    if not hasattr(ffn, "router"):
+        return {f"{method}: dense FFN": lambda: _backward(ffn(x, token, hidden, mask))}
+    weights, logits = (t.detach().requires_grad_() for t in ffn.router(x, token, hidden, mask))
+    gate = (weights * mask.unsqueeze(-1)).detach().requires_grad_()
+    stacked = [t.detach().requires_grad_() for t in expert_stack(ffn.experts)]
+    return {
+        f"{method}: whole layer": lambda: _backward(ffn(x, token, hidden, mask), ffn.aux_loss, ffn.z_loss),
+        f"{method}: router": lambda: _backward(*ffn.router(x, token, hidden, mask)),
+        f"{method}: expert stacking": lambda: _backward(*expert_stack(ffn.experts)),
+        f"{method}: routed experts": lambda: _backward(routed_mixture(x, gate, *stacked)),
+        f"{method}: balance losses": lambda: _backward(load_balance_loss(logits, weights, mask), z_loss(logits, mask)),
+    }
+
+
+def layer_parts(methods: list[str], steps: int, rows: int, after_step: Callable[[], Any] | None) -> None:
+    """Median ms of a forward and backward pass of one side FFN layer and of its parts, interleaved."""
+    parts = {name: run for m in methods for name, run in _layer_parts(m, rows).items()}
+    seconds: dict[str, list[float]] = {name: [] for name in parts}
+    for i in range(steps + 2):  # two warm-up rounds
+        for name, run in parts.items():
+            start = time.perf_counter()
+            run()
+            if i >= 2:
+                seconds[name].append(time.perf_counter() - start)
+            if after_step is not None:
+                after_step()
+    print(f"\none side FFN layer, forward and backward ({rows} tweets, median of {steps}):\n")
+    print("| part | ms |\n|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {statistics.median(s) * 1e3:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["mp-ismoe", "lst"], choices=["mp-ismoe", "lst"])
@@ -176,6 +235,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32, help="tweets per step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N interleaved training steps")
+    p.add_argument(
+        "--layer", type=int, default=0, metavar="N", help="also time one side FFN layer and its parts N times"
+    )
     p.add_argument("--top", type=int, default=0, metavar="K", help="the K operators with most big calls (and time)")
     p.add_argument("--keep-freed-memory", action="store_true", help="glibc's defaults, as mpismoe-train's option")
     args = p.parse_args()
@@ -206,6 +268,8 @@ def main() -> None:
             print(f"\n{r['method']}: big calls by operator: {dict(r['big_by_name'].most_common(args.top))}")
     if args.time:
         timed(methods, args.time, args.top, args.rows, after_step)
+    if args.layer:
+        layer_parts(methods, args.layer, args.rows, after_step)
 
 
 if __name__ == "__main__":
