@@ -23,7 +23,9 @@ A variant is ``NAME=JSON``: ``SideConfig`` fields (the MP-ISMoE side network, ``
 is the base) plus ``backbone`` (``q4`` | ``fp32``), ``lr``, ``weight_decay`` and ``epochs``.
 With ``--results FILE`` every run is appended as it ends and a run already there is skipped
 (an interrupted sweep resumes); ``--report`` prints the tables from that file, with
-``--leave-one-out`` the choice of each held-out task's variant by the other tasks.
+``--leave-one-out`` the choice of each held-out task's variant by the other tasks, with
+``--pick-by-validation NAME`` one more row: per run, the base variant or NAME, whichever
+validated higher (a rule each task applies on its own, at the price of two trainings).
 
     python benchmarks/side_probe.py [--tasks T ...] [--seeds 0 1 2] [--variants NAME=JSON ...] [--results F]
 """
@@ -335,6 +337,11 @@ def main() -> None:
     p.add_argument("--results", default=None, help="JSONL: each run appended as it ends; runs already there skipped")
     p.add_argument("--report", action="store_true", help="print the tables of --results and run nothing")
     p.add_argument("--leave-one-out", action="store_true", help="with --report: each task judged by the others")
+    p.add_argument(
+        "--pick-by-validation",
+        metavar="NAME",
+        help="with --report: a row of each run's better-validating of base, NAME",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--min-steps", type=int, default=0, help="optimizer steps at least (mpismoe-train: 200)")
     p.add_argument("--n-train", type=int, default=4000, help="bundled split's rows (task 'default')")
@@ -352,6 +359,11 @@ def main() -> None:
         rows = _read_rows(args.results)
         if not rows:
             raise SystemExit(f"side_probe: no runs in {args.results!r}")
+        if args.pick_by_validation:
+            if args.pick_by_validation not in variants:
+                raise SystemExit(f"side_probe: --pick-by-validation {args.pick_by_validation!r} is not in --variants")
+            picked = pick_by_validation(rows, next(iter(variants)), args.pick_by_validation)
+            rows, variants = rows + picked, variants | {picked[0]["variant"]: {}} if picked else variants
         _report(rows, args.tasks, args.seeds, variants, args.leave_one_out)
         return
     _check_variants(variants)
@@ -393,6 +405,19 @@ def group_runs(
             out.setdefault((r["task"], r["variant"]), []).append(r)
     for runs in out.values():
         runs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def pick_by_validation(rows: list[dict], base: str, other: str) -> list[dict]:
+    """Per (task, backbone, seed) that ran both: the run of ``base`` or ``other`` with the higher
+    validation score (``base`` on a tie), as variant ``"<base> or <other>, by validation"``."""
+    name = f"{base} or {other}, by validation"
+    runs = {(r["task"], r["backbone"], r["seed"], r["variant"]): r for r in rows}
+    out = []
+    for (task, backbone, seed, variant), b in runs.items():
+        o = runs.get((task, backbone, seed, other))
+        if variant == base and o is not None:
+            out.append((o if o["val_score"] > b["val_score"] else b) | {"variant": name})
     return out
 
 
