@@ -142,6 +142,13 @@ def _cache(tasks: list[str], kind: str, seed: int, args) -> None:
         os.replace(str(path) + ".tmp", path)
 
 
+def states(task: str, kind: str, seed: int, args) -> dict:
+    """The cached states of ``task`` (computed and stored first where missing): per split
+    (``train``, ``val``, ``test``), ``states`` and ``targets`` as :func:`_cache` stores them."""
+    _cache([task], kind, seed, args)
+    return torch.load(_cache_path(task, kind, seed, args), weights_only=True)
+
+
 def _batch(states: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Right-padded hidden states (one tensor per layer) and the attention mask."""
     t = max(s.shape[1] for s in states)
@@ -235,11 +242,8 @@ def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backb
     """Train one variant's side network on the cached states; its row (validation and test at
     the chosen epoch). ``backbone`` is the float one: the pruned init reads it, as build_model
     does; it is not trained."""
-    from mpismoe_edge.config import ModelConfig, SideConfig
-    from mpismoe_edge.loop import Batch, batch_order, train_epoch
-    from mpismoe_edge.model import build_model
-    from mpismoe_edge.selection import EpochLog, planned_epochs
-    from mpismoe_edge.train import TrainConfig, make_optimizer
+    from mpismoe_edge.config import SideConfig
+    from mpismoe_edge.train import TrainConfig
 
     side_fields = {k: v for k, v in spec.items() if k not in _RUN_KEYS}
     side_cfg = SideConfig.from_dict({"expert_bits": 4, **side_fields})
@@ -249,18 +253,39 @@ def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backb
         min_steps=args.min_steps,
         **{k: spec[k] for k in ("lr", "weight_decay") if k in spec},
     )
-    random.seed(seed)
-    torch.manual_seed(seed)
-    cfg = ModelConfig(task=task, labels=labels, max_length=args.max_length, side=side_cfg, quant=None)
+    _, run = train_on_states(side_cfg, tcfg, cache, task, labels, backbone, args.max_length, name, args.progress)
+    return {k: run[k] for k in ("val_score", "test", "epoch", "epochs", "trainable_params")}
+
+
+def train_on_states(
+    side_cfg, tcfg, cache: dict, task: str, labels: list[str], backbone, max_length: int, name: str, progress: bool
+) -> tuple[torch.nn.Module, dict]:
+    """Train a side network of ``side_cfg`` on the cached states by ``tcfg``'s rules; (the model,
+    its side network at the chosen epoch's weights; its run: ``val_score``, ``test`` (the test
+    figure of :func:`_test_metric`), ``epoch`` chosen, ``epochs`` trained, ``trainable_params``)."""
+    from mpismoe_edge.config import ModelConfig
+    from mpismoe_edge.loop import Batch, batch_order, train_epoch
+    from mpismoe_edge.model import build_model
+    from mpismoe_edge.selection import EpochLog, planned_epochs
+    from mpismoe_edge.train import make_optimizer
+
+    random.seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+    cfg = ModelConfig(task=task, labels=labels, max_length=max_length, side=side_cfg, quant=None)
     model = build_model(backbone, cfg, None, progress=False)
     side = model.side.train()
     train = cache["train"]
     log = EpochLog(task)
     token_level = side.token_level
     chosen = None
+
+    def keep() -> tuple[dict, dict]:  # the test split is scored only at an epoch validation chooses
+        weights = {k: v.detach().clone() for k, v in side.state_dict().items()}
+        return _scores(side, cache["test"], task, labels), weights
+
     if side.skip is not None and tcfg.skip_init == "ridge":  # the probe alone is epoch 0, as in train()
         _fit_skip(side, cache, task, cfg.num_outputs)
-        if log.judge(_scores(side, cache["val"], task, labels), lambda: _scores(side, cache["test"], task, labels)):
+        if log.judge(_scores(side, cache["val"], task, labels), keep):
             chosen = 0
     params = [p for p in side.parameters() if p.requires_grad]
     rows = len(train["states"])
@@ -283,18 +308,19 @@ def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backb
             task,
             aux_loss=model.aux_loss,
             grad_clip=tcfg.grad_clip,
-            desc=f"{name} seed {seed} epoch {epoch + 1}",
-            progress=args.progress,
+            desc=f"{name} seed {tcfg.seed} epoch {epoch + 1}",
+            progress=progress,
         )
         steps += len(order)
-        # the test split is scored only at an epoch validation chooses
-        if log.judge(_scores(side, cache["val"], task, labels), lambda: _scores(side, cache["test"], task, labels)):
+        if log.judge(_scores(side, cache["val"], task, labels), keep):
             chosen = epoch + 1
         if log.should_stop(tcfg.patience, steps, tcfg.min_steps):
             break
-    return {
+    test, weights = log.best
+    side.load_state_dict(weights)
+    return model, {
         "val_score": log.best_key[0],  # the kind's selection metric (regression: -MSE)
-        "test": _test_metric(task, log.best),
+        "test": _test_metric(task, test),
         "epoch": chosen,
         "epochs": epoch + 1,
         "trainable_params": sum(p.numel() for p in params),

@@ -104,6 +104,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     table: dict[tuple[str, str], dict] = {}
+    cached: list[str] = []
     for task in TASKS:
         if task not in infos:
             continue
@@ -132,21 +133,26 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 "seeds": [r["seed"] for r in rs],
                 "vals": vals,
                 "tensor": probe.get("tensor_peak_mb"),
-                "rss": max(r["peak_rss_mb"] for r in rs),
+                "rss": None if any(r["peak_rss_mb"] is None for r in rs) else max(r["peak_rss_mb"] for r in rs),
             }
             sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
             epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in rs)
             tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
+            rss = f"{t['rss']:.0f}" if t["rss"] is not None else "-"
+            if any(r.get("cached_states") for r in rs):
+                cached.append(f"{task} {method}")
             lines.append(
                 f"| {task} | {method} | {100 * t['mean']:.2f} | "
                 f"{' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
                 f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
-                f"| {tensor} | {t['rss']:.0f} | {rs[0]['trainable_params']:,} | "
+                f"| {tensor} | {rss} | {rs[0]['trainable_params']:,} | "
                 f"{statistics.median(r['seconds'] for r in rs):.0f} "
                 f"| {rs[0]['train_rows']:,} | {choice.text()} |"
             )
     lines.append("")
     lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
+    if cached:
+        lines.append(f"\nTrained on cached backbone states (`--cached-states`, RSS not measured): {', '.join(cached)}.")
 
     def diff(a: str, b: str, task: str) -> str | None:
         if (task, a) not in table or (task, b) not in table:
@@ -156,10 +162,8 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             100 * (u - v) for s, u in zip(x["seeds"], x["vals"]) for s2, v in zip(y["seeds"], y["vals"]) if s == s2
         ]
         mem = f", live tensors {x['tensor'] / y['tensor']:.2f}x" if x["tensor"] and y["tensor"] else ""
-        return (
-            f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem}, "
-            f"RSS {x['rss'] / y['rss']:.2f}x)"
-        )
+        mem += f", RSS {x['rss'] / y['rss']:.2f}x" if x["rss"] and y["rss"] else ""
+        return f"{100 * (x['mean'] - y['mean']):+.2f} (paired seeds {' / '.join(f'{p:+.2f}' for p in paired)}{mem})"
 
     for ours in (
         "mp-ismoe",

@@ -6,18 +6,33 @@ validation (the test split is scored once, by that epoch's model: ``benchmarks/s
 peak RSS of the process over build and training, trainable parameters, seconds, training rows,
 epochs, learning rate and (side methods) weight decay. :func:`probe_one` measures the method's
 peak live tensors (``benchmarks/measure.py``).
+
+With ``--cached-states DIR`` the side methods train on the frozen backbone's states cached in
+DIR (``benchmarks/side_probe.py``'s cache: fp16, per task, backbone kind and seed), not on a
+backbone forward per step, several times faster on a large backbone; the chosen epoch's side
+network then goes into the method's real model, which is scored like every other method. Such a
+run's peak RSS holds the cache, so it is not reported.
 Every run first gives freed memory back to the system and caps oneDNN's kernel cache, as
 ``mpismoe-train`` does.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
 
 from benchmarks.measure import PeakRSS, rss, tensor_peak
-from benchmarks.peers import CLI_METHOD, RIDGE_METHOD, SIDE_METHODS, fine_tuned, run_mpismoe_train, side_model
+from benchmarks.peers import (
+    CLI_METHOD,
+    RIDGE_METHOD,
+    SIDE_METHODS,
+    fine_tuned,
+    run_mpismoe_train,
+    side_config,
+    side_model,
+)
 from benchmarks.scoring import score
 from benchmarks.task_data import backbone_path, load_task, write_split_files
 
@@ -66,19 +81,52 @@ def learning_rate(method: str, args) -> float:
     return getattr(args, lr_option(method))
 
 
+def _side_train_config(method: str, args):
+    """The ``TrainConfig`` of a side method's run in the sweep."""
+    from mpismoe_edge.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, weight_decay=args.side_wd, seed=args.seed,
+        patience=args.patience, min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero",
+    )  # fmt: skip
+
+
 def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int]:
     """``mpismoe_edge.train`` with the sweep's settings; (chosen epoch, epochs trained)."""
     from mpismoe_edge.selection import EpochLog
     from mpismoe_edge.train import TrainConfig, train
 
-    tcfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.side_lr, weight_decay=args.side_wd, seed=args.seed,
-        patience=args.patience, min_steps=args.min_steps, skip_init="ridge" if method == RIDGE_METHOD else "zero",
-    )  # fmt: skip
+    tcfg = _side_train_config(method, args)
     wd = "" if args.side_wd == TrainConfig.weight_decay else f"-wd{args.side_wd:g}"
     out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{args.side_lr:g}{wd}")
     res = train(model, train_ds, val_ds, tcfg, out, progress=False)
     return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"]
+
+
+def _train_side_on_states(method: str, info: dict, args):
+    """:func:`_train_side` on the states cached in ``args.cached_states``; (the method's model
+    holding the chosen epoch's side network, its experts packed as ``mpismoe-train`` packs them,
+    tokenizer, chosen epoch, epochs trained, trainable parameters)."""
+    from benchmarks.side_probe import states, train_on_states
+    from mpismoe_edge.config import SideConfig
+    from mpismoe_edge.model import load_backbone
+
+    side_cfg, quant = side_config(method, args.expert_bits, args.bits, args.seed, SideConfig.expert_bits)
+    if quant is not None and quant.bits != 4:
+        raise ValueError(f"--cached-states holds 4-bit backbone states, not {quant.bits}-bit ones")
+    where = argparse.Namespace(**{**vars(args), "workdir": args.cached_states})
+    cache = states(args.task, "q4" if quant is not None else "fp32", args.seed, where)
+    float_backbone, _ = load_backbone(backbone_path(args.backbone, args.data))  # the pruned init reads it
+    trained, run = train_on_states(
+        side_cfg, _side_train_config(method, args), cache, info["task"], info["labels"], float_backbone,
+        args.max_length, method, progress=False,
+    )  # fmt: skip
+    side = trained.side.state_dict()
+    del cache, float_backbone, trained  # before the real model is built: the float backbone and the states
+    model, tok = build(method, info, args)
+    model.side.load_state_dict(side)
+    model.pack_experts()
+    return model, tok, run["epoch"], run["epochs"], run["trainable_params"]
 
 
 def _train_plain(model, tok, info, train_ds, val_ds, args, lr: float) -> tuple[int, dict, int]:
@@ -98,6 +146,7 @@ def _train_plain(model, tok, info, train_ds, val_ds, args, lr: float) -> tuple[i
 def run_one(method: str, args) -> dict:
     """Build and train ``method``; test metrics at the epoch chosen on validation, peak RSS, params, seconds."""
     info, train_ds, val_ds, test_ds = _setup(args)
+    cached = bool(args.cached_states) and method in SIDE_METHODS
     base = rss()
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -111,6 +160,9 @@ def run_one(method: str, args) -> dict:
                 files, info["task"], path, args.seed, args.threads, out
             )
             val_ds, test_ds = (d.relabel(model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
+            val = score(model, tok, val_ds, info, model.input_names)
+        elif cached:
+            model, tok, epoch, trained, params = _train_side_on_states(method, info, args)
             val = score(model, tok, val_ds, info, model.input_names)
         elif method in SIDE_METHODS:
             model, tok = build(method, info, args)
@@ -131,13 +183,14 @@ def run_one(method: str, args) -> dict:
         "epoch": epoch,
         "val": val,
         "test": test,
-        "peak_rss_mb": (mem.peak - base) / 2**20,
+        "peak_rss_mb": None if cached else (mem.peak - base) / 2**20,
         "trainable_params": params,
         "seconds": seconds,
         "train_rows": len(train_ds),
         "epochs": trained,
         "lr": lr,
         "weight_decay": args.side_wd if method in SIDE_METHODS else None,
+        **({"cached_states": True} if cached else {}),
     }
 
 

@@ -39,7 +39,9 @@ Test metrics: accuracy; entity-level F1 (seqeval's default mode) and word accura
 word cut off by ``max_length`` predicted ``O``; Pearson and Spearman for regression. Memory is
 measured as in benchmarks/train.py: peak RSS of the run's own process (build + training) and
 peak live tensors from the torch profiler over ``--probe-steps`` steps on the longest batches
-(a process of its own, at the first seed). Each run is a subprocess; its row is appended to
+(a process of its own, at the first seed). ``--cached-states DIR`` trains the side methods on
+the backbone's states cached in DIR (``task_run``: several times faster on mpnet; those runs'
+RSS is not measured). Each run is a subprocess; its row is appended to
 ``--results`` (JSONL), and runs already there are skipped, so an interrupted sweep resumes.
 This script is the sweep and its command line; the parts are modules of ``benchmarks/``: the
 tasks' rows (``task_data``), the methods (``peers``), the loop of full fine-tuning and LoRA
@@ -48,7 +50,7 @@ the tables (``task_report``). ``python -m benchmarks.tasks`` runs it too.
 
     python benchmarks/tasks.py [--data runs/tasks] [--tasks ...] [--backbones minilm mpnet] [--methods ...]
                                [--seeds 0 1 2] [--epochs 3] [--min-steps 200] [--train-rows N] [--val-rows N]
-                               [--lr-grid X ...] [--wd-grid X ...] [--results FILE] [--smoke]
+                               [--lr-grid X ...] [--wd-grid X ...] [--cached-states DIR] [--results FILE] [--smoke]
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--no-probe", action="store_true", help="skip the live-tensor probe")
     p.add_argument("--workdir", default="runs/bench-tasks")
+    p.add_argument(
+        "--cached-states",
+        metavar="DIR",
+        help="the side methods train on backbone states cached in DIR (benchmarks/side_probe.py's), "
+        "not on a backbone forward per step; their peak RSS is not measured",
+    )
     p.add_argument(
         "--results", help="JSONL of finished runs (default WORKDIR/results.jsonl); runs already in it are skipped"
     )
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir",
         args.workdir,
     ]
+    common += ["--cached-states", args.cached_states] if args.cached_states else []
     common += ["--train-rows", str(args.train_rows)] if args.train_rows else []
     common += ["--val-rows", str(args.val_rows)] if args.val_rows else []
     from tqdm.auto import tqdm

@@ -93,6 +93,45 @@ def test_summary_reports_means_and_paired_differences():
     assert "mp-ismoe vs lst: tweets +2.00 (paired seeds +3.00 / +1.00, RSS 0.50x)" in text
 
 
+def test_runs_on_cached_states_show_no_rss_and_are_named_under_the_table():
+    rows = [_row("tweets", "lst", 0, 0.70, 200), _row("tweets", "mp-ismoe", 0, 0.73, None) | {"cached_states": True}]
+    text = summarize(rows, "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
+    assert "| tweets | mp-ismoe | 73.00 | 73.00 | - | 73.00 | 1/3 | - | - |" in text
+    assert "mp-ismoe vs lst: tweets +3.00 (paired seeds +3.00)" in text
+    assert "Trained on cached backbone states (`--cached-states`, RSS not measured): tweets mp-ismoe." in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lst", "mp-ismoe"])
+def test_a_side_method_on_cached_states_trains_without_the_backbone_and_is_scored_live(tmp_path, method):
+    import subprocess
+    import sys
+
+    from conftest import tiny_backbone, tiny_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from benchmarks.task_data import MPNET_DIR
+
+    rows = [
+        {"text": f"good film {i}" if i % 2 else f"bad film {i}", "label": "pos" if i % 2 else "neg"} for i in range(40)
+    ]
+    _write(tmp_path / "data" / "toy", {"task": "classification", "labels": ["neg", "pos"]},
+           {"train": rows, "validation": rows[:16], "test": rows[:16]})  # fmt: skip
+    tiny_backbone(hidden=128).save_pretrained(tmp_path / "data" / MPNET_DIR)  # side width 16: one expert group
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(
+        tmp_path / "data" / MPNET_DIR
+    )
+    cmd = [sys.executable, "benchmarks/tasks.py", "--one", method, "--task", "toy", "--backbone", "mpnet",
+           "--data", str(tmp_path / "data"), "--epochs", "1", "--min-steps", "0", "--patience", "2", "--threads", "1",
+           "--workdir", str(tmp_path / "w"), "--cached-states", str(tmp_path / "cache")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    kind = "fp32" if method == "lst" else "q4"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"toy-mpnet-{kind}-seed0-all-all-len64.pt"]
+    assert row["cached_states"] is True and row["peak_rss_mb"] is None
+    assert 0.0 <= row["test"]["accuracy"] <= 1.0 and row["epoch"] == 1 and row["trainable_params"] > 0
+
+
 def test_the_split_files_hold_the_rows_the_benchmark_loads(tmp_path):
     rows = [
         {"text": f"t{i}\u2028line", "label": "a" if i % 3 else "b"} for i in range(50)
