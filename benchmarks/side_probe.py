@@ -389,7 +389,8 @@ def main() -> None:
             if args.pick_by_validation not in variants:
                 raise SystemExit(f"side_probe: --pick-by-validation {args.pick_by_validation!r} is not in --variants")
             picked = pick_by_validation(rows, next(iter(variants)), args.pick_by_validation)
-            rows, variants = rows + picked, variants | {picked[0]["variant"]: {}} if picked else variants
+            rows = rows + picked
+            variants |= {r["variant"]: {} for r in picked[:1]}
         _report(rows, args.tasks, args.seeds, variants, args.leave_one_out)
         return
     _check_variants(variants)
