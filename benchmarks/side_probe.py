@@ -258,11 +258,21 @@ def _run(name: str, spec: dict, cache: dict, task: str, labels: list[str], backb
 
 
 def train_on_states(
-    side_cfg, tcfg, cache: dict, task: str, labels: list[str], backbone, max_length: int, name: str, progress: bool
+    side_cfg,
+    tcfg,
+    cache: dict,
+    task: str,
+    labels: list[str],
+    backbone,
+    max_length: int,
+    name: str,
+    progress: bool,
+    test: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a side network of ``side_cfg`` on the cached states by ``tcfg``'s rules; (the model,
     its side network at the chosen epoch's weights; its run: ``val_score``, ``test`` (the test
-    figure of :func:`_test_metric`), ``epoch`` chosen, ``epochs`` trained, ``trainable_params``)."""
+    figure of :func:`_test_metric` on the cached test split; None without ``test``), ``epoch``
+    chosen, ``epochs`` trained, ``trainable_params``)."""
     from mpismoe_edge.config import ModelConfig
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
     from mpismoe_edge.model import build_model
@@ -279,9 +289,9 @@ def train_on_states(
     token_level = side.token_level
     chosen = None
 
-    def keep() -> tuple[dict, dict]:  # the test split is scored only at an epoch validation chooses
+    def keep() -> tuple[dict | None, dict]:  # the test split is scored only at an epoch validation chooses
         weights = {k: v.detach().clone() for k, v in side.state_dict().items()}
-        return _scores(side, cache["test"], task, labels), weights
+        return (_scores(side, cache["test"], task, labels) if test else None), weights
 
     if side.skip is not None and tcfg.skip_init == "ridge":  # the probe alone is epoch 0, as in train()
         _fit_skip(side, cache, task, cfg.num_outputs)
@@ -316,11 +326,11 @@ def train_on_states(
             chosen = epoch + 1
         if log.should_stop(tcfg.patience, steps, tcfg.min_steps):
             break
-    test, weights = log.best
+    scores, weights = log.best
     side.load_state_dict(weights)
     return model, {
         "val_score": log.best_key[0],  # the kind's selection metric (regression: -MSE)
-        "test": _test_metric(task, test),
+        "test": _test_metric(task, scores) if scores is not None else None,
         "epoch": chosen,
         "epochs": epoch + 1,
         "trainable_params": sum(p.numel() for p in params),

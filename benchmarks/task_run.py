@@ -119,7 +119,7 @@ def _train_side_on_states(method: str, info: dict, args):
     float_backbone, _ = load_backbone(backbone_path(args.backbone, args.data))  # the pruned init reads it
     trained, run = train_on_states(
         side_cfg, _side_train_config(method, args), cache, info["task"], info["labels"], float_backbone,
-        args.max_length, method, progress=False,
+        args.max_length, method, progress=False, test=False,  # the real model is scored on the live test split
     )  # fmt: skip
     side = trained.side.state_dict()
     del cache, float_backbone, trained  # before the real model is built: the float backbone and the states
