@@ -6,7 +6,10 @@ It follows ``mpismoe-train``'s rules with its parts: batches in ``loop.batch_ord
 epoch judged on validation by ``selection.EpochLog`` (the metric, then -loss) and ``patience``
 epochs without a better one stopping it once the minimum steps are done. What is kept of the best
 epoch is the caller's ``keep``: a copy of the trained weights (:func:`trainable_state`) to
-restore, or the test score taken at that epoch.
+restore, or the test score taken at that epoch. With ``state`` the run writes its state after
+each epoch (weights, optimizer, schedule, validation log, random state) and a later call with the
+same settings continues from it, as ``mpismoe-train --resume`` does: a run of hours on a shared
+machine survives the end of its session.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from mpismoe_edge.files import save_torch
 from mpismoe_edge.inference import feed, token_lengths, tokenize
 from mpismoe_edge.loop import Batch, batch_order, train_epoch
 from mpismoe_edge.memory import release_free_pages
@@ -43,25 +48,62 @@ class Fit:
     log: EpochLog  # validation per epoch; ``best``: what ``keep`` returned at the chosen epoch
     epoch: int  # the chosen epoch (1-based)
     epoch_seconds: list[float]  # each trained epoch's steps
+    resumed: int = 0  # epochs trained by an earlier call, read from ``state``
 
     @property
     def epochs(self) -> int:
         return len(self.epoch_seconds)
 
 
+def _read_state(path: Path, settings: dict[str, Any]) -> dict | None:
+    """The state a run with ``settings`` left in ``path`` (None if there is none); ValueError if
+    it was made with other settings."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if saved.get("settings") != settings:
+        raise ValueError(f"{path} was made with {saved.get('settings')}, not {settings}; delete it to start over")
+    return saved
+
+
+def _write_state(path: Path, settings, model, opt, sched, log: EpochLog, chosen: int, seconds: list[float]) -> None:
+    """What :func:`_read_state` reads: the trained weights as they are (not copied), streamed to disk."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    # not dataclasses.asdict(log): it deep-copies the best epoch's weights
+    fields = {"task": log.task, "history": log.history, "best_key": log.best_key, "best": log.best,
+              "bad_epochs": log.bad_epochs}  # fmt: skip
+    saved = {
+        "settings": settings, "model": {k: v for k, v in model.state_dict().items() if k in trained},
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.random.get_rng_state(),
+        "log": fields, "chosen": chosen, "seconds": seconds,
+    }  # fmt: skip
+    save_torch(path, saved, buffered=False)
+
+
 def fit(model, tok, task: str, train, validate: Callable[[], dict[str, float]], keep: Callable[[], Any], *,
         lr: float, epochs: int, batch_size: int, seed: int, patience: int, min_steps: int,
         device: torch.device = torch.device("cpu"), precision: str = "fp32",
-        after_step: Callable[[], Any] | None = release_free_pages) -> Fit:  # fmt: skip
+        after_step: Callable[[], Any] | None = release_free_pages, state: str | Path | None = None) -> Fit:  # fmt: skip
     """Train ``model``'s trainable parameters on ``train``; ``validate()`` scores an epoch (the
-    task's metrics and ``loss``), ``keep()`` is held as ``log.best`` when an epoch is the best."""
+    task's metrics and ``loss``), ``keep()`` is held as ``log.best`` when an epoch is the best;
+    ``state``: the file each epoch's state is written to and a run continues from."""
     params = [p for p in model.parameters() if p.requires_grad]
     planned = planned_epochs(epochs, len(train), batch_size, min_steps)
     per_epoch = steps_per_epoch(len(train), batch_size)
     opt, sched = make_optimizer(params, TrainConfig(lr=lr), planned * per_epoch)
     lengths = token_lengths(tok, train.texts)
-    log, chosen, seconds = EpochLog(task), 0, []
-    for epoch in range(planned):
+    log, chosen, seconds, first = EpochLog(task), 0, [], 0
+    settings = {"task": task, "rows": len(train), "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                "patience": patience, "min_steps": min_steps, "precision": precision}  # fmt: skip
+    saved = _read_state(Path(state), settings) if state is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.random.set_rng_state(saved["rng"])
+        log, chosen, seconds, first = EpochLog(**saved["log"]), saved["chosen"], saved["seconds"], len(saved["seconds"])
+        del saved
+    for epoch in range(first, planned):
         if log.should_stop(patience, epoch * per_epoch, min_steps):
             break
         model.train()
@@ -77,4 +119,6 @@ def fit(model, tok, task: str, train, validate: Callable[[], dict[str, float]], 
         seconds.append(time.perf_counter() - start)
         if log.judge(validate(), keep):
             chosen = epoch + 1
-    return Fit(log, chosen, seconds)
+        if state is not None:
+            _write_state(Path(state), settings, model, opt, sched, log, chosen, seconds)
+    return Fit(log, chosen, seconds, first)

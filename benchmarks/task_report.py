@@ -92,6 +92,13 @@ def chosen(rows: list[dict], task: str, backbone: str, method: str, kind: str) -
     return Choice(lr_of(best), wd_of(best), lrs, wds)
 
 
+def _rss(rows: list[dict]) -> float | None:
+    """The most RSS any of ``rows`` took (MB); None if one of them was not measured, or there are none."""
+    if not rows or any(r["peak_rss_mb"] is None for r in rows):
+        return None
+    return max(r["peak_rss_mb"] for r in rows)
+
+
 def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines: dict[str, dict]) -> str:
     """The markdown table of ``backbone`` (mean over seeds) and the comparison lines."""
     runs = [r for r in rows if r["backbone"] == backbone and r.get("kind", "run") == "run"]
@@ -105,6 +112,7 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
     ]
     table: dict[tuple[str, str], dict] = {}
     cached: list[str] = []
+    resumed: list[str] = []
     for task in TASKS:
         if task not in infos:
             continue
@@ -126,6 +134,9 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
             )
             if not rs:
                 continue
+            whole = [r for r in rs if not r.get("resumed_epochs")]  # one process's time and memory
+            if len(whole) < len(rs):
+                resumed.append(f"{task} {method} seed {', '.join(str(r['seed']) for r in rs if r not in whole)}")
             vals = [r["test"][prim] for r in rs]
             probe = probes.get((task, method), {})
             t = table[(task, method)] = {
@@ -133,12 +144,13 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 "seeds": [r["seed"] for r in rs],
                 "vals": vals,
                 "tensor": probe.get("tensor_peak_mb"),
-                "rss": None if any(r["peak_rss_mb"] is None for r in rs) else max(r["peak_rss_mb"] for r in rs),
+                "rss": _rss(whole),
             }
             sec_txt = f"{100 * statistics.mean(r['test'][sec] for r in rs):.2f}" if sec else "-"
             epochs = ", ".join(f"{r['epoch']}/{r['epochs']}" for r in rs)
             tensor = f"{t['tensor']:.0f}" if t["tensor"] is not None else "-"
             rss = f"{t['rss']:.0f}" if t["rss"] is not None else "-"
+            seconds = f"{statistics.median(r['seconds'] for r in whole):.0f}" if whole else "-"
             if any(r.get("cached_states") for r in rs):
                 cached.append(f"{task} {method}")
             lines.append(
@@ -146,13 +158,18 @@ def summarize(rows: list[dict], backbone: str, infos: dict[str, dict], baselines
                 f"{' / '.join(f'{100 * v:.2f}' for v in vals)} | {sec_txt} "
                 f"| {100 * statistics.mean(r['val'][prim] for r in rs):.2f} | {epochs} "
                 f"| {tensor} | {rss} | {rs[0]['trainable_params']:,} | "
-                f"{statistics.median(r['seconds'] for r in rs):.0f} "
+                f"{seconds} "
                 f"| {rs[0]['train_rows']:,} | {choice.text()} |"
             )
     lines.append("")
     lines.append("Metrics x 100: accuracy, entity F1 (second: word accuracy), Pearson (second: Spearman).")
     if cached:
         lines.append(f"\nTrained on cached backbone states (`--cached-states`, RSS not measured): {', '.join(cached)}.")
+    if resumed:
+        lines.append(
+            "\nResumed after an interruption, left out of time and RSS (one process did not train them whole): "
+            f"{'; '.join(resumed)}."
+        )
 
     def diff(a: str, b: str, task: str) -> str | None:
         if (task, a) not in table or (task, b) not in table:

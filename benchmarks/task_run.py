@@ -19,7 +19,7 @@ Every run first gives freed memory back to the system and caps oneDNN's kernel c
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -91,16 +91,34 @@ def _side_train_config(method: str, args):
     )  # fmt: skip
 
 
-def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int]:
-    """``mpismoe_edge.train`` with the sweep's settings; (chosen epoch, epochs trained)."""
+def _run_dir(method: str, args, lr: float) -> Path:
+    """The run's own folder under ``--workdir`` (its training state, and a side method's files)."""
+    from mpismoe_edge.train import TrainConfig
+
+    wd = "" if method not in SIDE_METHODS or args.side_wd == TrainConfig.weight_decay else f"-wd{args.side_wd:g}"
+    return Path(args.workdir) / f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{lr:g}{wd}"
+
+
+def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int, int]:
+    """``mpismoe_edge.train`` with the sweep's settings, continuing an interrupted run of the same
+    settings; (chosen epoch, epochs trained, epochs of them an earlier process trained)."""
+    from mpismoe_edge.resume import read_last, run_settings
+    from mpismoe_edge.runtime.spec import LAST_CHECKPOINT_FILE
     from mpismoe_edge.selection import EpochLog
-    from mpismoe_edge.train import TrainConfig, train
+    from mpismoe_edge.train import train
 
     tcfg = _side_train_config(method, args)
-    wd = "" if args.side_wd == TrainConfig.weight_decay else f"-wd{args.side_wd:g}"
-    out = os.path.join(args.workdir, f"{args.task}-{args.backbone}-{method}-{args.seed}-lr{args.side_lr:g}{wd}")
-    res = train(model, train_ds, val_ds, tcfg, out, progress=False)
-    return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"]
+    out = _run_dir(method, args, args.side_lr)
+    try:
+        saved = read_last(out / LAST_CHECKPOINT_FILE, run_settings(model.config, tcfg))
+    except ValueError as exc:  # another version's state: this run starts over
+        print(f"starting over: {exc}", file=sys.stderr)
+        (out / LAST_CHECKPOINT_FILE).unlink()
+        saved = None
+    resumed = saved["progress"]["epoch"] if saved is not None else 0
+    del saved
+    res = train(model, train_ds, val_ds, tcfg, out, resume=True, progress=False)
+    return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"], resumed
 
 
 def _train_side_on_states(method: str, info: dict, args):
@@ -129,24 +147,28 @@ def _train_side_on_states(method: str, info: dict, args):
     return model, tok, run["epoch"], run["epochs"], run["trainable_params"]
 
 
-def _train_plain(model, tok, info, train_ds, val_ds, args, lr: float) -> tuple[int, dict, int]:
-    """Full fine-tuning / LoRA by ``benchmarks/peer_training.py``; (chosen epoch, its validation
-    metrics, epochs trained), the model left at the chosen epoch's weights."""
+def _train_plain(method: str, model, tok, info, train_ds, val_ds, args, lr: float) -> tuple[int, dict, int, int]:
+    """Full fine-tuning / LoRA by ``benchmarks/peer_training.py``, continuing an interrupted run
+    (its state is deleted once the run is trained); (chosen epoch, its validation metrics, epochs
+    trained, epochs of them an earlier process trained), the model left at the chosen epoch's weights."""
     from benchmarks.peer_training import fit, trainable_state
 
+    state = _run_dir(method, args, lr) / "state.pt"
     run = fit(
         model, tok, info["task"], train_ds, lambda: score(model, tok, val_ds, info, model.input_names),
         lambda: trainable_state(model), lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        patience=args.patience, min_steps=args.min_steps,
+        patience=args.patience, min_steps=args.min_steps, state=state,
     )  # fmt: skip
     model.load_state_dict(run.log.best, strict=False)
-    return run.epoch, run.log.best_metrics, run.epochs
+    state.unlink(missing_ok=True)
+    return run.epoch, run.log.best_metrics, run.epochs, run.resumed
 
 
 def run_one(method: str, args) -> dict:
     """Build and train ``method``; test metrics at the epoch chosen on validation, peak RSS, params, seconds."""
     info, train_ds, val_ds, test_ds = _setup(args)
     cached = bool(args.cached_states) and method in SIDE_METHODS
+    resumed = 0
     base = rss()
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -167,12 +189,14 @@ def run_one(method: str, args) -> dict:
         elif method in SIDE_METHODS:
             model, tok = build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            epoch, trained = _train_side(method, model, train_ds, val_ds, args)
+            epoch, trained, resumed = _train_side(method, model, train_ds, val_ds, args)
             val = score(model, tok, val_ds, info, model.input_names)
         else:
             model, tok = build(method, info, args)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            epoch, val, trained = _train_plain(model, tok, info, train_ds, val_ds, args, learning_rate(method, args))
+            epoch, val, trained, resumed = _train_plain(
+                method, model, tok, info, train_ds, val_ds, args, learning_rate(method, args)
+            )
         test = score(model, tok, test_ds, info, model.input_names)  # once, by the chosen epoch's model
         seconds = time.perf_counter() - start
     return {
@@ -191,6 +215,7 @@ def run_one(method: str, args) -> dict:
         "lr": lr,
         "weight_decay": args.side_wd if method in SIDE_METHODS else None,
         **({"cached_states": True} if cached else {}),
+        **({"resumed_epochs": resumed} if resumed else {}),  # an interrupted run's: its time and RSS are not one run's
     }
 
 

@@ -13,23 +13,24 @@ import io
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class WriteError(OSError):
     """A file could not be written; the message names it and the reason."""
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temp file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -39,14 +40,24 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=2).encode())
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (serialized in memory first)."""
+def save_torch(path: str | os.PathLike, obj: Any, buffered: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, serialized in memory first; ``buffered=False``
+    streams it into the temp file instead, for a state too large to hold twice in memory (a full
+    fine-tuning's optimizer), and a full disk then raises torch's own error."""
     import torch
 
+    if not buffered:
+        _write_atomic(path, lambda f: torch.save(obj, f))
+        return
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())

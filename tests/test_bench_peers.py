@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import WORDS, tiny_backbone, tiny_tokenizer
 
 from benchmarks.peer_training import fit, trainable_state
@@ -78,6 +79,47 @@ def test_small_data_trains_the_minimum_steps_before_patience_counts():
     worse = [{"accuracy": 0.5 - 0.1 * i, "loss": 1.0} for i in range(4)]
     run, _ = _fit(worse, epochs=1, patience=1, min_steps=6)  # 2 steps an epoch: at least 3 epochs
     assert run.epochs == 3 and run.epoch == 1 and len(run.epoch_seconds) == 3
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fit_to_end(state, stop_at: int | None = None):
+    """A 3-epoch run with its state in ``state``; ``stop_at``: the validation of that epoch raises (a kill)."""
+    torch.manual_seed(0)
+    model = fine_tuned(tiny_backbone(), 2, False, False)
+    calls = iter(range(1, 10))
+
+    def validate():  # a score of the weights: the same weights, the same history
+        if next(calls) == stop_at:
+            raise _Stop
+        return {"accuracy": 0.5, "loss": float(model.head.weight.abs().sum())}
+
+    torch.manual_seed(1)  # the dropout's draws
+    try:
+        run = fit(model, _tok(), "classification", _data(16), validate, lambda: trainable_state(model), lr=1e-3,
+                  epochs=3, batch_size=8, seed=0, patience=5, min_steps=0, state=state)  # fmt: skip
+    except _Stop:
+        return None, model
+    return run, model
+
+
+def test_an_interrupted_run_continues_from_its_state_to_the_same_weights(tmp_path):
+    whole, model = _fit_to_end(None)
+    assert _fit_to_end(tmp_path / "state.pt", stop_at=3)[0] is None  # killed in epoch 3: epochs 1-2 are saved
+    resumed, again = _fit_to_end(tmp_path / "state.pt")
+    assert resumed.resumed == 2 and resumed.epochs == whole.epochs == 3 and resumed.epoch == whole.epoch
+    assert resumed.log.history == whole.log.history
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_state_of_other_settings_is_refused_by_name(tmp_path):
+    _fit_to_end(tmp_path / "state.pt", stop_at=2)
+    model = fine_tuned(tiny_backbone(), 2, False, False)
+    with pytest.raises(ValueError, match="state.pt was made with .*'lr': 0.001.*delete it to start over"):
+        fit(model, _tok(), "classification", _data(16), dict, dict, lr=2e-3, epochs=3, batch_size=8, seed=0,
+            patience=5, min_steps=0, state=tmp_path / "state.pt")  # fmt: skip
 
 
 @pytest.mark.slow  # each imports torch in a fresh process: ~10 s on the shared machine

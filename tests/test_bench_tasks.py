@@ -101,6 +101,14 @@ def test_runs_on_cached_states_show_no_rss_and_are_named_under_the_table():
     assert "Trained on cached backbone states (`--cached-states`, RSS not measured): tweets mp-ismoe." in text
 
 
+def test_a_resumed_run_counts_in_the_score_but_not_in_time_or_rss():
+    whole = [_row("tweets", "lst", s, 0.70, 200) | {"seconds": 10.0} for s in (0, 1)]
+    resumed = _row("tweets", "lst", 2, 0.76, 900) | {"seconds": 1.0, "resumed_epochs": 2}
+    text = summarize([*whole, resumed], "minilm", {"tweets": {"task": "classification"}}, {"tweets": {"accuracy": 0.4}})
+    assert "| tweets | lst | 72.00 | 70.00 / 70.00 / 76.00 |" in text and "| 200 | 10 | 10 |" in text
+    assert "left out of time and RSS (one process did not train them whole): tweets lst seed 2." in text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lst", "mp-ismoe"])
 def test_a_side_method_on_cached_states_trains_without_the_backbone_and_is_scored_live(tmp_path, method):

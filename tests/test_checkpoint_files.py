@@ -77,3 +77,13 @@ def test_a_file_that_is_not_our_checkpoint_says_what_it_is_not(tmp_path, tiny_ch
     assert text.startswith(f"{path}: not an mpismoe-edge checkpoint") and message in text
     assert "weights_only" not in text and "\n" not in text
     assert "pwned" not in capfd.readouterr().out
+
+
+def test_a_streamed_save_that_fails_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
+    from mpismoe_edge.files import save_torch
+
+    save_torch(tmp_path / "state.pt", {"epoch": 1}, buffered=False)
+    with pytest.raises(Exception, match="pickle"):
+        save_torch(tmp_path / "state.pt", {"epoch": 2, "code": lambda: None}, buffered=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"epoch": 1}
