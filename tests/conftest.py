@@ -163,10 +163,14 @@ def tiny_jsonl(tmp_path):
 @pytest.fixture
 def backbone_dir(tmp_path):
     """A Hugging Face model folder (tiny random BERT plus its fast tokenizer), as --backbone takes."""
+    return save_backbone(tmp_path / "backbone")
+
+
+def save_backbone(path, **kw):
+    """Save ``tiny_backbone(**kw)`` and its fast tokenizer to the model folder ``path``; returns ``path``."""
     from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path / "backbone"
-    tiny_backbone().save_pretrained(path)
+    tiny_backbone(**kw).save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(path)
     return path
 

@@ -115,8 +115,7 @@ def test_a_side_method_on_cached_states_trains_without_the_backbone_and_is_score
     import subprocess
     import sys
 
-    from conftest import tiny_backbone, tiny_tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from conftest import save_backbone
 
     from benchmarks.task_data import MPNET_DIR
 
@@ -125,10 +124,7 @@ def test_a_side_method_on_cached_states_trains_without_the_backbone_and_is_score
     ]
     _write(tmp_path / "data" / "toy", {"task": "classification", "labels": ["neg", "pos"]},
            {"train": rows, "validation": rows[:16], "test": rows[:16]})  # fmt: skip
-    tiny_backbone(hidden=128).save_pretrained(tmp_path / "data" / MPNET_DIR)  # side width 16: one expert group
-    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), pad_token="[PAD]").save_pretrained(
-        tmp_path / "data" / MPNET_DIR
-    )
+    save_backbone(tmp_path / "data" / MPNET_DIR, hidden=128)  # side width 16: one expert group
     cmd = [sys.executable, "benchmarks/tasks.py", "--one", method, "--task", "toy", "--backbone", "mpnet",
            "--data", str(tmp_path / "data"), "--epochs", "1", "--min-steps", "0", "--patience", "2", "--threads", "1",
            "--workdir", str(tmp_path / "w"), "--cached-states", str(tmp_path / "cache")]  # fmt: skip
