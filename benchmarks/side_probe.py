@@ -96,20 +96,22 @@ def _backbone_dir(args) -> str:
     return backbone_path(args.backbone, args.data)
 
 
-def _cache_path(task: str, kind: str, seed: int, args) -> Path:
+def _cache_path(task: str, kind: str, seed: int, args, test: bool = True) -> Path:
+    """The cache of ``task``'s splits (without ``test``: of its training and validation splits)."""
     rows = (
         f"{args.n_train}-{args.n_val}-{args.n_test}"
         if task == DEFAULT_TASK
         else f"{args.train_rows or 'all'}-{args.val_rows or 'all'}"
     )
-    return Path(args.workdir) / f"{task}-{args.backbone}-{kind}-seed{seed}-{rows}-len{args.max_length}.pt"
+    splits = "" if test else "-train-val"
+    return Path(args.workdir) / f"{task}-{args.backbone}-{kind}-seed{seed}-{rows}-len{args.max_length}{splits}.pt"
 
 
-def _cache(tasks: list[str], kind: str, seed: int, args) -> None:
+def _cache(tasks: list[str], kind: str, seed: int, args, test: bool = True) -> None:
     """Compute and store the states of every task not cached yet at ``seed`` (the backbone
     quantized once for all of them): per split, one ``[L+1, tokens, H]`` fp16 tensor per text
-    and one target per text (per token for token-level kinds)."""
-    todo = [t for t in tasks if not _cache_path(t, kind, seed, args).exists()]
+    and one target per text (per token for token-level kinds); without ``test``, not the test split."""
+    todo = [t for t in tasks if not _cache_path(t, kind, seed, args, test).exists()]
     if not todo:
         return
     from mpismoe_edge.config import ModelConfig, QuantConfig
@@ -125,7 +127,7 @@ def _cache(tasks: list[str], kind: str, seed: int, args) -> None:
         task_name, labels, splits = _splits(task, seed, args)
         record = task_kind(task_name)
         out = {}
-        for name, ds in splits.items():
+        for name, ds in (splits if test else {n: splits[n] for n in ("train", "val")}).items():
             states, targets = [], []
             for i in tqdm(range(0, len(ds), 64), desc=f"cache {task} {kind} seed {seed} {name}", leave=False):
                 encs = tokenize(tok, ds.texts[i : i + 64])
@@ -136,17 +138,19 @@ def _cache(tasks: list[str], kind: str, seed: int, args) -> None:
                     target = record.targets([enc], [ds.targets[i + b]], labels)[0]
                     targets.append(target[:n] if record.token_level else target)
             out[name] = {"states": states, "targets": targets}
-        path = _cache_path(task, kind, seed, args)
+        path = _cache_path(task, kind, seed, args, test)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
 
-def states(task: str, kind: str, seed: int, args) -> dict:
+def states(task: str, kind: str, seed: int, args, test: bool = True) -> dict:
     """The cached states of ``task`` (computed and stored first where missing): per split
-    (``train``, ``val``, ``test``), ``states`` and ``targets`` as :func:`_cache` stores them."""
-    _cache([task], kind, seed, args)
-    return torch.load(_cache_path(task, kind, seed, args), weights_only=True)
+    (``train``, ``val``, and ``test`` unless told not), ``states`` and ``targets`` as
+    :func:`_cache` stores them; memory-mapped, so the file's pages stay the page cache's."""
+    test = test or _cache_path(task, kind, seed, args).exists()  # a cache with the test split serves either
+    _cache([task], kind, seed, args, test)
+    return torch.load(_cache_path(task, kind, seed, args, test), weights_only=True, mmap=True)
 
 
 def _batch(states: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -133,7 +133,7 @@ def _train_side_on_states(method: str, info: dict, args):
     if quant is not None and quant.bits != 4:
         raise ValueError(f"--cached-states holds 4-bit backbone states, not {quant.bits}-bit ones")
     where = argparse.Namespace(**{**vars(args), "workdir": args.cached_states})
-    cache = states(args.task, "q4" if quant is not None else "fp32", args.seed, where)
+    cache = states(args.task, "q4" if quant is not None else "fp32", args.seed, where, test=False)
     float_backbone, _ = load_backbone(backbone_path(args.backbone, args.data))  # the pruned init reads it
     trained, run = train_on_states(
         side_cfg, _side_train_config(method, args), cache, info["task"], info["labels"], float_backbone,

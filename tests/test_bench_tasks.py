@@ -131,7 +131,7 @@ def test_a_side_method_on_cached_states_trains_without_the_backbone_and_is_score
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     row = json.loads(out.stdout.strip().splitlines()[-1])
     kind = "fp32" if method == "lst" else "q4"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"toy-mpnet-{kind}-seed0-all-all-len64.pt"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"toy-mpnet-{kind}-seed0-all-all-len64-train-val.pt"]
     assert row["cached_states"] is True and row["peak_rss_mb"] is None
     assert 0.0 <= row["test"]["accuracy"] <= 1.0 and row["epoch"] == 1 and row["trainable_params"] > 0
 
