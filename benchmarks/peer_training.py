@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mpismoe_edge.files import save_torch
+from benchmarks.run_state import read_state, write_state
 from mpismoe_edge.inference import feed, token_lengths, tokenize
 from mpismoe_edge.loop import Batch, batch_order, train_epoch
 from mpismoe_edge.memory import release_free_pages
@@ -37,10 +37,11 @@ def batch(tok, data, idx: list[int], task: str, names: list[str], device=None) -
     return Batch(feed(tok, encs, names, device), kind(task).targets(encs, [data.targets[j] for j in idx], data.labels))
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trainable weights (``load_state_dict(..., strict=False)`` restores them)."""
+def trainable_state(model: torch.nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights (``load_state_dict(..., strict=False)`` restores them);
+    without ``copy`` the tensors themselves, for a write that happens before the next step."""
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    return {k: v.detach().clone() if copy else v for k, v in model.state_dict().items() if k in keys}
 
 
 @dataclass
@@ -53,31 +54,6 @@ class Fit:
     @property
     def epochs(self) -> int:
         return len(self.epoch_seconds)
-
-
-def _read_state(path: Path, settings: dict[str, Any]) -> dict | None:
-    """The state a run with ``settings`` left in ``path`` (None if there is none); ValueError if
-    it was made with other settings."""
-    if not path.is_file():
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if saved.get("settings") != settings:
-        raise ValueError(f"{path} was made with {saved.get('settings')}, not {settings}; delete it to start over")
-    return saved
-
-
-def _write_state(path: Path, settings, model, opt, sched, log: EpochLog, chosen: int, seconds: list[float]) -> None:
-    """What :func:`_read_state` reads: the trained weights as they are (not copied), streamed to disk."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    # not dataclasses.asdict(log): it deep-copies the best epoch's weights
-    fields = {"task": log.task, "history": log.history, "best_key": log.best_key, "best": log.best,
-              "bad_epochs": log.bad_epochs}  # fmt: skip
-    saved = {
-        "settings": settings, "model": {k: v for k, v in model.state_dict().items() if k in trained},
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.random.get_rng_state(),
-        "log": fields, "chosen": chosen, "seconds": seconds,
-    }  # fmt: skip
-    save_torch(path, saved, buffered=False)
 
 
 def fit(model, tok, task: str, train, validate: Callable[[], dict[str, float]], keep: Callable[[], Any], *,
@@ -95,13 +71,13 @@ def fit(model, tok, task: str, train, validate: Callable[[], dict[str, float]], 
     log, chosen, seconds, first = EpochLog(task), 0, [], 0
     settings = {"task": task, "rows": len(train), "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                 "patience": patience, "min_steps": min_steps, "precision": precision}  # fmt: skip
-    saved = _read_state(Path(state), settings) if state is not None else None
+    saved = read_state(state, settings) if state is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"], strict=False)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.random.set_rng_state(saved["rng"])
-        log, chosen, seconds, first = EpochLog(**saved["log"]), saved["chosen"], saved["seconds"], len(saved["seconds"])
+        log, chosen, seconds, first = saved["log"], saved["chosen"], saved["seconds"], len(saved["seconds"])
         del saved
     for epoch in range(first, planned):
         if log.should_stop(patience, epoch * per_epoch, min_steps):
@@ -120,5 +96,8 @@ def fit(model, tok, task: str, train, validate: Callable[[], dict[str, float]], 
         if log.judge(validate(), keep):
             chosen = epoch + 1
         if state is not None:
-            _write_state(Path(state), settings, model, opt, sched, log, chosen, seconds)
+            write_state(
+                state, settings, log, model=trainable_state(model, copy=False), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(), rng=torch.random.get_rng_state(), chosen=chosen, seconds=seconds,
+            )  # fmt: skip
     return Fit(log, chosen, seconds, first)

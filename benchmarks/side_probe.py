@@ -272,14 +272,19 @@ def train_on_states(
     name: str,
     progress: bool,
     test: bool = True,
+    state: Path | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a side network of ``side_cfg`` on the cached states by ``tcfg``'s rules; (the model,
     its side network at the chosen epoch's weights; its run: ``val_score``, ``test`` (the test
     figure of :func:`_test_metric` on the cached test split; None without ``test``), ``epoch``
-    chosen, ``epochs`` trained, ``trainable_params``)."""
+    chosen, ``epochs`` trained, ``trainable_params``, ``resumed``: epochs an earlier call
+    trained). ``state``: the file each epoch's state is written to and a run continues from
+    (``benchmarks/run_state.py``)."""
+    from benchmarks.run_state import read_state, write_state
     from mpismoe_edge.config import ModelConfig
     from mpismoe_edge.loop import Batch, batch_order, train_epoch
     from mpismoe_edge.model import build_model
+    from mpismoe_edge.resume import run_settings
     from mpismoe_edge.selection import EpochLog, planned_epochs
     from mpismoe_edge.train import make_optimizer
 
@@ -297,7 +302,12 @@ def train_on_states(
         weights = {k: v.detach().clone() for k, v in side.state_dict().items()}
         return (_scores(side, cache["test"], task, labels) if test else None), weights
 
-    if side.skip is not None and tcfg.skip_init == "ridge":  # the probe alone is epoch 0, as in train()
+    settings = {**run_settings(cfg, tcfg), "rows": len(train["states"])}
+    saved = read_state(state, settings) if state is not None else None
+    ridge = side.skip is not None and tcfg.skip_init == "ridge"
+    if ridge and saved is not None:  # the saved side network holds the fitted skip
+        side.skip.requires_grad_(False)
+    elif ridge:  # the probe alone is epoch 0, as in train()
         _fit_skip(side, cache, task, cfg.num_outputs)
         if log.judge(_scores(side, cache["val"], task, labels), keep):
             chosen = 0
@@ -306,8 +316,18 @@ def train_on_states(
     epochs = planned_epochs(tcfg.epochs, rows, tcfg.batch_size, tcfg.min_steps)
     opt, sched = make_optimizer(params, tcfg, epochs * math.ceil(rows / tcfg.batch_size))
     lengths = [s.shape[1] for s in train["states"]]
-    steps = 0
-    for epoch in range(epochs):
+    steps, first = 0, 0
+    if saved is not None:
+        side.load_state_dict(saved["side"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.random.set_rng_state(saved["rng"])
+        log, chosen, steps, first = saved["log"], saved["chosen"], saved["steps"], saved["epochs"]
+        del saved
+    trained = first
+    for epoch in range(first, epochs):
+        if log.should_stop(tcfg.patience, steps, tcfg.min_steps):  # patience >= 1: never before the first epoch
+            break
         order = batch_order(lengths, tcfg.batch_size, tcfg.seed * 1000 + epoch)
         batches = (
             Batch(_batch([train["states"][j] for j in idx]), _targets([train["targets"][j] for j in idx], token_level))
@@ -325,19 +345,23 @@ def train_on_states(
             desc=f"{name} seed {tcfg.seed} epoch {epoch + 1}",
             progress=progress,
         )
-        steps += len(order)
+        steps, trained = steps + len(order), epoch + 1
         if log.judge(_scores(side, cache["val"], task, labels), keep):
             chosen = epoch + 1
-        if log.should_stop(tcfg.patience, steps, tcfg.min_steps):
-            break
+        if state is not None:
+            write_state(
+                state, settings, log, side=side.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                rng=torch.random.get_rng_state(), chosen=chosen, steps=steps, epochs=trained,
+            )  # fmt: skip
     scores, weights = log.best
     side.load_state_dict(weights)
     return model, {
         "val_score": log.best_key[0],  # the kind's selection metric (regression: -MSE)
         "test": _test_metric(task, scores) if scores is not None else None,
         "epoch": chosen,
-        "epochs": epoch + 1,
+        "epochs": trained,
         "trainable_params": sum(p.numel() for p in params),
+        "resumed": first,
     }
 
 

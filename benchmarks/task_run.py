@@ -122,9 +122,10 @@ def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int, i
 
 
 def _train_side_on_states(method: str, info: dict, args):
-    """:func:`_train_side` on the states cached in ``args.cached_states``; (the method's model
-    holding the chosen epoch's side network, its experts packed as ``mpismoe-train`` packs them,
-    tokenizer, chosen epoch, epochs trained, trainable parameters)."""
+    """:func:`_train_side` on the states cached in ``args.cached_states``, continuing an
+    interrupted run (its state is deleted once the run is trained); (the method's model holding
+    the chosen epoch's side network, its experts packed as ``mpismoe-train`` packs them,
+    tokenizer, chosen epoch, epochs trained, trainable parameters, epochs an earlier process trained)."""
     from benchmarks.side_probe import states, train_on_states
     from mpismoe_edge.config import SideConfig
     from mpismoe_edge.model import load_backbone
@@ -135,16 +136,19 @@ def _train_side_on_states(method: str, info: dict, args):
     where = argparse.Namespace(**{**vars(args), "workdir": args.cached_states})
     cache = states(args.task, "q4" if quant is not None else "fp32", args.seed, where, test=False)
     float_backbone, _ = load_backbone(backbone_path(args.backbone, args.data))  # the pruned init reads it
+    state = _run_dir(method, args, args.side_lr) / "state.pt"
     trained, run = train_on_states(
         side_cfg, _side_train_config(method, args), cache, info["task"], info["labels"], float_backbone,
         args.max_length, method, progress=False, test=False,  # the real model is scored on the live test split
+        state=state,
     )  # fmt: skip
+    state.unlink(missing_ok=True)
     side = trained.side.state_dict()
     del cache, float_backbone, trained  # before the real model is built: the float backbone and the states
     model, tok = build(method, info, args)
     model.side.load_state_dict(side)
     model.pack_experts()
-    return model, tok, run["epoch"], run["epochs"], run["trainable_params"]
+    return model, tok, run["epoch"], run["epochs"], run["trainable_params"], run["resumed"]
 
 
 def _train_plain(method: str, model, tok, info, train_ds, val_ds, args, lr: float) -> tuple[int, dict, int, int]:
@@ -184,7 +188,7 @@ def run_one(method: str, args) -> dict:
             val_ds, test_ds = (d.relabel(model.config.labels) for d in (val_ds, test_ds))  # the CLI sorts label names
             val = score(model, tok, val_ds, info, model.input_names)
         elif cached:
-            model, tok, epoch, trained, params = _train_side_on_states(method, info, args)
+            model, tok, epoch, trained, params, resumed = _train_side_on_states(method, info, args)
             val = score(model, tok, val_ds, info, model.input_names)
         elif method in SIDE_METHODS:
             model, tok = build(method, info, args)

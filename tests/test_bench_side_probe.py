@@ -45,3 +45,51 @@ def test_token_targets_are_padded_with_the_ignored_target():
     out = _targets([torch.tensor([1, 2, 3]), torch.tensor([4])], token_level=True)
     assert out.tolist() == [[1, 2, 3], [4, IGNORE, IGNORE]]
     assert _targets([torch.tensor(1), torch.tensor(0)], token_level=False).tolist() == [1, 0]
+
+
+def _train_on_random_states(state, stop_at: int | None = None):
+    """Three epochs of an MP-ISMoE side network on random states of a tiny backbone; ``stop_at``:
+    the validation of that epoch raises (a kill)."""
+    import pytest
+    import torch
+    from conftest import tiny_backbone
+
+    import benchmarks.side_probe as sp
+    from mpismoe_edge.config import SideConfig
+    from mpismoe_edge.train import TrainConfig
+
+    backbone = tiny_backbone(hidden=128)  # side width 16: one expert group
+    gen = torch.Generator().manual_seed(0)
+    split = {
+        "states": [torch.randn(3, 5 + i % 4, 128, generator=gen).half() for i in range(24)],  # [L+1, T, H]
+        "targets": [torch.tensor(i % 2) for i in range(24)],
+    }
+    calls = iter(range(1, 10))
+    scores = sp._scores
+
+    def scored(*args):
+        if next(calls) == stop_at:
+            raise KeyboardInterrupt
+        return scores(*args)
+
+    tcfg = TrainConfig(epochs=3, batch_size=8, min_steps=0, patience=5, seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sp, "_scores", scored)
+        try:
+            model, run = sp.train_on_states(SideConfig(expert_bits=4), tcfg, {"train": split, "val": split},
+                                            "classification", ["a", "b"], backbone, 16, "t", False, test=False,
+                                            state=state)  # fmt: skip
+        except KeyboardInterrupt:
+            return None, None
+    return model, run
+
+
+def test_a_run_on_cached_states_continues_from_its_state_to_the_same_weights(tmp_path):
+    import torch
+
+    whole, run = _train_on_random_states(None)
+    assert _train_on_random_states(tmp_path / "state.pt", stop_at=3)[0] is None  # epochs 1-2 are saved
+    again, resumed = _train_on_random_states(tmp_path / "state.pt")
+    assert resumed["resumed"] == 2 and resumed["epochs"] == run["epochs"] == 3 and resumed["epoch"] == run["epoch"]
+    assert resumed["val_score"] == run["val_score"]
+    assert all(torch.equal(a, b) for a, b in zip(whole.side.state_dict().values(), again.side.state_dict().values()))
