@@ -16,14 +16,18 @@ from typing import Any
 
 import torch
 
-from mpismoe_edge.files import save_torch
+from mpismoe_edge.files import remove_leftover_temps, save_torch
 from mpismoe_edge.selection import EpochLog
+
+STATE_FILE = "state.pt"  # its name in the run's folder
 
 
 def read_state(path: str | Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The parts a run with ``settings`` left in ``path`` (None if there is none); ValueError
-    naming both settings if it was made with others. ``parts["log"]`` is the :class:`EpochLog`."""
+    naming both settings if it was made with others. ``parts["log"]`` is the :class:`EpochLog`.
+    A run's start: the temp files of a write killed mid-way (up to a full fine-tuning's size) go."""
     path = Path(path)
+    remove_leftover_temps(path)
     if not path.is_file():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -33,6 +33,7 @@ from benchmarks.peers import (
     side_config,
     side_model,
 )
+from benchmarks.run_state import STATE_FILE
 from benchmarks.scoring import score
 from benchmarks.task_data import backbone_path, load_task, write_split_files
 
@@ -115,10 +116,9 @@ def _train_side(method: str, model, train_ds, val_ds, args) -> tuple[int, int, i
         print(f"starting over: {exc}", file=sys.stderr)
         (out / LAST_CHECKPOINT_FILE).unlink()
         saved = None
-    resumed = saved["progress"]["epoch"] if saved is not None else 0
-    del saved
+    del saved  # only read to drop another version's state; train() reads it again
     res = train(model, train_ds, val_ds, tcfg, out, resume=True, progress=False)
-    return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"], resumed
+    return EpochLog(model.config.task, res.history).best_metrics["epoch"], res.history[-1]["epoch"], res.resumed_epochs
 
 
 def _train_side_on_states(method: str, info: dict, args):
@@ -136,7 +136,7 @@ def _train_side_on_states(method: str, info: dict, args):
     where = argparse.Namespace(**{**vars(args), "workdir": args.cached_states})
     cache = states(args.task, "q4" if quant is not None else "fp32", args.seed, where, test=False)
     float_backbone, _ = load_backbone(backbone_path(args.backbone, args.data))  # the pruned init reads it
-    state = _run_dir(method, args, args.side_lr) / "state.pt"
+    state = _run_dir(method, args, args.side_lr) / STATE_FILE
     trained, run = train_on_states(
         side_cfg, _side_train_config(method, args), cache, info["task"], info["labels"], float_backbone,
         args.max_length, method, progress=False, test=False,  # the real model is scored on the live test split
@@ -157,7 +157,7 @@ def _train_plain(method: str, model, tok, info, train_ds, val_ds, args, lr: floa
     trained, epochs of them an earlier process trained), the model left at the chosen epoch's weights."""
     from benchmarks.peer_training import fit, trainable_state
 
-    state = _run_dir(method, args, lr) / "state.pt"
+    state = _run_dir(method, args, lr) / STATE_FILE
     run = fit(
         model, tok, info["task"], train_ds, lambda: score(model, tok, val_ds, info, model.input_names),
         lambda: trainable_state(model), lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+_TEMP_PREFIX = ".{}."  # a temp file's name: this, the writer's pid, a random tag, ".tmp"
+
 
 class WriteError(OSError):
     """A file could not be written; the message names it and the reason."""
@@ -26,7 +28,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) 
     """Call ``write`` on a temp file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{_TEMP_PREFIX.format(path.name)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
         with os.fdopen(fd, "wb") as f:
@@ -38,6 +40,16 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_leftover_temps(path: str | os.PathLike) -> int:
+    """Delete the temp files that writers of ``path`` killed mid-write left beside it (a kill
+    skips the cleanup), and say how many; only for a caller that knows none is writing it now."""
+    path = Path(path)
+    leftovers = list(path.parent.glob(f"{_TEMP_PREFIX.format(path.name)}*.tmp"))
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -56,6 +56,7 @@ class TrainResult:
     peak_rss_mb: float  # this process (rank 0), since it started
     peak_cuda_allocated_mb: float | None  # rank 0's device, over training and evaluation; None on the CPU
     train_config: dict[str, Any]
+    resumed_epochs: int = 0  # epochs an earlier process trained (``resume``): time and RSS are this process's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -290,10 +291,12 @@ def train(
     run = _start(model, cfg, out_dir, progress)
     task = model.config.task
     log = _restore_log(task, saved["progress"]) if saved is not None else EpochLog(task)
+    resumed = saved["progress"]["epoch"] if saved is not None else 0
     _fit_probe(run, train_data, eval_data, log, resumed=saved is not None)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
     _epochs(run, train_data, eval_data, log, saved)
+    del saved  # its side network and optimizer state, no longer needed
     if log.best is not None:
         model.side.load_state_dict(log.best)
     _pack(run)
@@ -305,6 +308,7 @@ def train(
         history=log.history, final=final, test=test, train_seconds=train_seconds, trainable_params=params,
         world_size=run.world.size, device=str(run.device), peak_rss_mb=memory["peak_rss_mb"],
         peak_cuda_allocated_mb=memory.get("peak_cuda_allocated_mb"), train_config=cfg.to_dict(),
+        resumed_epochs=resumed,
     )  # fmt: skip
     if run.world.is_main:
         save_checkpoint(model, run.out / CHECKPOINT_FILE)

@@ -122,6 +122,13 @@ def test_a_state_of_other_settings_is_refused_by_name(tmp_path):
             patience=5, min_steps=0, state=tmp_path / "state.pt")  # fmt: skip
 
 
+def test_a_run_starting_clears_what_a_state_write_killed_mid_way_left(tmp_path):
+    _fit_to_end(tmp_path / "state.pt", stop_at=2)
+    (tmp_path / ".state.pt.4242.0badcafe.tmp").write_bytes(b"half a state")  # the session ended mid-write
+    _fit_to_end(tmp_path / "state.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
 @pytest.mark.slow  # each imports torch in a fresh process: ~10 s on the shared machine
 @pytest.mark.parametrize("script", ["tasks", "train", "frozen_probe", "side_probe"])
 def test_a_benchmark_script_runs_by_path_from_anywhere(script, tmp_path):

@@ -87,3 +87,13 @@ def test_a_streamed_save_that_fails_keeps_the_previous_file_and_leaves_no_temp_f
         save_torch(tmp_path / "state.pt", {"epoch": 2, "code": lambda: None}, buffered=False)
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     assert torch.load(tmp_path / "state.pt", weights_only=True) == {"epoch": 1}
+
+
+def test_the_temp_files_of_a_killed_write_are_removed_and_no_others(tmp_path):
+    from mpismoe_edge.files import remove_leftover_temps, save_torch
+
+    save_torch(tmp_path / "state.pt", {"epoch": 1})
+    (tmp_path / ".state.pt.4242.0badcafe.tmp").write_bytes(b"half a state")  # as a kill mid-write leaves it
+    (tmp_path / ".last.pt.4242.0badcafe.tmp").write_bytes(b"another file's")
+    assert remove_leftover_temps(tmp_path / "state.pt") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.4242.0badcafe.tmp", "state.pt"]

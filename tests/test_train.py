@@ -55,6 +55,11 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, progress=False)
     result = train(tiny_model(), DATA, DATA, _cfg(epochs=2), tmp_path, resume=True, progress=False)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result.resumed_epochs == 1
+
+
+def test_a_run_not_resumed_reports_no_resumed_epochs(tmp_path):
+    assert train(tiny_model(), DATA, DATA, _cfg(epochs=1), tmp_path, resume=True, progress=False).resumed_epochs == 0
 
 
 def test_labels_out_of_range_fail_before_training(tmp_path):
